@@ -1,0 +1,51 @@
+"""`instanas-serve --model <bundle dir> --host <host> --port <port>`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from service.bundle import BundleError
+from service.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instanas-serve", description="Serve an instanas model bundle over HTTP. "
+                                     "Every option can also be set as an INSTANAS_<NAME> environment variable.")
+    parser.add_argument("--model", help="model bundle folder (default: the bundled cifar10-default)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    parser.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per graph run")
+    parser.add_argument("--max-concurrency", type=int, help="images classified at the same time")
+    parser.add_argument("--log-level", help="uvicorn log level")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"instanas-serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from service.app import create_app
+
+    try:
+        app = create_app(settings)
+    except BundleError as exc:
+        print(f"instanas-serve: cannot serve the bundle: {exc}", file=sys.stderr)
+        return 2
+    state = app.state.instanas
+    logging.getLogger("instanas.service").info(
+        "serving %s %s (manifest sha256 %s) on http://%s:%d", state.manifest.name, state.manifest.version,
+        state.bundle.sha256, settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""The executor: controller, then stem, then per cell only the selected modules, then head.
+
+Rows of a batch may choose different architectures. Each (cell, module) graph runs
+once per batch on exactly the rows that selected it, and its output is added into
+those rows; a residual cell starts from its input (so an empty residual cell is the
+identity), any other cell from zero. This mirrors `MetaGraph.forward_selected` in
+training, and the parity tests hold the two to the same logits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service import architecture
+from service.bundle import Bundle
+
+
+@dataclass
+class Result:
+    logits: np.ndarray  # (N, classes)
+    probabilities: np.ndarray  # (N, classes), softmax of logits
+    executed: np.ndarray  # (N, cells, modules) bool: what ran, empty-cell rule applied
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Executor:
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        manifest = bundle.manifest
+        self.space = manifest.search_space
+        self.residual = [cell.skippable for cell in self.space.cells]
+        self.threshold = manifest.controller.threshold if manifest.controller else None
+        self.fixed = None
+        if manifest.fixed_architecture is not None:
+            matrix = architecture.decode(manifest.fixed_architecture, self.space.num_cells, self.space.num_modules)
+            self.fixed = architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
+        self._blocks = [[bundle.blocks[(c.index, m)] for m in range(len(c.modules))] for c in self.space.cells]
+
+    def policy(self, x: np.ndarray) -> np.ndarray:
+        """(N, cells, modules) boolean: what runs for each image, empty-cell rule applied."""
+        if self.fixed is not None:
+            return np.broadcast_to(self.fixed, (x.shape[0], *self.fixed.shape)).copy()
+        probabilities = _run(self.bundle.controller, x)
+        return architecture.apply_empty_cell_rule(probabilities >= self.threshold, self.space)
+
+    def run(self, x: np.ndarray, executed: np.ndarray | None = None) -> Result:
+        """Classify a (N, 3, H, W) float32 batch; `executed` overrides the controller's choice."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        t0 = time.perf_counter()
+        if executed is None:
+            executed = self.policy(x)
+        else:
+            executed = architecture.apply_empty_cell_rule(executed, self.space)
+        t1 = time.perf_counter()
+        h = _run(self.bundle.stem, x)
+        for c, blocks in enumerate(self._blocks):
+            h = self._cell(c, blocks, h, executed[:, c])
+        logits = _run(self.bundle.head, h)
+        t2 = time.perf_counter()
+        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1})
+
+    def _cell(self, c: int, blocks, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = h if self.residual[c] else None
+        for m, block in enumerate(blocks):
+            rows = mask[:, m]
+            if rows.all():
+                y = _run(block, h)
+                out = y if out is None else out + y
+            elif rows.any():
+                idx = np.flatnonzero(rows)
+                y = _run(block, h[idx])
+                if out is None:
+                    out = np.zeros((h.shape[0], *y.shape[1:]), np.float32)
+                elif out is h:
+                    out = h.copy()
+                out[idx] += y
+        return out
+
+
+def _run(session, x: np.ndarray) -> np.ndarray:
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0]

@@ -1,0 +1,185 @@
+"""The model bundle's manifest: the one contract between training and serving.
+
+`training.export` writes it, `service.bundle` reads it; both use these models, so
+the two cannot disagree. Everything the executor needs to know about a bundle is
+here, and every file in the bundle is listed with its sha256.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModuleSpec(_Strict):
+    """One candidate module of a cell, named like a timm block string (`ir_k3_e6`)."""
+
+    name: str
+    kind: Literal["inverted_residual", "basic"]
+    kernel: int = Field(ge=1)
+    expansion: int = Field(ge=1)
+
+
+class CellSpec(_Strict):
+    """One cell of the meta-graph: its shapes and its parallel candidate modules."""
+
+    index: int = Field(ge=0)
+    in_channels: int = Field(ge=1)
+    out_channels: int = Field(ge=1)
+    stride: int = Field(ge=1)
+    input_size: int = Field(ge=1, description="Height = width of the cell's input feature map.")
+    modules: list[ModuleSpec] = Field(min_length=1)
+
+    @property
+    def output_size(self) -> int:
+        return (self.input_size - 1) // self.stride + 1
+
+    @property
+    def skippable(self) -> bool:
+        """An empty cell is an identity skip only where input and output shapes match."""
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+
+class SearchSpace(_Strict):
+    """The meta-graph as data: stem, cells x modules, head."""
+
+    input_size: int = Field(ge=8)
+    width_multiplier: float = Field(gt=0)
+    stem_channels: int
+    stem_stride: int
+    head_channels: int
+    num_classes: int = Field(ge=2)
+    cells: list[CellSpec] = Field(min_length=1)
+    empty_cell_rule: Literal["identity_else_first_module"] = Field(
+        default="identity_else_first_module",
+        description=(
+            "A cell whose policy selects no module is an identity skip when its input and "
+            "output shapes match; otherwise its first module (index 0) runs."
+        ),
+    )
+
+    @property
+    def num_cells(self) -> int:
+        return len(self.cells)
+
+    @property
+    def num_modules(self) -> int:
+        return max(len(c.modules) for c in self.cells)
+
+    @model_validator(mode="after")
+    def _cells_chain(self) -> "SearchSpace":
+        for i, cell in enumerate(self.cells):
+            if cell.index != i:
+                raise ValueError(f"cell {i} has index {cell.index}")
+            if len(cell.modules) != self.num_modules:
+                raise ValueError("every cell must hold the same number of modules")
+            if i and (cell.in_channels, cell.input_size) != (
+                self.cells[i - 1].out_channels,
+                self.cells[i - 1].output_size,
+            ):
+                raise ValueError(f"cell {i} input does not match cell {i - 1} output")
+        return self
+
+
+class GraphFile(_Strict):
+    """An ONNX graph in the bundle, with its hash and its measured cost at batch 1."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    latency_ms: float = Field(ge=0, description="Median wall-clock at batch 1 on the profiling runtime.")
+    mflops: float = Field(ge=0, description="Multiply-adds x 2, in millions, per image.")
+    params: int = Field(ge=0)
+
+
+class BlockFile(GraphFile):
+    cell: int = Field(ge=0)
+    module: int = Field(ge=0)
+
+
+class Preprocessing(_Strict):
+    input_size: int
+    layout: Literal["NCHW"] = "NCHW"
+    color: Literal["RGB"] = "RGB"
+    resize: Literal["bilinear"] = "bilinear"
+    scale: float = Field(default=1 / 255, description="Pixel values are multiplied by this first.")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Controller(GraphFile):
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="Module selected where p >= threshold.")
+
+
+class Profile(_Strict):
+    """Where and how the latency figures were measured."""
+
+    runtime: str
+    intra_op_threads: int
+    repeats: int
+    machine: str
+
+
+class Evaluation(_Strict):
+    """What the training run measured on held-out data, with the policy that serves."""
+
+    dataset: str
+    split: str
+    images: int
+    top1: float
+    mean_estimated_latency_ms: float
+    mean_mflops: float
+    mean_modules_executed: float
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str
+    version: str
+    created: str
+    dataset: str
+    classes: list[str] = Field(min_length=2)
+    preprocessing: Preprocessing
+    search_space: SearchSpace
+    stem: GraphFile
+    head: GraphFile
+    blocks: list[BlockFile]
+    controller: Controller | None = None
+    fixed_architecture: str | None = Field(
+        default=None, description="Architecture code served for every image by a static bundle."
+    )
+    profile: Profile
+    evaluation: Evaluation | None = None
+    training: dict = Field(default_factory=dict, description="The run's config and source revision.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        space = self.search_space
+        if len(self.classes) != space.num_classes:
+            raise ValueError(f"{len(self.classes)} classes but the head has {space.num_classes} outputs")
+        if self.preprocessing.input_size != space.input_size:
+            raise ValueError("preprocessing.input_size differs from search_space.input_size")
+        if (self.controller is None) == (self.fixed_architecture is None):
+            raise ValueError("a bundle has either a controller or a fixed_architecture, not both")
+        expected = {(c.index, m) for c in space.cells for m in range(len(c.modules))}
+        listed = [(b.cell, b.module) for b in self.blocks]
+        if sorted(listed) != sorted(expected):
+            raise ValueError("blocks must list exactly one graph per (cell, module) of the search space")
+        return self
+
+    def block(self, cell: int, module: int) -> BlockFile:
+        return self._block_index()[(cell, module)]
+
+    def _block_index(self) -> dict[tuple[int, int], BlockFile]:
+        return {(b.cell, b.module): b for b in self.blocks}
+
+    def files(self) -> list[GraphFile]:
+        """Every file the bundle holds besides the manifest itself."""
+        extra = [self.controller] if self.controller else []
+        return [self.stem, self.head, *self.blocks, *extra]

@@ -1,0 +1,48 @@
+"""Prometheus metrics of the service, on a registry of its own (one per app)."""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    def __init__(self, num_cells: int, num_modules: int):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("instanas_requests_total", "HTTP requests by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.request_duration = Histogram("instanas_request_duration_seconds", "Request handling time.",
+                                          ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stage_duration = Histogram("instanas_stage_duration_seconds",
+                                        "Time per stage of a classification: decode, queue, controller, backbone.",
+                                        ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.architecture_latency = Histogram("instanas_architecture_estimated_latency_seconds",
+                                              "Estimated latency of the architecture chosen for each image.",
+                                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.architecture_mflops = Histogram("instanas_architecture_mflops", "MFLOPs of the architecture chosen for each image.",
+                                             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r)
+        self.architecture_modules = Histogram("instanas_architecture_modules", "Modules executed for each image.",
+                                              buckets=tuple(range(0, num_cells * num_modules + 1, max(1, num_cells // 2))),
+                                              registry=r)
+        self.module_executions = Counter("instanas_module_executions_total",
+                                         "Images that ran each (cell, module) block.", ["cell", "module"], registry=r)
+        self.batch_size = Histogram("instanas_batch_size", "Images per executor run.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.in_flight = Gauge("instanas_in_flight_requests", "Classifications being executed now.", registry=r)
+        self.queue_depth = Gauge("instanas_queue_depth", "Classifications waiting for an executor slot.", registry=r)
+        self.rejections = Counter("instanas_rejections_total", "Requests refused, by reason.", ["reason"], registry=r)
+        self.model_info = Gauge("instanas_model_info", "The served bundle (value 1).", ["name", "version", "sha256"],
+                                registry=r)
+        # Children made up front, so every (cell, module) pair is exported from the start at 0.
+        self._executions = [[self.module_executions.labels(str(c), str(m)) for m in range(num_modules)]
+                            for c in range(num_cells)]
+
+    def observe_architecture(self, executed: np.ndarray, latency_ms: float, mflops: float) -> None:
+        """One image's architecture: (cells, modules) boolean of what ran."""
+        for c, m in zip(*np.nonzero(executed)):
+            self._executions[c][m].inc()
+        self.architecture_latency.observe(latency_ms / 1e3)
+        self.architecture_mflops.observe(mflops)
+        self.architecture_modules.observe(int(executed.sum()))

@@ -1,0 +1,61 @@
+"""Request and response bodies of the HTTP API, in one place."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    sha256: str = Field(description="sha256 of the bundle's manifest.json, which pins every file.")
+
+
+class ClassScore(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class CellChoice(BaseModel):
+    cell: int
+    modules: list[str] = Field(description="Modules that ran in this cell; empty where the cell was skipped.")
+
+
+class Architecture(BaseModel):
+    code: str = Field(description="Reversible code of the cells x modules matrix that ran (service.architecture).")
+    cells: list[CellChoice]
+    modules_executed: int
+    mflops: float = Field(description="Controller, stem, executed modules and head, per image.")
+    estimated_latency_ms: float = Field(description="Sum of the bundle's measured batch-1 latencies of what ran.")
+    relative_to_baseline: float = Field(description="estimated latency / static MobileNetV2 in the same space.")
+
+
+class Latency(BaseModel):
+    decode: float
+    queue: float
+    controller: float
+    backbone: float
+    total: float
+
+
+class ClassifyResponse(BaseModel):
+    model: ModelRef
+    prediction: ClassScore
+    top_k: list[ClassScore]
+    architecture: Architecture
+    latency_ms: Latency
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    model: ModelRef | None = None

@@ -1,0 +1,73 @@
+"""`instanas-train <phase> --config <preset|file> --data <path> --out runs/<name>`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+PHASES = ("pretrain", "profile", "search", "finetune", "export", "all")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instanas-train", description=__doc__)
+    parser.add_argument("phase", choices=PHASES, help="the phase to run; 'all' runs every phase in order, resuming")
+    parser.add_argument("--config", default=None, help="preset (smoke, cifar10-cpu, cifar10-paper) or JSON file; "
+                        "defaults to the run folder's saved config")
+    parser.add_argument("--data", required=True, help="data root (train/test archives or folders) or CIFAR pickles")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, bundle")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set pretrain.epochs=10")
+    parser.add_argument("--bundle", default=None, help="export: bundle folder (default <out>/bundle)")
+    parser.add_argument("--bundle-name", default=None, help="export: bundle name (default: the run's name)")
+    args = parser.parse_args(argv)
+
+    from training.config import apply_overrides, load_config
+    from training.context import Context
+    from training.rundir import RunDir
+
+    try:
+        if args.config:
+            run = RunDir(args.out, load_config(args.config, args.set))
+        else:  # continue a run with its saved config, overrides applied on top
+            run = RunDir(args.out)
+            if args.set:
+                run = RunDir(args.out, apply_overrides(run.config, args.set))
+        ctx = Context.open(run, args.data)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"instanas-train: {exc}", file=sys.stderr)
+        return 2
+    phases = ("pretrain", "profile", "search", "finetune", "export") if args.phase == "all" else (args.phase,)
+    for phase in phases:
+        t0 = time.time()
+        print(f"== {phase} ==", flush=True)
+        _run_phase(phase, ctx, args)
+        ctx.run.log(phase, status="done", seconds=round(time.time() - t0, 1))
+    return 0
+
+
+def _run_phase(phase: str, ctx, args) -> None:
+    if phase == "pretrain":
+        from training import pretrain
+
+        pretrain.run(ctx)
+    elif phase == "profile":
+        from training import latency
+
+        latency.run(ctx)
+    elif phase == "search":
+        from training import search
+
+        search.run(ctx)
+    elif phase == "finetune":
+        from training import finetune
+
+        finetune.run(ctx)
+    elif phase == "export":
+        from training import export
+
+        export.run(ctx, args.bundle, args.bundle_name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

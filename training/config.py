@@ -1,0 +1,198 @@
+"""Run configuration: one dataclass per phase, presets by name, JSON files and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from service.manifest import SearchSpace
+from training import searchspace
+
+
+@dataclass
+class SpaceConfig:
+    layout: str = "mobilenet_v2"  # or "tiny"
+    width_multiplier: float = 1.0
+    input_size: int = 32
+    modules: tuple[str, ...] = searchspace.INSTANAS_MODULES
+
+    def build(self, num_classes: int) -> SearchSpace:
+        if self.layout == "tiny":
+            return searchspace.build_tiny_space(num_classes, self.input_size)
+        if self.layout != "mobilenet_v2":
+            raise ValueError(f"unknown space layout {self.layout!r}")
+        return searchspace.build_search_space(
+            width_multiplier=self.width_multiplier,
+            input_size=self.input_size,
+            modules=tuple(self.modules),
+            stem_stride=1 if self.input_size <= 64 else 2,
+            num_classes=num_classes,
+        )
+
+
+@dataclass
+class DataConfig:
+    train_limit: int | None = None  # use a random subset of this many training images
+    test_limit: int | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 500
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 200
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear lr warm-up; sums of modules make the first steps unstable
+    grad_clip: float | None = 5.0  # max global gradient norm
+    # "drop_path": the paper's schedule (all modules on for the first half, then each kept
+    # with a probability falling linearly to 0.5). "sparse": every cell keeps a uniformly
+    # drawn number of modules (none included), and some rows always take the cheapest and the
+    # MobileNetV2 paths, so that the sparse paths a latency reward favours are trained too.
+    sampling: str = "sparse"
+    fixed_path_rows: float = 0.125  # with "sparse": share of rows on each of the two fixed paths
+
+
+@dataclass
+class SearchConfig:
+    epochs: int = 500
+    steps_per_epoch: int | None = None  # None: one pass over the training data
+    batch_size: int = 32
+    lr: float = 5e-4
+    alpha: float = 0.8  # exploration: p' = alpha p + (1 - alpha)(1 - p)
+    beta: float = 0.8  # entropy bonus
+    pos_weight: float = 30.0
+    neg_weight: float = 0.0
+    upper_start: float = 0.7  # x sum of all module latencies
+    upper_end: float = 0.5  # x latency of MobileNetV2 (module 0 everywhere)
+    metagraph_steps: int | None = None  # meta-graph steps after each controller epoch (None: one pass)
+    metagraph_lr: float = 0.01
+
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 100
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+
+
+@dataclass
+class ControllerConfig:
+    channels: tuple[int, int, int] = (16, 32, 64)
+    downsample: int = 1
+
+
+@dataclass
+class ProfileConfig:
+    repeats: int = 50
+    warmup: int = 10
+    intra_op_threads: int = 1
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _preset_smoke() -> RunConfig:
+    return RunConfig(
+        name="smoke",
+        space=SpaceConfig(layout="tiny"),
+        data=DataConfig(train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200),
+        controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
+        pretrain=PretrainConfig(epochs=2, lr=0.05),
+        search=SearchConfig(epochs=2, steps_per_epoch=3, batch_size=32, metagraph_steps=2),
+        finetune=FinetuneConfig(epochs=1),
+        profile=ProfileConfig(repeats=5, warmup=2),
+    )
+
+
+def _preset_cifar10_cpu() -> RunConfig:
+    """Sized for 2 CPU cores in about an hour and a half (measured in docs/RESULTS.md): the default bundle."""
+    return RunConfig(
+        name="cifar10-cpu",
+        space=SpaceConfig(width_multiplier=0.25),
+        data=DataConfig(batch_size=128),
+        controller=ControllerConfig(channels=(16, 32, 64), downsample=2),
+        pretrain=PretrainConfig(epochs=6, lr=0.05, warmup_epochs=0.3),
+        search=SearchConfig(epochs=6, steps_per_epoch=40, batch_size=64, metagraph_steps=40),
+        finetune=FinetuneConfig(epochs=2, lr=0.02),
+        profile=ProfileConfig(repeats=30, warmup=5),
+    )
+
+
+def _preset_cifar10_paper() -> RunConfig:
+    """The published CIFAR-10 schedule (needs a GPU)."""
+    return RunConfig(name="cifar10-paper", pretrain=PretrainConfig(sampling="drop_path"))
+
+
+PRESETS = {"smoke": _preset_smoke, "cifar10-cpu": _preset_cifar10_cpu, "cifar10-paper": _preset_cifar10_paper}
+
+
+def _merge(obj, updates: dict, where: str = ""):
+    for key, value in updates.items():
+        if not hasattr(obj, key):
+            raise ValueError(f"unknown config key {where}{key}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{key} takes a mapping")
+            _merge(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, tuple(value) if isinstance(current, tuple) else value)
+
+
+def load_config(preset_or_file: str, overrides: list[str] = ()) -> RunConfig:
+    """A preset name or a JSON file (a preset's keys, optionally with `"preset": name` as base),
+    then `section.key=value` overrides."""
+    if preset_or_file in PRESETS:
+        config = PRESETS[preset_or_file]()
+    else:
+        path = Path(preset_or_file)
+        if not path.exists():
+            raise ValueError(f"{preset_or_file!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        data = json.loads(path.read_text())
+        config = PRESETS[data.pop("preset", "cifar10-paper")]()
+        _merge(config, data)
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `section.key=value` items in place (values parsed as JSON where they parse)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *path, last = key.split(".")
+        nested: dict = {last: value}
+        for part in reversed(path):
+            nested = {part: nested}
+        _merge(config, nested)
+    return config
+
+
+def from_dict(data: dict) -> RunConfig:
+    config = RunConfig()
+    _merge(config, data)
+    return config

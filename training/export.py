@@ -1,0 +1,149 @@
+"""Export a trained run to a model bundle: one ONNX graph per block, manifest with hashes.
+
+Layout (see docs/DESIGN.md): controller.onnx, stem.onnx, blocks/<cell>_<module>.onnx,
+head.onnx, manifest.json. Each graph takes a dynamic batch. After writing, the bundle is
+loaded by the service's own executor and compared with the PyTorch model on real images.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from service import architecture
+from service.manifest import BlockFile, Controller, Evaluation, GraphFile, Manifest, Preprocessing, Profile
+from training.context import Context
+from training.rundir import source_revision, write_atomic
+
+OPSET = 17
+
+
+def export_graph(module: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
+    """Write `module` (eval mode, fp32) as an ONNX graph `input` -> `output` with a dynamic batch."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval().to("cpu", memory_format=torch.contiguous_format)
+    example = torch.zeros(1, *input_shape)
+    with warnings.catch_warnings():
+        # The TorchScript exporter writes these small static graphs in a fraction of a second
+        # each, against seconds for the torch.export one; the bundle has 80+ of them.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def block_file(cell: int, module: int) -> str:
+    return f"blocks/{cell:02d}_{module}.onnx"
+
+
+def trained_models(ctx: Context):
+    """The latest finished meta-graph and controller of the run: finetune, else search."""
+    for phase in ("finetune", "search"):
+        state = ctx.run.load(phase)
+        if state is not None and state.get("done"):
+            metagraph, controller = ctx.new_metagraph(), ctx.new_controller()
+            metagraph.load_state_dict(state["metagraph"])
+            controller.load_state_dict(state["controller"])
+            return metagraph.eval(), controller.eval(), phase
+    raise RuntimeError(f"no finished search or finetune phase in {ctx.run.path}")
+
+
+def run(ctx: Context, bundle: str | None = None, name: str | None = None) -> Path:
+    from training.latency import load_table
+    from training.finetune import evaluate_controller
+
+    out = Path(bundle) if bundle else ctx.run.path / "bundle"
+    metagraph, controller, phase = trained_models(ctx)
+    space = ctx.space
+    table = load_table(ctx.run)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def graph(net: nn.Module, shape, file: str, cost: dict, cls=GraphFile, **extra):
+        export_graph(net, shape, tmp / file)
+        return cls(file=file, sha256=sha256_of(tmp / file), latency_ms=cost["latency_ms"],
+                   mflops=cost["mflops"], params=cost["params"], **extra)
+
+    image_shape = (3, space.input_size, space.input_size)
+    stem = graph(metagraph.stem, image_shape, "stem.onnx", table["stem"])
+    last = space.cells[-1]
+    head = graph(metagraph.head, (last.out_channels, last.output_size, last.output_size), "head.onnx", table["head"])
+    blocks = []
+    for cell in space.cells:
+        for m in range(len(cell.modules)):
+            blocks.append(graph(metagraph.cells[cell.index][m], (cell.in_channels, cell.input_size, cell.input_size),
+                                block_file(cell.index, m), table["blocks"][cell.index][m], BlockFile,
+                                cell=cell.index, module=m))
+    ctrl = graph(controller, image_shape, "controller.onnx", table["controller"], Controller, threshold=0.5)
+
+    figures = evaluate_controller(ctx, metagraph, controller, table)
+    config = ctx.config
+    now = datetime.datetime.now(datetime.timezone.utc)
+    revision = source_revision()
+    manifest = Manifest(
+        name=name or config.name,
+        version=f"{now:%Y%m%d.%H%M%S}-{revision[:12]}",
+        created=now.isoformat(timespec="seconds"),
+        dataset=ctx.data_root.rstrip("/").split("/")[-1],
+        classes=ctx.train.classes,
+        preprocessing=Preprocessing(input_size=space.input_size, mean=ctx.mean, std=ctx.std),
+        search_space=space,
+        stem=stem,
+        head=head,
+        blocks=blocks,
+        controller=ctrl,
+        profile=Profile(**table["profile"]),
+        evaluation=Evaluation(dataset=ctx.data_root.rstrip("/").split("/")[-1], split="test",
+                              images=figures["images"], top1=round(figures["top1"], 4),
+                              mean_estimated_latency_ms=round(figures["latency_ms"], 4),
+                              mean_mflops=round(figures["mflops"], 3),
+                              mean_modules_executed=round(figures["modules"], 3)),
+        training={"phase": phase, "config": config.to_dict(), "source_revision": revision},
+    )
+    write_atomic(tmp / "manifest.json", (manifest.model_dump_json(indent=2) + "\n").encode())
+    check_parity(ctx, tmp, metagraph, controller)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    ctx.run.log("export", bundle=str(out), **{k: v for k, v in figures.items()})
+    print(f"exported {out}: top1={figures['top1']:.4f} on {figures['images']} test images", flush=True)
+    return out
+
+
+@torch.no_grad()
+def check_parity(ctx: Context, bundle: Path, metagraph, controller, images: int = 64, tolerance: float = 1e-4) -> float:
+    """Run real test images through the service's executor and the PyTorch model; they must agree."""
+    from service.bundle import load_bundle
+    from service.executor import Executor
+
+    loaded = load_bundle(bundle)
+    executor = Executor(loaded)
+    x, _ = next(iter(ctx.batches("test", images)))
+    x = x.cpu()
+    metagraph, controller = metagraph.cpu().float(), controller.cpu().float()
+    policy = controller(x) >= 0.5
+    expected = metagraph(x, policy).numpy()
+    result = executor.run(x.numpy())
+    served_policy = result.executed
+    torch_executed = architecture.apply_empty_cell_rule(policy.numpy(), ctx.space)
+    if not np.array_equal(served_policy, torch_executed):
+        raise RuntimeError("exported controller chose other architectures than the PyTorch controller")
+    diff = float(np.abs(result.logits - expected).max())
+    if diff > tolerance:
+        raise RuntimeError(f"exported bundle differs from the PyTorch model by {diff:.3g} (> {tolerance})")
+    metagraph.to(ctx.device, memory_format=ctx.memory_format)
+    controller.to(ctx.device, memory_format=ctx.memory_format)
+    return diff

@@ -1,0 +1,31 @@
+"""Policies sampled to train the one-shot meta-graph (pre-training), as (N, cells, modules) booleans."""
+
+from __future__ import annotations
+
+import torch
+
+from service.architecture import cheapest, mobilenet_v2
+from service.manifest import SearchSpace
+
+
+def drop_path_policy(n: int, space: SearchSpace, keep: float, generator: torch.Generator) -> torch.Tensor:
+    """The paper's drop-path: every module kept independently with probability `keep`."""
+    return torch.rand(n, space.num_cells, space.num_modules, generator=generator) < keep
+
+
+def sparse_policy(n: int, space: SearchSpace, fixed_path_rows: float, generator: torch.Generator) -> torch.Tensor:
+    """Each cell keeps k modules, k uniform in 0..M (k = 0 is an empty cell), chosen at random.
+
+    Besides, a share of rows takes the cheapest path and another the MobileNetV2 path:
+    those are the ends of the latency range the controller will explore, and paths this
+    sparse are rare under independent drop-path (see docs/INSTANAS.md's measured pitfall).
+    """
+    cells, modules = space.num_cells, space.num_modules
+    k = torch.randint(0, modules + 1, (n, cells, 1), generator=generator)
+    ranks = torch.rand(n, cells, modules, generator=generator).argsort(-1).argsort(-1)
+    policy = ranks < k
+    fixed = int(round(n * fixed_path_rows))
+    if fixed:
+        policy[:fixed] = torch.from_numpy(cheapest(space))
+        policy[fixed : 2 * fixed] = torch.from_numpy(mobilenet_v2(space))
+    return policy
