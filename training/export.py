@@ -62,64 +62,76 @@ def trained_models(ctx: Context):
     raise RuntimeError(f"no finished search or finetune phase in {ctx.run.path}")
 
 
-def run(ctx: Context, bundle: str | None = None, name: str | None = None) -> Path:
-    from training.latency import load_table
-    from training.finetune import evaluate_controller
-
-    out = Path(bundle) if bundle else ctx.run.path / "bundle"
-    metagraph, controller, phase = trained_models(ctx)
-    space = ctx.space
-    table = load_table(ctx.run)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+def write_bundle(out: Path, metagraph, controller, table: dict, *, name: str, version: str, dataset: str,
+                 classes: list[str], preprocessing: Preprocessing, fixed_architecture: str | None = None,
+                 evaluation: Evaluation | None = None, training: dict | None = None) -> Manifest:
+    """Export every graph of `metagraph` (and `controller`, unless the bundle is static) into
+    `out`, and write the manifest with each file's sha256 and its cost from `table`."""
+    space = metagraph.space
 
     def graph(net: nn.Module, shape, file: str, cost: dict, cls=GraphFile, **extra):
-        export_graph(net, shape, tmp / file)
-        return cls(file=file, sha256=sha256_of(tmp / file), latency_ms=cost["latency_ms"],
+        export_graph(net, shape, out / file)
+        return cls(file=file, sha256=sha256_of(out / file), latency_ms=cost["latency_ms"],
                    mflops=cost["mflops"], params=cost["params"], **extra)
 
     image_shape = (3, space.input_size, space.input_size)
-    stem = graph(metagraph.stem, image_shape, "stem.onnx", table["stem"])
     last = space.cells[-1]
-    head = graph(metagraph.head, (last.out_channels, last.output_size, last.output_size), "head.onnx", table["head"])
-    blocks = []
-    for cell in space.cells:
-        for m in range(len(cell.modules)):
-            blocks.append(graph(metagraph.cells[cell.index][m], (cell.in_channels, cell.input_size, cell.input_size),
-                                block_file(cell.index, m), table["blocks"][cell.index][m], BlockFile,
-                                cell=cell.index, module=m))
-    ctrl = graph(controller, image_shape, "controller.onnx", table["controller"], Controller, threshold=0.5)
-
-    figures = evaluate_controller(ctx, metagraph, controller, table)
-    config = ctx.config
-    now = datetime.datetime.now(datetime.timezone.utc)
-    revision = source_revision()
     manifest = Manifest(
-        name=name or config.name,
-        version=f"{now:%Y%m%d.%H%M%S}-{revision[:12]}",
-        created=now.isoformat(timespec="seconds"),
-        dataset=ctx.data_root.rstrip("/").split("/")[-1],
-        classes=ctx.train.classes,
-        preprocessing=Preprocessing(input_size=space.input_size, mean=ctx.mean, std=ctx.std),
+        name=name,
+        version=version,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        dataset=dataset,
+        classes=classes,
+        preprocessing=preprocessing,
         search_space=space,
-        stem=stem,
-        head=head,
-        blocks=blocks,
-        controller=ctrl,
+        stem=graph(metagraph.stem, image_shape, "stem.onnx", table["stem"]),
+        head=graph(metagraph.head, (last.out_channels, last.output_size, last.output_size), "head.onnx", table["head"]),
+        blocks=[graph(metagraph.cells[cell.index][m], (cell.in_channels, cell.input_size, cell.input_size),
+                      block_file(cell.index, m), table["blocks"][cell.index][m], BlockFile, cell=cell.index, module=m)
+                for cell in space.cells for m in range(len(cell.modules))],
+        controller=None if controller is None else graph(controller, image_shape, "controller.onnx",
+                                                          table["controller"], Controller, threshold=0.5),
+        fixed_architecture=fixed_architecture,
         profile=Profile(**table["profile"]),
-        evaluation=Evaluation(dataset=ctx.data_root.rstrip("/").split("/")[-1], split="test",
-                              images=figures["images"], top1=round(figures["top1"], 4),
-                              mean_estimated_latency_ms=round(figures["latency_ms"], 4),
-                              mean_mflops=round(figures["mflops"], 3),
-                              mean_modules_executed=round(figures["modules"], 3)),
-        training={"phase": phase, "config": config.to_dict(), "source_revision": revision},
+        evaluation=evaluation,
+        training=training or {},
     )
-    write_atomic(tmp / "manifest.json", (manifest.model_dump_json(indent=2) + "\n").encode())
-    check_parity(ctx, tmp, metagraph, controller)
+    write_atomic(out / "manifest.json", (manifest.model_dump_json(indent=2) + "\n").encode())
+    return manifest
+
+
+def run(ctx: Context, bundle: str | None = None, name: str | None = None) -> Path:
+    """Export the run's latest trained models, check the bundle against PyTorch, then move it into place."""
+    from training.finetune import evaluate_controller
+    from training.latency import load_table
+
+    out = Path(bundle) if bundle else ctx.run.path / "bundle"
+    metagraph, controller, phase = trained_models(ctx)
+    table = load_table(ctx.run)
+    figures = evaluate_controller(ctx, metagraph, controller, table)
+    dataset = Path(ctx.data_root).resolve().name
+    revision = source_revision()
+    now = datetime.datetime.now(datetime.timezone.utc)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_bundle(
+        tmp, metagraph, controller, table,
+        name=name or ctx.config.name,
+        version=f"{now:%Y%m%d.%H%M%S}-{revision[:12]}",
+        dataset=dataset,
+        classes=ctx.train.classes,
+        preprocessing=Preprocessing(input_size=ctx.space.input_size, mean=ctx.mean, std=ctx.std),
+        evaluation=Evaluation(dataset=dataset, split="test", images=figures["images"], top1=round(figures["top1"], 4),
+                              mean_estimated_latency_ms=round(figures["latency_ms"], 4),
+                              mean_mflops=round(figures["mflops"], 3), mean_modules_executed=round(figures["modules"], 3)),
+        training={"phase": phase, "config": ctx.config.to_dict(), "source_revision": revision},
+    )
+    diff = check_parity(ctx, tmp, metagraph, controller)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    ctx.run.log("export", bundle=str(out), **{k: v for k, v in figures.items()})
-    print(f"exported {out}: top1={figures['top1']:.4f} on {figures['images']} test images", flush=True)
+    ctx.run.log("export", bundle=str(out), parity_max_abs_diff=diff, **figures)
+    print(f"exported {out}: top1={figures['top1']:.4f} on {figures['images']} test images, "
+          f"parity with PyTorch {diff:.2g}", flush=True)
     return out
 
 

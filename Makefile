@@ -1,0 +1,36 @@
+# The two set-up commands of the README:
+#   make serve   run the service on the default bundle (installs the service, no torch)
+#   make test    run the whole test suite (installs everything the tests need)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+HOST ?= 127.0.0.1
+
+.PHONY: serve test install-serve install-dev train-default clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install-serve: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[serve]'
+
+install-dev: $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+serve: install-serve
+	$(BIN)/instanas-serve --model models/cifar10-default --host $(HOST) --port $(PORT)
+
+test: install-dev
+	bash scripts/test-setup.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Retrain the default bundle (about 1.5 h on 2 CPU cores; see docs/RESULTS.md).
+train-default: install-dev
+	$(BIN)/instanas-train all --config cifar10-cpu --data ../shared/data/cifar10-jpeg --out runs/cifar10-default
+	$(BIN)/instanas-train export --data ../shared/data/cifar10-jpeg --out runs/cifar10-default \
+		--bundle models/cifar10-default --bundle-name cifar10-default
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

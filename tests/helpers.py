@@ -1,0 +1,46 @@
+"""Builders shared by tests: models with non-trivial weights, exported to a real bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from service.manifest import Preprocessing
+from training.controller import Controller
+from training.export import write_bundle
+from training.metagraph import MetaGraph
+
+
+def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every batch norm random statistics and affine terms, so eval mode is not an identity."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return module.eval()
+
+
+def zero_table(space) -> dict:
+    cost = {"latency_ms": 0.0, "mflops": 0.0, "params": 0}
+    return {"stem": cost, "head": cost, "controller": cost,
+            "blocks": [[cost] * len(c.modules) for c in space.cells],
+            "profile": {"runtime": "none (test bundle)", "intra_op_threads": 1, "repeats": 0, "machine": "test"}}
+
+
+def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: int = 0):
+    """(metagraph, controller, manifest) for a randomly initialised model written to `out`."""
+    torch.manual_seed(seed)
+    metagraph = randomise(MetaGraph(space), seed)
+    controller = randomise(Controller(space, (8, 8, 16)), seed + 1) if with_controller else None
+    manifest = write_bundle(
+        out, metagraph, controller, zero_table(space), name="test", version="0", dataset="none",
+        classes=[f"class{i}" for i in range(space.num_classes)],
+        preprocessing=Preprocessing(input_size=space.input_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        fixed_architecture=None if with_controller else "1" * space.num_cells,
+    )
+    return metagraph, controller, manifest
