@@ -1,9 +1,10 @@
 """The executor: controller, then stem, then per cell only the selected modules, then head.
 
 Rows of a batch may choose different architectures. Each (cell, module) graph runs
-once per batch on exactly the rows that selected it, and its output is added into
-those rows; a residual cell starts from its input (so an empty residual cell is the
-identity), any other cell from zero. This mirrors `MetaGraph.forward_selected` in
+once per batch on exactly the rows that selected it, and its output (divided by the
+row's module count when the space's `combine` is the mean) is added into those rows; a
+residual cell starts from its input (so an empty residual cell is the identity), any
+other cell from zero. This mirrors `MetaGraph.forward_selected` in
 training, and the parity tests hold the two to the same logits.
 """
 
@@ -62,22 +63,27 @@ class Executor:
             executed = architecture.apply_empty_cell_rule(executed, self.space)
         t1 = time.perf_counter()
         h = _run(self.bundle.stem, x)
+        weights = None
+        if self.space.combine == "mean":
+            weights = (1.0 / np.maximum(executed.sum(2), 1)).astype(np.float32)[:, :, None, None, None]
         for c, blocks in enumerate(self._blocks):
-            h = self._cell(c, blocks, h, executed[:, c])
+            h = self._cell(c, blocks, h, executed[:, c], None if weights is None else weights[:, c])
         logits = _run(self.bundle.head, h)
         t2 = time.perf_counter()
         return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1})
 
-    def _cell(self, c: int, blocks, h: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _cell(self, c: int, blocks, h: np.ndarray, mask: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         out = h if self.residual[c] else None
         for m, block in enumerate(blocks):
             rows = mask[:, m]
             if rows.all():
-                y = _run(block, h)
+                y = _run(block, h) if weights is None else _run(block, h) * weights
                 out = y if out is None else out + y
             elif rows.any():
                 idx = np.flatnonzero(rows)
                 y = _run(block, h[idx])
+                if weights is not None:
+                    y = y * weights[idx]
                 if out is None:
                     out = np.zeros((h.shape[0], *y.shape[1:]), np.float32)
                 elif out is h:

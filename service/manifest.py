@@ -65,6 +65,14 @@ class SearchSpace(_Strict):
         ),
     )
 
+    combine: Literal["mean", "sum"] = Field(
+        default="mean",
+        description=(
+            "How a cell merges the selected modules' outputs: their mean (scale independent of how "
+            "many modules run) or the paper's sum. Residual cells add their input once, on top."
+        ),
+    )
+
     @property
     def num_cells(self) -> int:
         return len(self.cells)

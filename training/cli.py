@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.config import apply_overrides, load_config
     from training.context import Context
-    from training.rundir import RunDir
+    from training.rundir import RunDir, RunError
 
     try:
         if args.config:
@@ -34,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.set:
                 run = RunDir(args.out, apply_overrides(run.config, args.set))
         ctx = Context.open(run, args.data)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        phases = ("pretrain", "profile", "search", "finetune", "export") if args.phase == "all" else (args.phase,)
+        for phase in phases:
+            t0 = time.time()
+            print(f"== {phase} ==", flush=True)
+            _run_phase(phase, ctx, args)
+            ctx.run.log(phase, status="done", seconds=round(time.time() - t0, 1))
+    except (ValueError, FileNotFoundError, RunError) as exc:
         print(f"instanas-train: {exc}", file=sys.stderr)
         return 2
-    phases = ("pretrain", "profile", "search", "finetune", "export") if args.phase == "all" else (args.phase,)
-    for phase in phases:
-        t0 = time.time()
-        print(f"== {phase} ==", flush=True)
-        _run_phase(phase, ctx, args)
-        ctx.run.log(phase, status="done", seconds=round(time.time() - t0, 1))
     return 0
 
 

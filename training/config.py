@@ -47,12 +47,13 @@ class PretrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear lr warm-up; sums of modules make the first steps unstable
-    grad_clip: float | None = 5.0  # max global gradient norm
+    grad_clip: float | None = 10.0  # max global gradient norm
     # "drop_path": the paper's schedule (all modules on for the first half, then each kept
     # with a probability falling linearly to 0.5). "sparse": every cell keeps a uniformly
     # drawn number of modules (none included), and some rows always take the cheapest and the
     # MobileNetV2 paths, so that the sparse paths a latency reward favours are trained too.
     sampling: str = "sparse"
+    dense_epochs: int = 0  # with "sparse": first epochs with every module on, before sampling starts
     fixed_path_rows: float = 0.125  # with "sparse": share of rows on each of the two fixed paths
 
 
@@ -131,7 +132,7 @@ def _preset_cifar10_cpu() -> RunConfig:
         space=SpaceConfig(width_multiplier=0.25),
         data=DataConfig(batch_size=128),
         controller=ControllerConfig(channels=(16, 32, 64), downsample=2),
-        pretrain=PretrainConfig(epochs=6, lr=0.05, warmup_epochs=0.3),
+        pretrain=PretrainConfig(epochs=5, dense_epochs=2, lr=0.05, warmup_epochs=0.3),
         search=SearchConfig(epochs=6, steps_per_epoch=40, batch_size=64, metagraph_steps=40),
         finetune=FinetuneConfig(epochs=2, lr=0.02),
         profile=ProfileConfig(repeats=30, warmup=5),

@@ -154,9 +154,11 @@ def load(source: str | Path, *, split: str = "train", size: int = 32) -> ImageSe
     if cache.exists():
         with np.load(cache) as z:
             return ImageSet(z["images"], z["labels"], [str(c) for c in z["classes"]], str(path))
-    images = _decode_all(reader(path), size, str(path))
-    if not len(images):
-        raise ValueError(f"no images found in {path}")
+    items = reader(path)
+    if not items:
+        raise FileNotFoundError(f"no {split} images at {source}: expected <class>/<image> files, "
+                                f"a {split}.tar.gz or a {split}/ folder")
+    images = _decode_all(items, size, str(path))
     tmp = cache.with_suffix(".tmp.npz")
     np.savez(tmp, images=images.images, labels=images.labels, classes=np.array(images.classes))
     tmp.replace(cache)

@@ -22,7 +22,7 @@ from torch import nn
 from service import architecture
 from service.manifest import BlockFile, Controller, Evaluation, GraphFile, Manifest, Preprocessing, Profile
 from training.context import Context
-from training.rundir import source_revision, write_atomic
+from training.rundir import RunError, source_revision, write_atomic
 
 OPSET = 17
 
@@ -59,7 +59,7 @@ def trained_models(ctx: Context):
             metagraph.load_state_dict(state["metagraph"])
             controller.load_state_dict(state["controller"])
             return metagraph.eval(), controller.eval(), phase
-    raise RuntimeError(f"no finished search or finetune phase in {ctx.run.path}")
+    raise RunError(f"no finished search or finetune phase in {ctx.run.path}; run them first")
 
 
 def write_bundle(out: Path, metagraph, controller, table: dict, *, name: str, version: str, dataset: str,

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from training import flops
 from training.context import Context
 from training.export import export_graph
-from training.rundir import RunDir, write_atomic
+from training.rundir import RunDir, RunError, write_atomic
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -96,7 +96,7 @@ def run(ctx: Context) -> dict:
 def load_table(run: RunDir) -> dict:
     path = run.path / "latency.json"
     if not path.exists():
-        raise RuntimeError(f"no latency table in {run.path}; run the profile phase first")
+        raise RunError(f"no latency table in {run.path}; run the profile phase first")
     return json.loads(path.read_text())
 
 

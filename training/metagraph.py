@@ -9,11 +9,12 @@ Two forward paths over the same weights, given a per-sample policy (N, cells, mo
 Both apply `service.architecture.apply_empty_cell_rule` first; in eval mode they agree.
 
 Residual cells (stride 1, same channels in and out) add their input once, at the cell:
-`out = x + sum of the selected modules' branches`, so an empty residual cell is the
-identity and "module 0 only" is exactly MobileNetV2's block. Were each selected module
-to carry its own shortcut, as in the authors' code, a cell keeping k modules would pass
-k times its input on, and the signal would grow with the number of modules selected
-(pre-training at chance level with lr 0.1 was measured here when it did).
+`out = x + merge(selected branches)`, so an empty residual cell is the identity and
+"module 0 only" is exactly MobileNetV2's block. Were each selected module to carry its
+own shortcut, as in the authors' code, a cell keeping k modules would pass k times its
+input on. `merge` is the search space's `combine`: the mean by default, so that a cell's
+output scale does not depend on how many modules an image selected (the sum the paper
+describes is available as `combine="sum"`).
 """
 
 from __future__ import annotations
@@ -113,12 +114,19 @@ class MetaGraph(nn.Module):
         rule = apply_empty_cell_rule(policy.detach().bool().cpu().numpy(), self.space)
         return torch.from_numpy(rule).to(policy.device)
 
+    def _weights(self, executed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(N, cells) factor applied to each selected module's output: 1, or 1/k for the mean."""
+        if self.space.combine == "sum":
+            return torch.ones(executed.shape[:2], dtype=dtype, device=executed.device)
+        return 1.0 / executed.sum(2).clamp(min=1).to(dtype)
+
     def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
-        """Masked forward: every module on every row, selected outputs summed."""
+        """Masked forward: every module on every row, selected outputs merged."""
         executed = self.executed(policy).to(x.dtype)
+        weights = self._weights(executed, x.dtype)
         h = self.stem(x)
         for c, modules in enumerate(self.cells):
-            mask = executed[:, c]
+            mask = executed[:, c] * weights[:, c, None]
             out = sum(mask[:, m, None, None, None] * module(h) for m, module in enumerate(modules))
             h = h + out if self._skippable[c] else out
         return self.head(h)
@@ -126,6 +134,8 @@ class MetaGraph(nn.Module):
     def forward_selected(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         """Sparse forward: each module runs only on the rows that selected it."""
         executed = self.executed(policy)
+        weights = self._weights(executed, x.dtype)[:, :, None, None, None]
+        mean = self.space.combine == "mean"
         h = self.stem(x)
         n = x.shape[0]
         for c, modules in enumerate(self.cells):
@@ -134,11 +144,13 @@ class MetaGraph(nn.Module):
             for m, module in enumerate(modules):
                 rows = mask[:, m]
                 if bool(rows.all()):
-                    y = module(h)
+                    y = module(h) * weights[:, c] if mean else module(h)
                     out = y if out is None else out + y
                 elif bool(rows.any()):
                     idx = rows.nonzero().squeeze(1)
                     y = module(h.index_select(0, idx))
+                    if mean:
+                        y = y * weights[idx, c]
                     if out is None:
                         out = torch.empty((n, *y.shape[1:]), dtype=y.dtype, device=y.device,
                                           memory_format=_format_of(y)).zero_()

@@ -70,6 +70,8 @@ def run(ctx: Context) -> dict:
                 half = cfg.epochs / 2
                 keep = 1.0 if epoch < half else 1.0 - 0.5 * (step - half * len(batches)) / max(total_steps - half * len(batches), 1)
                 policy = drop_path_policy(len(y), space, keep, generator)
+            elif cfg.sampling == "sparse" and epoch < cfg.dense_epochs:
+                policy = torch.ones(len(y), space.num_cells, space.num_modules, dtype=torch.bool)
             elif cfg.sampling == "sparse":
                 policy = sparse_policy(len(y), space, cfg.fixed_path_rows, generator)
             else:

@@ -13,6 +13,10 @@ import torch
 from training.config import RunConfig, from_dict
 
 
+class RunError(RuntimeError):
+    """The run folder lacks what a phase needs (an earlier phase, a config)."""
+
+
 class RunDir:
     def __init__(self, path: str | Path, config: RunConfig | None = None):
         self.path = Path(path)
@@ -23,7 +27,7 @@ class RunDir:
         elif config_file.exists():
             config = from_dict(json.loads(config_file.read_text()))
         else:
-            raise FileNotFoundError(f"{config_file} does not exist: run a phase with --config first")
+            raise RunError(f"{config_file} does not exist: run a phase with --config first")
         self.config = config
 
     def log(self, phase: str, **figures) -> None:
@@ -47,7 +51,7 @@ class RunDir:
     def require(self, phase: str) -> dict:
         state = self.load(phase)
         if state is None or not state.get("done"):
-            raise RuntimeError(f"phase {phase!r} has not finished in {self.path}; run it first")
+            raise RunError(f"phase {phase!r} has not finished in {self.path}; run it first")
         return state
 
 

@@ -1,0 +1,130 @@
+"""Reward, sampling, data loading and augmentation, config."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.architecture import cheapest, mobilenet_v2
+from training import data as datasets
+from training.config import load_config
+from training.reward import latency_reward, reward, upper_bound
+from training.sampling import drop_path_policy, sparse_policy
+from training.searchspace import build_search_space
+
+
+def test_latency_reward_is_quadratic_between_bounds():
+    z = torch.tensor([1.0, 2.0, 3.0, 0.5, 3.5, 1.5])
+    r = latency_reward(z, 1.0, 3.0)
+    assert r.tolist() == pytest.approx([0.0, 1.0, 0.0, 0.0, 0.0, 0.75])
+
+
+def test_reward_pays_only_correct_predictions():
+    r = reward(torch.tensor([True, False]), torch.tensor([2.0, 2.0]), 1.0, 3.0, pos_weight=30, neg_weight=-1)
+    assert r.tolist() == [30.0, -1.0]
+
+
+def test_upper_bound_falls_linearly():
+    assert [upper_bound(e, 5, 10.0, 2.0) for e in range(5)] == [10.0, 8.0, 6.0, 4.0, 2.0]
+
+
+def test_sparse_policy_covers_every_module_count_and_the_fixed_paths():
+    space = build_search_space()
+    g = torch.Generator().manual_seed(0)
+    policy = sparse_policy(4000, space, 0.125, g).numpy()
+    assert np.array_equal(policy[0], cheapest(space)) and np.array_equal(policy[500], mobilenet_v2(space))
+    counts = np.bincount(policy[1000:].sum(2).ravel(), minlength=6)
+    assert (counts > 0).all()  # 0..5 modules per cell all occur
+    assert np.allclose(counts / counts.sum(), 1 / 6, atol=0.02)
+
+
+def test_drop_path_keeps_the_requested_share():
+    space = build_search_space()
+    policy = drop_path_policy(2000, space, 0.7, torch.Generator().manual_seed(0))
+    assert abs(policy.float().mean().item() - 0.7) < 0.01
+
+
+def _jpeg(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_loads_tar_and_folder_trees_and_checks_checksums(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSTANAS_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    (root / "train" / "b_class").mkdir(parents=True)
+    (root / "train" / "a_class").mkdir(parents=True)
+    (root / "train" / "a_class" / "0.jpg").write_bytes(_jpeg((255, 0, 0)))
+    (root / "train" / "b_class" / "0.jpg").write_bytes(_jpeg((0, 0, 255)))
+    (root / "train" / "b_class" / "1.png").write_bytes(_jpeg((0, 0, 255)))  # a JPEG named .png still decodes
+    folder = datasets.load(root, split="train")
+    assert folder.classes == ["a_class", "b_class"] and folder.labels.tolist() == [0, 1, 1]
+    assert folder.images.shape == (3, 32, 32, 3) and folder.images[0, 0, 0, 0] > 200
+
+    archive = tmp_path / "arch"
+    archive.mkdir()
+    with tarfile.open(archive / "train.tar.gz", "w:gz") as tar:
+        tar.add(root / "train", arcname="train")
+    from_tar = datasets.load(archive, split="train")
+    assert from_tar.classes == folder.classes and np.array_equal(from_tar.images, folder.images)
+    # a second load comes from the cache and is identical
+    assert np.array_equal(datasets.load(archive, split="train").images, from_tar.images)
+
+    (archive / "SHA256SUMS").write_text("0" * 64 + "  train.tar.gz\n")
+    with pytest.raises(datasets.ChecksumError):
+        datasets.load(archive, split="train")
+    with pytest.raises(FileNotFoundError):
+        datasets.load(archive, split="validation")
+
+
+def test_loads_torchvision_cifar_pickles(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}
+        (root / name).write_bytes(pickle.dumps(batch))
+    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    train = datasets.load(root, split="train")
+    test = datasets.load(root, split="test")
+    assert len(train) == 20 and len(test) == 4 and train.classes[9] == "c9"
+    raw = pickle.loads((root / "test_batch").read_bytes())[b"data"][0]
+    assert np.array_equal(test.images[0], raw.reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def test_real_cifar_jpegs_load_with_the_documented_classes(data_root, cache_dir):
+    test = datasets.load(data_root, split="test")
+    assert len(test) == 8000 and test.images.shape[1:] == (32, 32, 3)
+    assert test.classes == ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    assert np.bincount(test.labels).tolist() == [800] * 10
+
+
+def test_augmentation_keeps_shapes_and_changes_pixels():
+    images = np.random.default_rng(0).integers(0, 255, (64, 32, 32, 3), dtype=np.uint8)
+    data = datasets.ImageSet(images, np.arange(64) % 10, [str(i) for i in range(10)], "mem")
+    train = datasets.Batches(data, 32, mean=(0.5,) * 3, std=(0.25,) * 3, train=True)
+    plain = datasets.Batches(data, 32, mean=(0.5,) * 3, std=(0.25,) * 3, train=False)
+    (xa, ya), (xp, yp) = next(iter(train)), next(iter(plain))
+    assert xa.shape == xp.shape == (32, 3, 32, 32) and xa.dtype == torch.float32
+    assert not torch.equal(xa, xp)
+    expected = (torch.from_numpy(images[:32]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    assert torch.allclose(xp, expected, atol=1e-6) and yp.tolist() == list(range(10)) * 3 + [0, 1]
+
+
+def test_config_presets_files_and_overrides(tmp_path):
+    config = load_config("smoke", ["pretrain.epochs=3", "space.width_multiplier=0.5", "controller.channels=[4,4,8]"])
+    assert config.pretrain.epochs == 3 and config.space.width_multiplier == 0.5 and config.controller.channels == (4, 4, 8)
+    file = tmp_path / "c.json"
+    file.write_text('{"preset": "smoke", "search": {"epochs": 7}}')
+    assert load_config(str(file)).search.epochs == 7
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config("smoke", ["pretrain.nope=1"])
+    with pytest.raises(ValueError, match="neither a preset"):
+        load_config("no-such-preset")
