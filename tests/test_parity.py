@@ -15,9 +15,16 @@ from training.searchspace import build_search_space, build_tiny_space
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", params=["tiny", "paper-17x5-w0.25"])
+SPACES = {
+    "tiny": build_tiny_space,
+    "tiny-sum": lambda: build_tiny_space().model_copy(update={"combine": "sum"}),  # the paper's merge
+    "paper-17x5-w0.25": lambda: build_search_space(width_multiplier=0.25),
+}
+
+
+@pytest.fixture(scope="module", params=list(SPACES))
 def exported(request, tmp_path_factory):
-    space = build_tiny_space() if request.param == "tiny" else build_search_space(width_multiplier=0.25)
+    space = SPACES[request.param]()
     out = tmp_path_factory.mktemp(request.param)
     metagraph, controller, _ = export_test_bundle(out, space)
     return metagraph, controller, Executor(load_bundle(out))

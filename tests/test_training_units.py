@@ -128,3 +128,17 @@ def test_config_presets_files_and_overrides(tmp_path):
         load_config("smoke", ["pretrain.nope=1"])
     with pytest.raises(ValueError, match="neither a preset"):
         load_config("no-such-preset")
+
+
+def test_loads_torchvision_cifar100_pickles(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    rng = np.random.default_rng(1)
+    for name, n in (("train", 6), ("test", 3)):
+        batch = {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"fine_labels": list(range(n)),
+                 b"coarse_labels": [0] * n}
+        (root / name).write_bytes(pickle.dumps(batch))
+    (root / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"f{i}" for i in range(100)],
+                                              "coarse_label_names": [f"c{i}" for i in range(20)]}))
+    train = datasets.load(root, split="train")
+    assert len(train) == 6 and len(train.classes) == 100 and train.labels.tolist() == list(range(6))
