@@ -5,8 +5,9 @@ need=()
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
-    echo "test-setup: missing ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
-    exit 1
+    # Only the tests that need them fail (and say so); the rest of the suite still runs.
+    echo "test-setup: WARNING: missing ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
+    exit 0
   fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq

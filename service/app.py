@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from service import architecture, imaging
 from service.bundle import Bundle, load_bundle
@@ -61,11 +62,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended") from None
     return b"".join(chunks)
 
 
@@ -132,6 +136,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError):
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        metrics.rejections.labels("invalid_request").inc()
         return _error(422, "invalid_request", details)
 
     @app.exception_handler(Exception)
@@ -174,21 +179,17 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
         if media_type not in ACCEPTED_MEDIA_TYPES:
             raise ApiError(415, "unsupported_media_type",
                            f"content type {media_type or '(none)'} is not accepted; send one of {', '.join(ACCEPTED_MEDIA_TYPES)}")
-        k = top_k or settings.default_top_k
         classes = state.manifest.classes
+        k = top_k or min(settings.default_top_k, len(classes))
         if k > len(classes):
             raise ApiError(422, "invalid_request", f"top_k is {k}, but the model has {len(classes)} classes")
+        # Admission first: a full server refuses before reading or decoding anything.
+        if state.waiting >= settings.max_queue and state.slots.locked():
+            raise ApiError(503, "overloaded", "the server is at capacity; retry later")
         body = await _read_body(request, settings.max_body_bytes)
         if media_type == _MULTIPART:
             body = await _file_from_multipart(request.headers, body)
-        t_decode = time.perf_counter()
-        try:
-            x = await run_in_threadpool(_prepare, body)
-        except imaging.ImageError as exc:
-            raise ApiError(_IMAGE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc)) from None
         t_queue = time.perf_counter()
-        if state.waiting >= settings.max_queue and state.slots.locked():
-            raise ApiError(503, "overloaded", "the server is at capacity; retry later")
         state.waiting += 1
         metrics.queue_depth.inc()
         try:
@@ -196,9 +197,15 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
         finally:
             state.waiting -= 1
             metrics.queue_depth.dec()
-        t_run = time.perf_counter()
+        # Decoding runs inside the slot too, so at most max_concurrency decoded images exist at once.
+        t_decode = time.perf_counter()
         metrics.in_flight.inc()
         try:
+            try:
+                x = await run_in_threadpool(_prepare, body)
+            except imaging.ImageError as exc:
+                raise ApiError(_IMAGE_ERROR_STATUS.get(exc.code, 400), exc.code, str(exc)) from None
+            t_run = time.perf_counter()
             result = await run_in_threadpool(state.executor.run, x[None])
         finally:
             metrics.in_flight.dec()
@@ -209,7 +216,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
         latency_ms = float(state.costs.latency_ms(result.executed)[0])
         mflops = float(state.costs.mflops(result.executed)[0])
         metrics.observe_architecture(executed, latency_ms, mflops)
-        stages = {"decode": t_queue - t_decode, "queue": t_run - t_queue, **result.seconds}
+        stages = {"decode": t_run - t_decode, "queue": t_decode - t_queue, **result.seconds}
         for stage, seconds in stages.items():
             metrics.stage_duration.labels(stage).observe(seconds)
         probs = result.probabilities[0]
@@ -229,7 +236,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
                 estimated_latency_ms=round(latency_ms, 4),
                 relative_to_baseline=round(latency_ms / state.costs.baseline_ms, 4),
             ),
-            latency_ms=Latency(**{k: round(v * 1e3, 4) for k, v in stages.items()},
+            latency_ms=Latency(**{stage: round(v * 1e3, 4) for stage, v in stages.items()},
                                total=round((t_end - t_start) * 1e3, 4)),
         )
 

@@ -101,7 +101,7 @@ class GraphFile(_Strict):
 
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    latency_ms: float = Field(ge=0, description="Median wall-clock at batch 1 on the profiling runtime.")
+    latency_ms: float = Field(gt=0, description="Median wall-clock at batch 1 on the profiling runtime.")
     mflops: float = Field(ge=0, description="Multiply-adds x 2, in millions, per image.")
     params: int = Field(ge=0)
 

@@ -25,8 +25,9 @@ def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module.eval()
 
 
-def zero_table(space) -> dict:
-    cost = {"latency_ms": 0.0, "mflops": 0.0, "params": 0}
+def unit_table(space) -> dict:
+    """A stand-in cost table (every graph 0.01 ms, 1 MFLOP) for bundles that are not profiled."""
+    cost = {"latency_ms": 0.01, "mflops": 1.0, "params": 0}
     return {"stem": cost, "head": cost, "controller": cost,
             "blocks": [[cost] * len(c.modules) for c in space.cells],
             "profile": {"runtime": "none (test bundle)", "intra_op_threads": 1, "repeats": 0, "machine": "test"}}
@@ -36,9 +37,14 @@ def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: 
     """(metagraph, controller, manifest) for a randomly initialised model written to `out`."""
     torch.manual_seed(seed)
     metagraph = randomise(MetaGraph(space), seed)
-    controller = randomise(Controller(space, (8, 8, 16)), seed + 1) if with_controller else None
+    controller = None
+    if with_controller:
+        controller = randomise(Controller(space, (8, 8, 16)), seed + 1)
+        # a trained controller's choices depend on the image: so must this one's
+        torch.nn.init.normal_(controller.fc.weight, 0.0, 2.0, generator=torch.Generator().manual_seed(seed))
+        torch.nn.init.zeros_(controller.fc.bias)
     manifest = write_bundle(
-        out, metagraph, controller, zero_table(space), name="test", version="0", dataset="none",
+        out, metagraph, controller, unit_table(space), name="test", version="0", dataset="none",
         classes=[f"class{i}" for i in range(space.num_classes)],
         preprocessing=Preprocessing(input_size=space.input_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         fixed_architecture=None if with_controller else "1" * space.num_cells,

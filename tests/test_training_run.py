@@ -51,14 +51,19 @@ def test_an_interrupted_run_resumes_where_it_stopped(smoke_run, data_root, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     new = _log(run)[lines:]
     assert [r["epoch"] for r in new if r["phase"] == "pretrain" and "epoch" in r] == [2]
-    # `all` then skips the finished search and redoes only finetune and export
+    # `all` then skips the finished search and redoes only finetune and export, here with the
+    # controller of the first search epoch (a slower point of the frontier)
     lines = len(_log(run))
-    done = run_cli("instanas-train", "all", "--data", str(data_root), "--out", str(run))
+    done = run_cli("instanas-train", "all", "--data", str(data_root), "--out", str(run),
+                   "--set", "finetune.controller_epoch=1")
     assert done.returncode == 0, done.stderr[-2000:]
     new = _log(run)[lines:]
     assert not [r for r in new if r["phase"] in ("pretrain", "search") and "epoch" in r]
     assert [r["epoch"] for r in new if r["phase"] == "finetune" and "epoch" in r] == [1]
     assert (run / "bundle" / "manifest.json").exists()
+    first = torch.load(run / "search.pt", weights_only=False)["history"][0]["controller"]
+    kept = torch.load(run / "finetune.pt", weights_only=False)["controller"]
+    assert all(torch.equal(first[k], kept[k].cpu()) for k in first)
 
 
 def test_cli_errors_are_clear(data_root, tmp_path):
@@ -68,3 +73,32 @@ def test_cli_errors_are_clear(data_root, tmp_path):
     assert done.returncode == 2 and "no train" in done.stderr
     done = run_cli("instanas-train", "export", "--data", str(data_root), "--out", str(tmp_path / "empty"))
     assert done.returncode == 2 and "run a phase with --config first" in done.stderr
+
+
+def test_resumed_pretraining_equals_an_uninterrupted_one(data_root, cache_dir, tmp_path):
+    """A run killed right after an epoch's checkpoint, resumed by a fresh process, ends bit-identical."""
+    import pytest
+
+    from training import pretrain
+    from training.config import load_config
+    from training.context import Context
+    from training.rundir import RunDir
+
+    class Killed(Exception):
+        pass
+
+    class DiesAfterFirstEpoch(RunDir):
+        def save(self, phase, state):
+            super().save(phase, state)
+            if state["epoch"] == 1:
+                raise Killed
+
+    config = load_config("smoke", ["data.train_limit=128", "data.test_limit=64", "pretrain.sampling=sparse"])
+    pretrain.run(Context.open(RunDir(tmp_path / "full", config), str(data_root)))
+    with pytest.raises(Killed):
+        pretrain.run(Context.open(DiesAfterFirstEpoch(tmp_path / "cut", config), str(data_root)))
+    pretrain.run(Context.open(RunDir(tmp_path / "cut"), str(data_root)))  # fresh objects, saved config
+    full = torch.load(tmp_path / "full" / "pretrain.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "pretrain.pt", weights_only=False)
+    assert cut["done"] and cut["epoch"] == 2
+    assert all(torch.equal(full["metagraph"][k], cut["metagraph"][k]) for k in full["metagraph"])

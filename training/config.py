@@ -75,6 +75,9 @@ class SearchConfig:
 
 @dataclass
 class FinetuneConfig:
+    # Which search epoch's controller to keep (1-based; None: the last). The upper latency
+    # bound falls over the search, so earlier epochs are slower, more accurate trade-offs.
+    controller_epoch: int | None = None
     epochs: int = 100
     lr: float = 0.01
     momentum: float = 0.9

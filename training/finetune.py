@@ -52,7 +52,13 @@ def run(ctx: Context) -> dict:
     else:
         search = ctx.run.require("search")
         metagraph.load_state_dict(search["metagraph"])
-        controller.load_state_dict(search["controller"])
+        if cfg.controller_epoch is None:
+            controller.load_state_dict(search["controller"])
+        else:
+            history = search["history"]
+            if not 1 <= cfg.controller_epoch <= len(history):
+                raise ValueError(f"finetune.controller_epoch must be in 1..{len(history)}")
+            controller.load_state_dict(history[cfg.controller_epoch - 1]["controller"])
     controller.eval().requires_grad_(False)
     policy_fn = greedy(controller)
     batches = ctx.batches("train")

@@ -60,7 +60,11 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical cores, {platform.system()}"
 
 
-def run(ctx: Context) -> dict:
+def run(ctx: Context, force: bool = True) -> dict:
+    """Measure the table; with force=False an existing table is kept (a resumed run keeps the
+    costs its search was rewarded with)."""
+    if not force and (ctx.run.path / "latency.json").exists():
+        return load_table(ctx.run)
     cfg = ctx.config.profile
     space = ctx.space
     metagraph, controller = ctx.new_metagraph(), ctx.new_controller()

@@ -48,15 +48,17 @@ def run(ctx: Context) -> dict:
     optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     start = 0
     state = ctx.run.load("pretrain")
-    if state is not None:
-        if state.get("done"):
-            return state
-        metagraph.load_state_dict(state["metagraph"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
+    if state is not None and state.get("done"):
+        return state
     batches = ctx.batches("train")
     total_steps = cfg.epochs * len(batches)
     generator = torch.Generator().manual_seed(ctx.config.seed + 1)
+    if state is not None:
+        metagraph.load_state_dict(state["metagraph"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        if "sampler_rng" in state:  # so a resumed run samples what an uninterrupted one would
+            generator.set_state(state["sampler_rng"])
     for epoch in range(start, cfg.epochs):
         metagraph.train()
         batches.generator.manual_seed(ctx.config.seed + epoch)
@@ -67,8 +69,9 @@ def run(ctx: Context) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, step, total_steps, int(cfg.warmup_epochs * len(batches)))
             if cfg.sampling == "drop_path":
-                half = cfg.epochs / 2
-                keep = 1.0 if epoch < half else 1.0 - 0.5 * (step - half * len(batches)) / max(total_steps - half * len(batches), 1)
+                # every module on for the first half of the steps, then keep falls linearly to 0.5
+                half = total_steps // 2
+                keep = 1.0 if step < half else 1.0 - 0.5 * (step - half) / max(total_steps - half, 1)
                 policy = drop_path_policy(len(y), space, keep, generator)
             elif cfg.sampling == "sparse" and epoch < cfg.dense_epochs:
                 policy = torch.ones(len(y), space.num_cells, space.num_modules, dtype=torch.bool)
@@ -93,5 +96,5 @@ def run(ctx: Context) -> dict:
         ctx.run.log("pretrain", **figures)
         print(f"pretrain epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
         ctx.run.save("pretrain", {"metagraph": metagraph.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "epoch": epoch + 1, "done": epoch + 1 == cfg.epochs, "figures": figures})
+                                  "sampler_rng": generator.get_state(), "epoch": epoch + 1, "done": epoch + 1 == cfg.epochs, "figures": figures})
     return ctx.run.require("pretrain")

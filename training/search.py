@@ -33,12 +33,11 @@ def _steps(batches, limit: int | None):
         yield batch
 
 
-def bounds(table: np.ndarray, space) -> tuple[float, float, float]:
-    """(lower, upper at the first epoch, upper at the last) in the table's unit (ms)."""
+def bounds(table: np.ndarray, space, start: float, end: float) -> tuple[float, float, float]:
+    """(lower, upper at the first epoch, upper at the last) in the table's unit (ms):
+    the cheapest architecture; `start` x all modules; `end` x MobileNetV2."""
     lower = float((table * cheapest(space)).sum())
-    start = 0.7 * float(table.sum())
-    end = 0.5 * float((table * mobilenet_v2(space)).sum())
-    return lower, start, end
+    return lower, start * float(table.sum()), end * float((table * mobilenet_v2(space)).sum())
 
 
 def run(ctx: Context) -> dict:
@@ -46,7 +45,7 @@ def run(ctx: Context) -> dict:
     space = ctx.space
     table_full = load_table(ctx.run)
     table = block_latency(table_full)
-    lower, upper_start, upper_end = bounds(table, space)
+    lower, upper_start, upper_end = bounds(table, space, cfg.upper_start, cfg.upper_end)
     metagraph, controller = ctx.new_metagraph(), ctx.new_controller()
     c_opt = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
     m_opt = sgd(metagraph.parameters(), cfg.metagraph_lr, 0.9, ctx.config.pretrain.weight_decay)
@@ -60,6 +59,10 @@ def run(ctx: Context) -> dict:
         c_opt.load_state_dict(state["controller_optimizer"])
         m_opt.load_state_dict(state["metagraph_optimizer"])
         start, history = state["epoch"], state["history"]
+        # the bounds the search started with, even if the latency table was re-measured since
+        lower, upper_start, upper_end = (state["bounds"][k] for k in ("lower", "upper_start", "upper_end"))
+        if "rng" in state:
+            torch.set_rng_state(state["rng"])
     else:
         metagraph.load_state_dict(ctx.run.require("pretrain")["metagraph"])
     table_t = torch.as_tensor(table, dtype=torch.float32, device=ctx.device)
@@ -126,5 +129,6 @@ def run(ctx: Context) -> dict:
         ctx.run.save("search", {"metagraph": metagraph.state_dict(), "controller": controller.state_dict(),
                                 "metagraph_optimizer": m_opt.state_dict(), "controller_optimizer": c_opt.state_dict(),
                                 "epoch": epoch + 1, "done": epoch + 1 == cfg.epochs, "history": history,
+                                "rng": torch.get_rng_state(),
                                 "bounds": {"lower": lower, "upper_start": upper_start, "upper_end": upper_end}})
     return ctx.run.require("search")
