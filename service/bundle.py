@@ -28,7 +28,8 @@ class Bundle:
     controller: ort.InferenceSession | None
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +66,7 @@ def load_bundle(path: str | Path, *, intra_op_threads: int = 1) -> Bundle:
         file = _resolve(root, entry.file)
         if not file.is_file():
             raise BundleError(f"{root}: {entry.file} is listed in the manifest but missing")
-        actual = _sha256(file)
+        actual = sha256_file(file)
         if actual != entry.sha256:
             raise BundleError(f"{root}: {entry.file} has sha256 {actual}, but the manifest says {entry.sha256}; "
                               "the file was changed or corrupted after export")

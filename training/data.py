@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from service import imaging
+from service.bundle import sha256_file
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -50,14 +51,6 @@ class ImageSet:
 
 class ChecksumError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_checksum(path: Path) -> str:

@@ -8,7 +8,6 @@ loaded by the service's own executor and compared with the PyTorch model on real
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import shutil
 import warnings
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from service import architecture
+from service.bundle import sha256_file
 from service.manifest import BlockFile, Controller, Evaluation, GraphFile, Manifest, Preprocessing, Profile
 from training.context import Context
 from training.rundir import RunError, source_revision, write_atomic
@@ -40,10 +40,6 @@ def export_graph(module: nn.Module, input_shape: tuple[int, ...], path: Path) ->
                           dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def block_file(cell: int, module: int) -> str:
@@ -71,7 +67,7 @@ def write_bundle(out: Path, metagraph, controller, table: dict, *, name: str, ve
 
     def graph(net: nn.Module, shape, file: str, cost: dict, cls=GraphFile, **extra):
         export_graph(net, shape, out / file)
-        return cls(file=file, sha256=sha256_of(out / file), latency_ms=cost["latency_ms"],
+        return cls(file=file, sha256=sha256_file(out / file), latency_ms=cost["latency_ms"],
                    mflops=cost["mflops"], params=cost["params"], **extra)
 
     image_shape = (3, space.input_size, space.input_size)

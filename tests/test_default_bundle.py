@@ -1,0 +1,73 @@
+"""The committed default bundle: trained on the real CIFAR-10 JPEGs, and as accurate as it says."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service import imaging
+from service.bundle import load_bundle
+from service.executor import Executor
+from service.settings import DEFAULT_MODEL
+
+CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return load_bundle(DEFAULT_MODEL)  # verifies every sha256
+
+
+def test_default_bundle_is_a_real_cifar10_instanas_model(bundle):
+    m = bundle.manifest
+    assert m.name == "cifar10-default" and m.classes == CIFAR10 and m.dataset == "cifar10-jpeg"
+    assert m.controller is not None and (m.search_space.num_cells, m.search_space.num_modules) == (17, 5)
+    assert m.evaluation.split == "test" and m.evaluation.images == 8000
+    assert m.evaluation.top1 >= 0.60
+    size = sum(f.stat().st_size for f in Path(bundle.path).rglob("*") if f.is_file())
+    assert size < 8 * 2**20  # small enough to live in git
+
+
+def test_served_accuracy_on_the_test_split_is_the_manifests(bundle, data_root):
+    """All 8,000 test JPEGs through the service's decoder and executor reproduce the recorded top-1."""
+    m = bundle.manifest
+    pre = m.preprocessing
+    inputs, labels = [], []
+    with tarfile.open(data_root / "test.tar.gz") as tar:
+        for member in tar:
+            if member.isfile() and member.name.endswith(".jpg"):
+                image = imaging.decode(tar.extractfile(member).read())
+                inputs.append(imaging.to_input(imaging.to_pixels(image, pre.input_size), pre))
+                labels.append(m.classes.index(Path(member.name).parent.name))
+    x, labels = np.stack(inputs), np.array(labels)
+    executor = Executor(bundle)
+    predictions, architectures = [], []
+    for i in range(0, len(x), 500):
+        result = executor.run(x[i : i + 500])
+        predictions.append(result.logits.argmax(1))
+        architectures.append(result.executed)
+    top1 = float((np.concatenate(predictions) == labels).mean())
+    executed = np.concatenate(architectures)
+    assert len(labels) == 8000
+    assert abs(top1 - m.evaluation.top1) <= 0.002, (top1, m.evaluation.top1)
+    assert abs(executed.sum((1, 2)).mean() - m.evaluation.mean_modules_executed) < 0.01
+
+
+def test_make_serve_command_serves_the_default_bundle(tmp_path, test_jpegs):
+    """`instanas-serve` on models/cifar10-default (what `make serve` runs) recognises real images."""
+    from tests.conftest import Server
+
+    srv = Server(DEFAULT_MODEL, tmp_path / "log")
+    try:
+        correct = 0
+        for label, data in test_jpegs:
+            body = httpx.post(srv.url + "/classify", content=data, headers={"content-type": "image/jpeg"}).json()
+            correct += body["prediction"]["label"] == label
+            assert body["model"]["name"] == "cifar10-default"
+        assert correct >= 8  # of 20; chance is 2
+    finally:
+        srv.stop()
