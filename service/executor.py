@@ -44,13 +44,15 @@ class Executor:
         if manifest.fixed_architecture is not None:
             matrix = architecture.decode(manifest.fixed_architecture, self.space.num_cells, self.space.num_modules)
             self.fixed = architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
-        self._blocks = [[bundle.blocks[(c.index, m)] for m in range(len(c.modules))] for c in self.space.cells]
+        self._stem, self._head = _Graph(bundle.stem), _Graph(bundle.head)
+        self._controller = _Graph(bundle.controller) if bundle.controller else None
+        self._blocks = [[_Graph(bundle.blocks[(c.index, m)]) for m in range(len(c.modules))] for c in self.space.cells]
 
     def policy(self, x: np.ndarray) -> np.ndarray:
         """(N, cells, modules) boolean: what runs for each image, empty-cell rule applied."""
         if self.fixed is not None:
             return np.broadcast_to(self.fixed, (x.shape[0], *self.fixed.shape)).copy()
-        probabilities = _run(self.bundle.controller, x)
+        probabilities = self._controller(x)
         return architecture.apply_empty_cell_rule(probabilities >= self.threshold, self.space)
 
     def run(self, x: np.ndarray, executed: np.ndarray | None = None) -> Result:
@@ -62,13 +64,13 @@ class Executor:
         else:
             executed = architecture.apply_empty_cell_rule(executed, self.space)
         t1 = time.perf_counter()
-        h = _run(self.bundle.stem, x)
+        h = self._stem(x)
         weights = None
         if self.space.combine == "mean":
             weights = (1.0 / np.maximum(executed.sum(2), 1)).astype(np.float32)[:, :, None, None, None]
         for c, blocks in enumerate(self._blocks):
             h = self._cell(c, blocks, h, executed[:, c], None if weights is None else weights[:, c])
-        logits = _run(self.bundle.head, h)
+        logits = self._head(h)
         t2 = time.perf_counter()
         return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1})
 
@@ -77,11 +79,11 @@ class Executor:
         for m, block in enumerate(blocks):
             rows = mask[:, m]
             if rows.all():
-                y = _run(block, h) if weights is None else _run(block, h) * weights
+                y = block(h) if weights is None else block(h) * weights
                 out = y if out is None else out + y
             elif rows.any():
                 idx = np.flatnonzero(rows)
-                y = _run(block, h[idx])
+                y = block(h[idx])
                 if weights is not None:
                     y = y * weights[idx]
                 if out is None:
@@ -92,5 +94,12 @@ class Executor:
         return out
 
 
-def _run(session, x: np.ndarray) -> np.ndarray:
-    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(x)})[0]
+class _Graph:
+    """An onnxruntime session called with one input, returning its first output."""
+
+    def __init__(self, session):
+        self.session = session
+        self.input = session.get_inputs()[0].name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: np.ascontiguousarray(x)})[0]
