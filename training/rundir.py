@@ -20,9 +20,9 @@ class RunError(RuntimeError):
 class RunDir:
     def __init__(self, path: str | Path, config: RunConfig | None = None):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
         config_file = self.path / "config.json"
         if config is not None:
+            self.path.mkdir(parents=True, exist_ok=True)
             write_atomic(config_file, json.dumps(config.to_dict(), indent=2).encode())
         elif config_file.exists():
             config = from_dict(json.loads(config_file.read_text()))
