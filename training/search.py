@@ -123,7 +123,8 @@ def run(ctx: Context) -> dict:
                    **{f"mean_{k}": v / n for k, v in sums.items()},
                    **{f"test_{k}": v for k, v in evaluate_controller(ctx, metagraph, controller, table_full).items()},
                    "seconds": round(time.time() - t0, 1)}
-        history.append({**figures, "controller": {k: v.cpu() for k, v in controller.state_dict().items()}})
+        # a copy: state_dict() holds the live tensors, which the next epochs keep changing
+        history.append({**figures, "controller": {k: v.detach().cpu().clone() for k, v in controller.state_dict().items()}})
         ctx.run.log("search", **figures)
         print(f"search epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
         ctx.run.save("search", {"metagraph": metagraph.state_dict(), "controller": controller.state_dict(),
