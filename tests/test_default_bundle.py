@@ -27,7 +27,7 @@ def test_default_bundle_is_a_real_cifar10_instanas_model(bundle):
     assert m.name == "cifar10-default" and m.classes == CIFAR10 and m.dataset == "cifar10-jpeg"
     assert m.controller is not None and (m.search_space.num_cells, m.search_space.num_modules) == (17, 5)
     assert m.evaluation.split == "test" and m.evaluation.images == 8000
-    assert m.evaluation.top1 >= 0.60
+    assert m.evaluation.top1 >= 0.60  # 0.6388 measured (docs/RESULTS.md)
     size = sum(f.stat().st_size for f in Path(bundle.path).rglob("*") if f.is_file())
     assert size < 8 * 2**20  # small enough to live in git
 
