@@ -43,7 +43,7 @@ def manifest(smoke_bundle) -> Manifest:
 def test_classify_real_jpegs_round_trip(server, test_jpegs, manifest):
     schema = ClassifyResponse.model_json_schema()
     space = manifest.search_space
-    for label, data in test_jpegs:
+    for _, data in test_jpegs:
         response = post_jpeg(server.url, data)
         assert response.status_code == 200, response.text
         body = response.json()

@@ -111,7 +111,7 @@ def test_augmentation_keeps_shapes_and_changes_pixels():
     data = datasets.ImageSet(images, np.arange(64) % 10, [str(i) for i in range(10)], "mem")
     train = datasets.Batches(data, 32, mean=(0.5,) * 3, std=(0.25,) * 3, train=True)
     plain = datasets.Batches(data, 32, mean=(0.5,) * 3, std=(0.25,) * 3, train=False)
-    (xa, ya), (xp, yp) = next(iter(train)), next(iter(plain))
+    (xa, _), (xp, yp) = next(iter(train)), next(iter(plain))
     assert xa.shape == xp.shape == (32, 3, 32, 32) and xa.dtype == torch.float32
     assert not torch.equal(xa, xp)
     expected = (torch.from_numpy(images[:32]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25

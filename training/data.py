@@ -10,7 +10,6 @@ instead of on a per-image data pipeline.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import tarfile

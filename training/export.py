@@ -8,7 +8,6 @@ loaded by the service's own executor and compared with the PyTorch model on real
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 import warnings
 from pathlib import Path
