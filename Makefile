@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install-serve install-dev train-default clean
+.PHONY: serve test install-serve install-dev train-default evaluate-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ train-default: install-dev
 	$(BIN)/instanas-train all --config cifar10-cpu --data ../shared/data/cifar10-jpeg --out runs/cifar10-default
 	$(BIN)/instanas-train export --data ../shared/data/cifar10-jpeg --out runs/cifar10-default \
 		--bundle models/cifar10-default --bundle-name cifar10-default
+
+# Accuracy and executor latency of the default bundle through the served path (docs/RESULTS.md).
+evaluate-default: install-serve
+	$(BIN)/python scripts/evaluate_bundle.py --model models/cifar10-default \
+		--data ../shared/data/cifar10-jpeg/test.tar.gz --json docs/runs/cifar10-default/evaluation.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
