@@ -6,6 +6,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from training.data import Batches
 from training.metagraph import MetaGraph
@@ -31,7 +32,7 @@ def evaluate(metagraph: MetaGraph, batches: Batches, policy_fn: PolicyFn) -> dic
     usage = torch.zeros(metagraph.space.num_cells, metagraph.space.num_modules)
     param = next(metagraph.parameters())
     fmt = torch.channels_last if param.device.type == "cpu" else torch.contiguous_format
-    for x, y in batches:
+    for x, y in tqdm(batches, desc="evaluate", unit="batch", leave=False, mininterval=5):
         x, y = x.to(param.device).contiguous(memory_format=fmt), y.to(param.device)
         policy = policy_fn(x)
         correct += (metagraph.forward_selected(x, policy).argmax(1) == y).sum().item()

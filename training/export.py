@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from service import architecture
 from service.bundle import sha256_file
@@ -83,7 +84,8 @@ def write_bundle(out: Path, metagraph, controller, table: dict, *, name: str, ve
         head=graph(metagraph.head, (last.out_channels, last.output_size, last.output_size), "head.onnx", table["head"]),
         blocks=[graph(metagraph.cells[cell.index][m], (cell.in_channels, cell.input_size, cell.input_size),
                       block_file(cell.index, m), table["blocks"][cell.index][m], BlockFile, cell=cell.index, module=m)
-                for cell in space.cells for m in range(len(cell.modules))],
+                for cell, m in tqdm([(c, m) for c in space.cells for m in range(len(c.modules))],
+                                    desc="export blocks", unit="graph", mininterval=5)],
         controller=None if controller is None else graph(controller, image_shape, "controller.onnx",
                                                           table["controller"], Controller, threshold=0.5),
         fixed_architecture=fixed_architecture,

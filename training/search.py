@@ -1,6 +1,6 @@
 """Phase 2: controller search by policy gradient, alternating with meta-graph training.
 
-Per controller step (see docs/INSTANAS.md): exploration p' = alpha p + (1 - alpha)(1 - p);
+Per controller step (see ../shared/docs/INSTANAS.md): exploration p' = alpha p + (1 - alpha)(1 - p);
 sample a policy from Bernoulli(p'); the self-critical baseline is the reward of the
 greedy policy (p >= 0.5) on the same images; loss = [-sum log pi(a) * advantage
 - beta * entropy(p')] / batch. The upper latency bound falls linearly over the epochs,
