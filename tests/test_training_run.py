@@ -18,7 +18,7 @@ def _log(run) -> list[dict]:
 def test_smoke_run_writes_every_phase(smoke_run):
     log = _log(smoke_run)
     done = [r["phase"] for r in log if r.get("status") == "done"]
-    assert done == ["pretrain", "profile", "search", "finetune", "export"]
+    assert done == ["baseline", "pretrain", "profile", "search", "finetune", "export"]
     assert [r["epoch"] for r in log if r["phase"] == "pretrain" and "epoch" in r] == [1, 2]
     assert [r["epoch"] for r in log if r["phase"] == "search" and "epoch" in r] == [1, 2]
     pretrain_epoch = next(r for r in log if r["phase"] == "pretrain" and "epoch" in r)

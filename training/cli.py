@@ -6,7 +6,9 @@ import argparse
 import sys
 import time
 
-PHASES = ("pretrain", "profile", "search", "finetune", "export", "all")
+# `all` runs these in order; each resumes, or returns at once when it has finished.
+ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "export")
+PHASES = (*ORDER, "all")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, bundle")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set pretrain.epochs=10")
+    parser.add_argument("--reconfigure", action="store_true",
+                        help="accept a config that differs from the run's saved one in a phase already started")
     parser.add_argument("--bundle", default=None, help="export: bundle folder (default <out>/bundle)")
     parser.add_argument("--bundle-name", default=None, help="export: bundle name (default: the run's name)")
     args = parser.parse_args(argv)
@@ -28,13 +32,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.config:
-            run = RunDir(args.out, load_config(args.config, args.set))
+            run = RunDir(args.out, load_config(args.config, args.set), reconfigure=args.reconfigure)
         else:  # continue a run with its saved config, overrides applied on top
             run = RunDir(args.out)
             if args.set:
-                run = RunDir(args.out, apply_overrides(run.config, args.set))
+                run = RunDir(args.out, apply_overrides(run.config, args.set), reconfigure=args.reconfigure)
         ctx = Context.open(run, args.data)
-        phases = ("pretrain", "profile", "search", "finetune", "export") if args.phase == "all" else (args.phase,)
+        phases = ORDER if args.phase == "all" else (args.phase,)
         for phase in phases:
             t0 = time.time()
             print(f"== {phase} ==", flush=True)
@@ -47,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
-    if phase == "pretrain":
+    if phase == "baseline":
+        from training import baseline
+
+        baseline.run(ctx)
+    elif phase == "pretrain":
         from training import pretrain
 
         pretrain.run(ctx)

@@ -21,7 +21,8 @@ class Context:
     data_root: str
     device: torch.device
     train: datasets.ImageSet
-    test: datasets.ImageSet
+    val: datasets.ImageSet  # held out from the training images: every choice is made on it
+    test: datasets.ImageSet  # read only for final reports
     space: SearchSpace
     mean: tuple[float, float, float] = datasets.CIFAR10_MEAN
     std: tuple[float, float, float] = datasets.CIFAR10_STD
@@ -40,17 +41,25 @@ class Context:
         device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if config.device == "auto" else config.device))
         size = config.space.input_size
-        train = datasets.load(data_root, split="train", size=size).subset(config.data.train_limit, config.seed)
+        train, val = datasets.load(data_root, split="train", size=size).split(config.data.val_images, config.seed)
+        train = train.subset(config.data.train_limit, config.seed)
         test = datasets.load(data_root, split="test", size=size).subset(config.data.test_limit, config.seed)
         if train.classes != test.classes:
             raise ValueError(f"train classes {train.classes} differ from test classes {test.classes}")
-        return cls(run, data_root, device, train, test, config.space.build(len(train.classes)))
+        return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)))
 
     def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0) -> datasets.Batches:
+        """`train` batches are shuffled and augmented; `val` and `test` are neither."""
+        images = {"train": self.train, "val": self.val, "test": self.test}[split]
         train = split == "train"
-        images = self.train if train else self.test
         size = batch_size or (self.config.data.batch_size if train else self.config.data.eval_batch_size)
         return datasets.Batches(images, size, mean=self.mean, std=self.std, train=train, seed=self.config.seed + seed)
+
+    @property
+    def baseline_space(self) -> SearchSpace:
+        """The static MobileNetV2 of the same width: the search space with module 0 only in every cell."""
+        cells = [cell.model_copy(update={"modules": cell.modules[:1]}) for cell in self.space.cells]
+        return self.space.model_copy(update={"cells": cells})
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -60,8 +69,8 @@ class Context:
     def to_device(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device).contiguous(memory_format=self.memory_format)
 
-    def new_metagraph(self) -> MetaGraph:
-        return MetaGraph(self.space).to(self.device, memory_format=self.memory_format)
+    def new_metagraph(self, space: SearchSpace | None = None) -> MetaGraph:
+        return MetaGraph(space or self.space).to(self.device, memory_format=self.memory_format)
 
     def new_controller(self) -> Controller:
         c = self.config.controller

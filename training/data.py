@@ -48,6 +48,22 @@ class ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], self.classes, self.source)
 
 
+    def split(self, count: int, seed: int = 0) -> tuple["ImageSet", "ImageSet"]:
+        """(rest, held out): `count` images per the same share of every class held out at random."""
+        if not 0 <= count < len(self):
+            raise ValueError(f"cannot hold out {count} of {len(self)} images")
+        rng = np.random.default_rng(seed)
+        held = []
+        for label in np.unique(self.labels):
+            members = np.flatnonzero(self.labels == label)
+            take = int(round(count * len(members) / len(self)))
+            held.append(rng.permutation(members)[:take])
+        held_idx = np.sort(np.concatenate(held)) if held else np.array([], np.int64)
+        keep = np.setdiff1d(np.arange(len(self)), held_idx)
+        return (ImageSet(self.images[keep], self.labels[keep], self.classes, self.source),
+                ImageSet(self.images[held_idx], self.labels[held_idx], self.classes, self.source + ":val"))
+
+
 class ChecksumError(RuntimeError):
     pass
 
@@ -157,41 +173,62 @@ def load(source: str | Path, *, split: str = "train", size: int = 32) -> ImageSe
     return images
 
 
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed derived from integers (run seed, epoch, batch), independent for each tuple."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class Batches:
-    """Shuffled, augmented, normalised mini-batches over an ImageSet, as float32 NCHW tensors."""
+    """Shuffled, augmented, normalised mini-batches over an ImageSet, as float32 NCHW tensors.
+
+    `epoch(e, start)` is a pure function of (seed, e, batch index): the image order comes
+    from (seed, e) and each batch's augmentation from (seed, e, b), so a run resumed at any
+    step sees exactly the batches an uninterrupted one would. With `world > 1`, rank `rank`
+    takes every world-th batch of the same order (disjoint shards of each epoch).
+    """
 
     def __init__(self, data: ImageSet, batch_size: int, *, mean, std, train: bool, cutout: int = 16,
-                 pad: int = 4, seed: int = 0, drop_last: bool | None = None):
+                 pad: int = 4, seed: int = 0, drop_last: bool | None = None, rank: int = 0, world: int = 1):
         self.data, self.batch_size, self.train = data, batch_size, train
-        self.cutout, self.pad = cutout, pad
+        self.cutout, self.pad, self.seed = cutout, pad, seed
+        self.rank, self.world = rank, world
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        self.generator = torch.Generator().manual_seed(seed)
         self.drop_last = train if drop_last is None else drop_last
         self._images = torch.from_numpy(data.images)
         self._labels = torch.from_numpy(data.labels)
 
-    def __len__(self) -> int:
+    def _total(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def __len__(self) -> int:
+        """Batches this rank takes in one epoch."""
+        total = self._total()
+        return total // self.world if self.world > 1 else total
+
     def __iter__(self):
+        return self.epoch(0)
+
+    def epoch(self, epoch: int, start: int = 0):
+        """This rank's batches of epoch `epoch`, from its batch `start` on."""
         n = len(self.data)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
-        for b in range(len(self)):
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
+                 if self.train else torch.arange(n))
+        for i in range(start, len(self)):
+            b = i * self.world + self.rank
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self._images[idx]
             if self.train:
-                x = self._augment(x)
+                x = self._augment(x, torch.Generator().manual_seed(derive_seed(self.seed, epoch, b)))
             yield self.normalise(x), self._labels[idx]
 
     def normalise(self, x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
         x = x_uint8_nhwc.permute(0, 3, 1, 2).to(torch.float32) * (1 / 255)
         return ((x - self.mean) / self.std).contiguous()
 
-    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, h, w, _ = x.shape
-        g = self.generator
         if self.pad:
             padded = torch.nn.functional.pad(x, (0, 0, self.pad, self.pad, self.pad, self.pad))
             dy = torch.randint(0, 2 * self.pad + 1, (n,), generator=g)

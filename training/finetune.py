@@ -11,7 +11,7 @@ from tqdm import tqdm
 from training.context import Context
 from training.evaluate import evaluate
 from training.latency import block_latency, block_mflops
-from training.pretrain import cosine_lr, sgd
+from training.optim import cosine_lr, sgd
 
 
 def greedy(controller, threshold: float = 0.5):
@@ -66,8 +66,7 @@ def run(ctx: Context) -> dict:
     for epoch in range(start, cfg.epochs):
         t0 = time.time()
         metagraph.train()
-        batches.generator.manual_seed(ctx.config.seed + 3000 + epoch)
-        for i, (x, y) in enumerate(tqdm(batches, desc=f"finetune {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)):
+        for i, (x, y) in enumerate(tqdm(batches.epoch(3000 + epoch), total=len(batches), desc=f"finetune {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(cfg.lr, epoch * len(batches) + i, total)
             x, y = ctx.to_device(x), y.to(ctx.device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import numpy as np
@@ -13,18 +12,8 @@ from tqdm import tqdm
 from service.architecture import cheapest, mobilenet_v2
 from training.context import Context
 from training.evaluate import evaluate, fixed_policy
+from training.optim import cosine_lr, sgd
 from training.sampling import drop_path_policy, sparse_policy
-
-
-def sgd(params, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
-
-
-def cosine_lr(base: float, step: int, total: int, warmup: int = 0) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return 0.5 * base * (1 + math.cos(math.pi * min(step - warmup, total) / max(total - warmup, 1)))
 
 
 def path_accuracies(ctx: Context, metagraph, limit_batches: int | None = None) -> dict:
@@ -61,9 +50,8 @@ def run(ctx: Context) -> dict:
             generator.set_state(state["sampler_rng"])
     for epoch in range(start, cfg.epochs):
         metagraph.train()
-        batches.generator.manual_seed(ctx.config.seed + epoch)
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = tqdm(batches, desc=f"pretrain {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)
+        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"pretrain {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)
         for i, (x, y) in enumerate(bar):
             step = epoch * len(batches) + i
             for group in optimizer.param_groups:

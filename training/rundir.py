@@ -17,11 +17,44 @@ class RunError(RuntimeError):
     """The run folder lacks what a phase needs (an earlier phase, a config)."""
 
 
+# The phases whose results depend on each config section; a section not listed (space, data,
+# seed, name...) shapes every phase, and `device` and `threads` change no result.
+_SECTION_PHASES = {"baseline": ("baseline",), "pretrain": ("pretrain",), "search": ("search",),
+                   "controller": ("search",), "finetune": ("finetune",), "profile": ("profile",),
+                   "device": (), "threads": (), "checkpoint_steps": ()}
+PHASE_FILES = {"baseline": "baseline.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
+               "search": "search.pt", "finetune": "finetune.pt"}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every value that differs."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
 class RunDir:
-    def __init__(self, path: str | Path, config: RunConfig | None = None):
+    """A run's folder. The config is fixed when the run starts: passing a different one later
+    is refused where it would change a phase that has already started (its checkpoint
+    exists), unless `reconfigure` is set; changes to phases not started yet are taken."""
+
+    def __init__(self, path: str | Path, config: RunConfig | None = None, *, reconfigure: bool = False):
         self.path = Path(path)
         config_file = self.path / "config.json"
         if config is not None:
+            if config_file.exists():
+                # compared as JSON, where tuples are lists
+                new = json.loads(json.dumps(config.to_dict()))
+                self._check_changes(json.loads(config_file.read_text()), new, reconfigure)
             self.path.mkdir(parents=True, exist_ok=True)
             write_atomic(config_file, json.dumps(config.to_dict(), indent=2).encode())
         elif config_file.exists():
@@ -29,6 +62,29 @@ class RunDir:
         else:
             raise RunError(f"{config_file} does not exist: run a phase with --config first")
         self.config = config
+
+    def started(self) -> list[str]:
+        """Phases that have written a checkpoint (or, for `profile`, the latency table)."""
+        return [phase for phase, file in PHASE_FILES.items() if (self.path / file).exists()]
+
+    def _check_changes(self, old: dict, new: dict, reconfigure: bool) -> None:
+        changes = config_changes(old, new)
+        if not changes:
+            return
+        started = set(self.started())
+        blocking = {}
+        for key in changes:
+            section = key.split(".")[0]
+            touched = set(_SECTION_PHASES.get(section, PHASE_FILES)) & started
+            if touched:
+                blocking[key] = sorted(touched)
+        if blocking and not reconfigure:
+            lines = "\n".join(f"  {k}: {changes[k][0]!r} -> {changes[k][1]!r} (phase {', '.join(p)} already started)"
+                              for k, p in blocking.items())
+            raise RunError(f"{self.path} was started with another config; refusing to change:\n{lines}\n"
+                           "resume with the same --config (or none), or pass --reconfigure to change it anyway")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.log("config", changed={k: list(v) for k, v in changes.items()}, forced=bool(blocking))
 
     def log(self, phase: str, **figures) -> None:
         """Append one line of figures (an epoch's, a step's, a phase's) to log.jsonl."""
@@ -40,8 +96,12 @@ class RunDir:
         return self.path / f"{phase}.pt"
 
     def save(self, phase: str, state: dict) -> None:
+        """Write a checkpoint atomically: a process killed during the save leaves the previous one."""
         tmp = self.checkpoint(phase).with_suffix(".pt.tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.checkpoint(phase))
 
     def load(self, phase: str) -> dict | None:

@@ -22,7 +22,7 @@ from service.architecture import cheapest, mobilenet_v2
 from training.context import Context
 from training.finetune import evaluate_controller
 from training.latency import block_latency, load_table
-from training.pretrain import sgd
+from training.optim import sgd
 from training.reward import reward, upper_bound
 
 

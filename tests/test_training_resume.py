@@ -1,0 +1,115 @@
+"""Runs that outlive their process: killed at any step, even inside a save, they resume
+bit-identical; a run's config is fixed once a phase has started."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from tests.conftest import BIN
+from training import baseline
+from training.config import load_config
+from training.context import Context
+from training.rundir import RunDir, RunError
+
+SMOKE = ["data.train_limit=256", "data.val_images=64", "data.test_limit=64", "baseline.epochs=2", "checkpoint_steps=1"]
+
+
+class Killed(Exception):
+    pass
+
+
+def _dies_at(save_number: int, during_save: bool):
+    class DiesAtSave(RunDir):
+        saves = 0
+
+        def save(self, phase, state):
+            DiesAtSave.saves += 1
+            if DiesAtSave.saves == save_number:
+                if during_save:  # half a file written, then the process is gone
+                    self.checkpoint(phase).with_suffix(".pt.tmp").write_bytes(b"\x80\x02partial")
+                raise Killed
+            super().save(phase, state)
+    return DiesAtSave
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_root, cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    baseline.run(Context.open(RunDir(out, load_config("smoke", SMOKE)), str(data_root)))
+    return out / "baseline.pt"
+
+
+@pytest.mark.parametrize("save_number,during_save", [(3, False), (6, True), (9, False)])
+def test_killed_baseline_resumes_bit_identical(uninterrupted, data_root, tmp_path, save_number, during_save):
+    config = load_config("smoke", SMOKE)
+    with pytest.raises(Killed):
+        baseline.run(Context.open(_dies_at(save_number, during_save)(tmp_path, config), str(data_root)))
+    state = torch.load(tmp_path / "baseline.pt", weights_only=False)
+    assert not state["done"]
+    baseline.run(Context.open(RunDir(tmp_path, config), str(data_root)))  # the same command again
+    full, cut = _weights(uninterrupted), _weights(tmp_path / "baseline.pt")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+    curve = torch.load(tmp_path / "baseline.pt", weights_only=False)["curve"]
+    assert [c["epoch"] for c in curve] == [1, 2]
+
+
+def test_sigkill_of_a_real_process_resumes_bit_identical(uninterrupted, data_root, tmp_path):
+    cmd = [str(BIN / "instanas-train"), "baseline", "--config", "smoke", "--data", str(data_root),
+           "--out", str(tmp_path), *[a for s in SMOKE for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (tmp_path / "baseline.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    full, cut = _weights(uninterrupted), _weights(tmp_path / "baseline.pt")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
+
+
+def test_a_changed_config_is_refused_once_its_phase_started(data_root, tmp_path):
+    config = load_config("smoke", SMOKE)
+    RunDir(tmp_path, config)
+    RunDir(tmp_path, load_config("smoke", [*SMOKE, "baseline.lr=0.5"]))  # nothing started: taken
+    torch.save({"done": False}, tmp_path / "baseline.pt")
+    with pytest.raises(RunError, match=r"baseline.lr: 0.5 -> 0.05 \(phase baseline already started\)"):
+        RunDir(tmp_path, config)
+    with pytest.raises(RunError, match="data.val_images"):  # shapes every phase
+        RunDir(tmp_path, load_config("smoke", [*SMOKE[:1], "data.val_images=32", *SMOKE[2:], "baseline.lr=0.5"]))
+    RunDir(tmp_path, load_config("smoke", [*SMOKE, "baseline.lr=0.5", "search.lr=0.1", "threads=1"]))  # not started
+    assert json.loads((tmp_path / "config.json").read_text())["search"]["lr"] == 0.1
+    forced = RunDir(tmp_path, config, reconfigure=True)
+    assert forced.config.baseline.lr == 0.05
+    changes = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert changes[-1]["phase"] == "config" and changes[-1]["forced"] is True
+
+
+def test_cli_refuses_a_changed_config_on_resume(data_root, tmp_path):
+    run = [str(BIN / "instanas-train"), "baseline", "--data", str(data_root), "--out", str(tmp_path)]
+    RunDir(tmp_path, load_config("smoke", SMOKE))
+    torch.save({"done": False}, tmp_path / "baseline.pt")
+    done = subprocess.run([*run, "--config", "smoke", "--set", "baseline.epochs=5"], capture_output=True, text=True,
+                          env={**os.environ}, timeout=120)
+    assert done.returncode == 2 and "refusing to change" in done.stderr and "--reconfigure" in done.stderr
+
+
+def test_validation_split_is_held_out_of_training(data_root, cache_dir, tmp_path):
+    ctx = Context.open(RunDir(tmp_path, load_config("smoke", ["data.train_limit=null", "data.val_images=1000"])),
+                       str(data_root))
+    assert len(ctx.val) == 1000 and len(ctx.train) == 49000
+    assert (torch.bincount(torch.from_numpy(ctx.val.labels)) == 100).all()
+    train_rows = {row.tobytes() for row in ctx.train.images[:, 0, :, :].reshape(len(ctx.train), -1)}
+    assert not any(row.tobytes() in train_rows for row in ctx.val.images[:, 0, :, :].reshape(1000, -1))
