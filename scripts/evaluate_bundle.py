@@ -77,8 +77,8 @@ def main() -> int:
     figures = {
         "bundle": manifest.name, "version": manifest.version, "images": len(labels),
         "top1": float((pred == labels).mean()),
-        "mean_estimated_latency_ms": float(costs.latency_ms(matrices).mean()),
-        "mean_mflops": float(costs.mflops(matrices).mean()),
+        "mean_estimated_latency_ms": float(costs.latency_ms(matrices, manifest.default_controller).mean()),
+        "mean_mflops": float(costs.mflops(matrices, manifest.default_controller).mean()),
         "mean_modules_executed": float(matrices.sum((1, 2)).mean()),
         "distinct_architectures": len(codes),
         "most_common_architectures": {str(c): int(n) for c, n in sorted(zip(codes, counts), key=lambda t: -t[1])[:5]},

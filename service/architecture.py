@@ -81,9 +81,10 @@ def cheapest(space: SearchSpace) -> np.ndarray:
 class CostTable:
     """Per-image cost of an architecture from the bundle's measured table.
 
-    `latency_ms` and `mflops` cover what serving runs for one image: controller (when the
-    bundle has one), stem, the executed blocks and head. The baseline is static MobileNetV2
-    (module 0 in every cell) in the same space, without a controller.
+    `latency_ms` and `mflops` cover what serving runs for one image: the operating point's
+    controller (when the bundle has controllers), stem, the executed blocks and head. The
+    baseline is static MobileNetV2 (module 0 in every cell) in the same space, without a
+    controller.
     """
 
     def __init__(self, manifest) -> None:
@@ -97,14 +98,16 @@ class CostTable:
         fixed = [manifest.stem, manifest.head]
         self.backbone_ms = sum(g.latency_ms for g in fixed)
         self.backbone_mflops = sum(g.mflops for g in fixed)
-        ctrl = manifest.controller
-        self.fixed_ms = self.backbone_ms + (ctrl.latency_ms if ctrl else 0.0)
-        self.fixed_mflops = self.backbone_mflops + (ctrl.mflops if ctrl else 0.0)
+        self.controller_ms = {c.name: c.latency_ms for c in manifest.controllers}
+        self.controller_mflops = {c.name: c.mflops for c in manifest.controllers}
         self.baseline_ms = self.backbone_ms + float((self.block_ms * mobilenet_v2(space)).sum())
 
-    def latency_ms(self, executed: np.ndarray) -> np.ndarray:
-        """(N, cells, modules) executed -> (N,) estimated milliseconds."""
-        return self.fixed_ms + (executed * self.block_ms).sum((1, 2))
+    def latency_ms(self, executed: np.ndarray, controller: str | None = None) -> np.ndarray:
+        """(N, cells, modules) executed -> (N,) estimated milliseconds; `controller` names the
+        operating point that chose them (None: the architecture was given, no controller ran)."""
+        extra = self.controller_ms[controller] if controller else 0.0
+        return self.backbone_ms + extra + (executed * self.block_ms).sum((1, 2))
 
-    def mflops(self, executed: np.ndarray) -> np.ndarray:
-        return self.fixed_mflops + (executed * self.block_mflops).sum((1, 2))
+    def mflops(self, executed: np.ndarray, controller: str | None = None) -> np.ndarray:
+        extra = self.controller_mflops[controller] if controller else 0.0
+        return self.backbone_mflops + extra + (executed * self.block_mflops).sum((1, 2))

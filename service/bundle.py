@@ -10,7 +10,7 @@ from pathlib import Path
 import onnxruntime as ort
 from pydantic import ValidationError
 
-from service.manifest import Manifest
+from service.manifest import Manifest, upgrade
 
 
 class BundleError(RuntimeError):
@@ -25,7 +25,7 @@ class Bundle:
     stem: ort.InferenceSession
     head: ort.InferenceSession
     blocks: dict[tuple[int, int], ort.InferenceSession]
-    controller: ort.InferenceSession | None
+    controllers: dict[str, ort.InferenceSession]  # by operating point name; empty for a static bundle
 
 
 def sha256_file(path: Path) -> str:
@@ -50,7 +50,7 @@ def read_manifest(path: str | Path) -> tuple[Manifest, str]:
         raise BundleError(f"{path}: no manifest.json (is this a model bundle folder?)")
     raw = manifest_file.read_bytes()
     try:
-        manifest = Manifest.model_validate(json.loads(raw))
+        manifest = Manifest.model_validate(upgrade(json.loads(raw)))
     except json.JSONDecodeError as exc:
         raise BundleError(f"{manifest_file}: not valid JSON: {exc}") from None
     except ValidationError as exc:
@@ -70,10 +70,7 @@ def load_bundle(path: str | Path, *, intra_op_threads: int = 1) -> Bundle:
         if actual != entry.sha256:
             raise BundleError(f"{root}: {entry.file} has sha256 {actual}, but the manifest says {entry.sha256}; "
                               "the file was changed or corrupted after export")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options = session_options(intra_op_threads)
 
     def session(name: str) -> ort.InferenceSession:
         try:
@@ -88,5 +85,15 @@ def load_bundle(path: str | Path, *, intra_op_threads: int = 1) -> Bundle:
         stem=session(manifest.stem.file),
         head=session(manifest.head.file),
         blocks={(b.cell, b.module): session(b.file) for b in manifest.blocks},
-        controller=session(manifest.controller.file) if manifest.controller else None,
+        controllers={c.name: session(c.file) for c in manifest.controllers},
     )
+
+
+def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
+    """How every graph runs, in serving and in latency profiling alike (so the table measures
+    what serving runs): sequential execution, `intra_op_threads` threads inside an operator."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return options

@@ -25,6 +25,7 @@ class Result:
     probabilities: np.ndarray  # (N, classes), softmax of logits
     executed: np.ndarray  # (N, cells, modules) bool: what ran, empty-cell rule applied
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
+    operating_point: str | None = None  # the controller that chose; None for a static or given architecture
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -39,28 +40,37 @@ class Executor:
         manifest = bundle.manifest
         self.space = manifest.search_space
         self.residual = [cell.skippable for cell in self.space.cells]
-        self.threshold = manifest.controller.threshold if manifest.controller else None
+        self.default_point = manifest.default_controller
+        self._controllers = {c.name: (_Graph(bundle.controllers[c.name]), c.threshold) for c in manifest.controllers}
         self.fixed = None
         if manifest.fixed_architecture is not None:
             matrix = architecture.decode(manifest.fixed_architecture, self.space.num_cells, self.space.num_modules)
             self.fixed = architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
         self._stem, self._head = _Graph(bundle.stem), _Graph(bundle.head)
-        self._controller = _Graph(bundle.controller) if bundle.controller else None
         self._blocks = [[_Graph(bundle.blocks[(c.index, m)]) for m in range(len(c.modules))] for c in self.space.cells]
 
-    def policy(self, x: np.ndarray) -> np.ndarray:
-        """(N, cells, modules) boolean: what runs for each image, empty-cell rule applied."""
+    @property
+    def operating_points(self) -> list[str]:
+        return list(self._controllers)
+
+    def policy(self, x: np.ndarray, operating_point: str | None = None) -> np.ndarray:
+        """(N, cells, modules) boolean: what runs for each image, empty-cell rule applied.
+        `operating_point` names the controller (default: the bundle's default)."""
         if self.fixed is not None:
             return np.broadcast_to(self.fixed, (x.shape[0], *self.fixed.shape)).copy()
-        probabilities = self._controller(x)
-        return architecture.apply_empty_cell_rule(probabilities >= self.threshold, self.space)
+        controller, threshold = self._controllers[operating_point or self.default_point]
+        return architecture.apply_empty_cell_rule(controller(x) >= threshold, self.space)
 
-    def run(self, x: np.ndarray, executed: np.ndarray | None = None) -> Result:
-        """Classify a (N, 3, H, W) float32 batch; `executed` overrides the controller's choice."""
+    def run(self, x: np.ndarray, executed: np.ndarray | None = None, operating_point: str | None = None) -> Result:
+        """Classify a (N, 3, H, W) float32 batch with the controller of `operating_point` (default:
+        the bundle's); `executed` (N, cells, modules) gives the architectures instead."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         t0 = time.perf_counter()
+        point = None
         if executed is None:
-            executed = self.policy(x)
+            if self.fixed is None:
+                point = operating_point or self.default_point
+            executed = self.policy(x, point)
         else:
             executed = architecture.apply_empty_cell_rule(executed, self.space)
         t1 = time.perf_counter()
@@ -72,7 +82,7 @@ class Executor:
             h = self._cell(c, blocks, h, executed[:, c], None if weights is None else weights[:, c])
         logits = self._head(h)
         t2 = time.perf_counter()
-        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1})
+        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, point)
 
     def _cell(self, c: int, blocks, h: np.ndarray, mask: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         out = h if self.residual[c] else None

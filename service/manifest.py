@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 had one `controller` and a bundle-level `evaluation`; `upgrade` reads it as a
+# version-2 bundle with one operating point named "default".
 
 
 class _Strict(BaseModel):
@@ -121,10 +123,6 @@ class Preprocessing(_Strict):
     std: tuple[float, float, float]
 
 
-class Controller(GraphFile):
-    threshold: float = Field(default=0.5, gt=0, lt=1, description="Module selected where p >= threshold.")
-
-
 class Profile(_Strict):
     """Where and how the latency figures were measured."""
 
@@ -144,10 +142,32 @@ class Evaluation(_Strict):
     mean_estimated_latency_ms: float
     mean_mflops: float
     mean_modules_executed: float
+    mean_measured_latency_ms: float | None = Field(
+        default=None, description="Mean wall-clock per image through the service's executor at batch 1.")
+    architectures: int | None = Field(default=None, description="Distinct architectures chosen.")
+
+
+GREEDY_THRESHOLD = 0.5  # a module runs where the controller's probability is at least this
+
+
+class Controller(GraphFile):
+    """One operating point: a controller graph over the bundle's blocks, with what it measured."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$", description="Operating point name, e.g. A..E.")
+    threshold: float = Field(default=GREEDY_THRESHOLD, gt=0, lt=1, description="Module selected where p >= threshold.")
+    description: str = ""
+    evaluation: Evaluation | None = None
+
+
+class FrequentArchitecture(_Strict):
+    """An architecture the controllers chose often on held-out data (fused-graph cache warm-up)."""
+
+    code: str
+    share: float = Field(ge=0, le=1, description="Share of held-out images that ran it.")
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     name: str
     version: str
     created: str
@@ -158,12 +178,15 @@ class Manifest(_Strict):
     stem: GraphFile
     head: GraphFile
     blocks: list[BlockFile]
-    controller: Controller | None = None
+    controllers: list[Controller] = Field(
+        default_factory=list, description="Operating points over the same blocks; empty for a static bundle.")
+    default_controller: str | None = Field(default=None, description="The operating point served by default.")
     fixed_architecture: str | None = Field(
         default=None, description="Architecture code served for every image by a static bundle."
     )
+    frequent_architectures: list[FrequentArchitecture] = Field(default_factory=list)
     profile: Profile
-    evaluation: Evaluation | None = None
+    evaluation: Evaluation | None = Field(default=None, description="A static bundle's; operating points carry their own.")
     training: dict = Field(default_factory=dict, description="The run's config and source revision.")
 
     @model_validator(mode="after")
@@ -173,8 +196,15 @@ class Manifest(_Strict):
             raise ValueError(f"{len(self.classes)} classes but the head has {space.num_classes} outputs")
         if self.preprocessing.input_size != space.input_size:
             raise ValueError("preprocessing.input_size differs from search_space.input_size")
-        if (self.controller is None) == (self.fixed_architecture is None):
-            raise ValueError("a bundle has either a controller or a fixed_architecture, not both")
+        if bool(self.controllers) == (self.fixed_architecture is not None):
+            raise ValueError("a bundle has either controllers or a fixed_architecture, not both")
+        names = [c.name for c in self.controllers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"operating point names repeat: {names}")
+        if self.controllers and self.default_controller not in names:
+            raise ValueError(f"default_controller {self.default_controller!r} is not one of {names}")
+        if not self.controllers and self.default_controller is not None:
+            raise ValueError("a static bundle has no default_controller")
         expected = {(c.index, m) for c in space.cells for m in range(len(c.modules))}
         listed = [(b.cell, b.module) for b in self.blocks]
         if sorted(listed) != sorted(expected):
@@ -187,7 +217,26 @@ class Manifest(_Strict):
     def _block_index(self) -> dict[tuple[int, int], BlockFile]:
         return {(b.cell, b.module): b for b in self.blocks}
 
+    def controller(self, name: str | None = None) -> Controller:
+        """The operating point `name`, or the default one."""
+        name = name or self.default_controller
+        for c in self.controllers:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
     def files(self) -> list[GraphFile]:
         """Every file the bundle holds besides the manifest itself."""
-        extra = [self.controller] if self.controller else []
-        return [self.stem, self.head, *self.blocks, *extra]
+        return [self.stem, self.head, *self.blocks, *self.controllers]
+
+
+def upgrade(data: dict) -> dict:
+    """A manifest's JSON in the current schema: version 1 becomes one operating point "default"."""
+    if data.get("schema_version") != 1:
+        return data
+    data = {**data, "schema_version": SCHEMA_VERSION}
+    controller = data.pop("controller", None)
+    if controller is not None:
+        data["controllers"] = [{"name": "default", **controller, "evaluation": data.pop("evaluation", None)}]
+        data["default_controller"] = "default"
+    return data

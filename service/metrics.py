@@ -32,6 +32,9 @@ class Metrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.in_flight = Gauge("instanas_in_flight_requests", "Classifications being executed now.", registry=r)
         self.queue_depth = Gauge("instanas_queue_depth", "Classifications waiting for an executor slot.", registry=r)
+        self.operating_points = Counter("instanas_operating_point_total",
+                                        "Images by the operating point that chose their architecture, and why.",
+                                        ["operating_point", "reason"], registry=r)
         self.rejections = Counter("instanas_rejections_total", "Requests refused, by reason.", ["reason"], registry=r)
         self.model_info = Gauge("instanas_model_info", "The served bundle (value 1).", ["name", "version", "sha256"],
                                 registry=r)

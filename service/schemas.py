@@ -39,11 +39,18 @@ class Latency(BaseModel):
     total: float
 
 
+class OperatingPointChoice(BaseModel):
+    name: str | None = Field(description="The controller that chose the architecture; null when none ran.")
+    reason: str = Field(description="default, requested, budget (the most accurate point within max_latency_ms), "
+                        "over_budget (none fits: the fastest), architecture (given by the request) or static.")
+
+
 class ClassifyResponse(BaseModel):
     model: ModelRef
     prediction: ClassScore
     top_k: list[ClassScore]
     architecture: Architecture
+    operating_point: OperatingPointChoice
     latency_ms: Latency
 
 

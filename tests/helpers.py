@@ -33,18 +33,26 @@ def unit_table(space) -> dict:
             "profile": {"runtime": "none (test bundle)", "intra_op_threads": 1, "repeats": 0, "machine": "test"}}
 
 
-def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: int = 0):
-    """(metagraph, controller, manifest) for a randomly initialised model written to `out`."""
+def random_controller(space, seed: int, bias: float = 0.0) -> Controller:
+    controller = randomise(Controller(space, (8, 8, 16)), seed + 1)
+    # a trained controller's choices depend on the image: so must this one's
+    torch.nn.init.normal_(controller.fc.weight, 0.0, 2.0, generator=torch.Generator().manual_seed(seed))
+    torch.nn.init.constant_(controller.fc.bias, bias)
+    return controller
+
+
+def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: int = 0,
+                       controllers: dict | None = None, evaluations: dict | None = None):
+    """(metagraph, controller, manifest) for a randomly initialised model written to `out`;
+    `controllers` (name -> controller) makes a bundle of several operating points."""
     torch.manual_seed(seed)
     metagraph = randomise(MetaGraph(space), seed)
     controller = None
-    if with_controller:
-        controller = randomise(Controller(space, (8, 8, 16)), seed + 1)
-        # a trained controller's choices depend on the image: so must this one's
-        torch.nn.init.normal_(controller.fc.weight, 0.0, 2.0, generator=torch.Generator().manual_seed(seed))
-        torch.nn.init.zeros_(controller.fc.bias)
+    if controllers is None and with_controller:
+        controller = random_controller(space, seed)
+        controllers = {"default": controller}
     manifest = write_bundle(
-        out, metagraph, controller, unit_table(space), name="test", version="0", dataset="none",
+        out, metagraph, controllers or {}, unit_table(space), evaluations=evaluations, name="test", version="0", dataset="none",
         classes=[f"class{i}" for i in range(space.num_classes)],
         preprocessing=Preprocessing(input_size=space.input_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         fixed_architecture=None if with_controller else "1" * space.num_cells,

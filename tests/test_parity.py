@@ -95,7 +95,7 @@ def test_static_bundle_serves_its_fixed_architecture(tmp_path):
     executor = Executor(load_bundle(tmp_path))
     x = torch.randn(3, 3, space.input_size, space.input_size)
     result = executor.run(x.numpy())
-    assert manifest.controller is None
+    assert manifest.controllers == [] and manifest.default_controller is None
     assert result.executed[:, :, 0].all() and not result.executed[:, :, 1:].any()
     with torch.no_grad():
         expected = metagraph(x, torch.from_numpy(result.executed)).numpy()

@@ -32,7 +32,8 @@ def test_smoke_run_writes_every_phase(smoke_run):
 
     bundle = load_bundle(smoke_run / "bundle")
     m = bundle.manifest
-    assert m.evaluation.images == 200 and 0 <= m.evaluation.top1 <= 1
+    assert m.default_controller == "default" and m.controller().evaluation.images == 200
+    assert 0 <= m.controller().evaluation.top1 <= 1
     assert m.training["config"]["name"] == "smoke" and m.training["source_revision"]
     assert len(m.blocks) == m.search_space.num_cells * m.search_space.num_modules
     assert (smoke_run / "bundle" / "blocks" / "00_0.onnx").exists()

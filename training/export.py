@@ -20,7 +20,17 @@ from tqdm import tqdm
 
 from service import architecture
 from service.bundle import sha256_file
-from service.manifest import BlockFile, Controller, Evaluation, GraphFile, Manifest, Preprocessing, Profile
+from service.manifest import (
+    GREEDY_THRESHOLD,
+    BlockFile,
+    Controller,
+    Evaluation,
+    FrequentArchitecture,
+    GraphFile,
+    Manifest,
+    Preprocessing,
+    Profile,
+)
 from training.context import Context
 from training.rundir import RunError, source_revision, write_atomic
 
@@ -58,11 +68,19 @@ def trained_models(ctx: Context):
     raise RunError(f"no finished search or finetune phase in {ctx.run.path}; run them first")
 
 
-def write_bundle(out: Path, metagraph, controller, table: dict, *, name: str, version: str, dataset: str,
-                 classes: list[str], preprocessing: Preprocessing, fixed_architecture: str | None = None,
-                 evaluation: Evaluation | None = None, training: dict | None = None) -> Manifest:
-    """Export every graph of `metagraph` (and `controller`, unless the bundle is static) into
-    `out`, and write the manifest with each file's sha256 and its cost from `table`."""
+def controller_file(name: str) -> str:
+    return f"controllers/{name}.onnx"
+
+
+def write_bundle(out: Path, metagraph, controllers: dict[str, nn.Module], table: dict, *, name: str, version: str,
+                 dataset: str, classes: list[str], preprocessing: Preprocessing, default_controller: str | None = None,
+                 fixed_architecture: str | None = None, evaluations: dict[str, Evaluation] | None = None,
+                 evaluation: Evaluation | None = None, frequent_architectures: list[FrequentArchitecture] = (),
+                 training: dict | None = None) -> Manifest:
+    """Export every graph of `metagraph`, and each controller of `controllers` (operating point
+    name -> controller; none for a static bundle), into `out`, and write the manifest with each
+    file's sha256 and its cost from `table`. `default_controller` defaults to the first point."""
+    evaluations = evaluations or {}
     space = metagraph.space
 
     def graph(net: nn.Module, shape, file: str, cost: dict, cls=GraphFile, **extra):
@@ -86,9 +104,12 @@ def write_bundle(out: Path, metagraph, controller, table: dict, *, name: str, ve
                       block_file(cell.index, m), table["blocks"][cell.index][m], BlockFile, cell=cell.index, module=m)
                 for cell, m in tqdm([(c, m) for c in space.cells for m in range(len(c.modules))],
                                     desc="export blocks", unit="graph", mininterval=5)],
-        controller=None if controller is None else graph(controller, image_shape, "controller.onnx",
-                                                          table["controller"], Controller, threshold=0.5),
+        controllers=[graph(net, image_shape, controller_file(point), table["controller"], Controller, name=point,
+                           threshold=GREEDY_THRESHOLD, evaluation=evaluations.get(point))
+                     for point, net in controllers.items()],
+        default_controller=(default_controller or next(iter(controllers))) if controllers else None,
         fixed_architecture=fixed_architecture,
+        frequent_architectures=list(frequent_architectures),
         profile=Profile(**table["profile"]),
         evaluation=evaluation,
         training=training or {},
@@ -111,16 +132,17 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None) -> Pat
     now = datetime.datetime.now(datetime.timezone.utc)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    evaluation = Evaluation(dataset=dataset, split="test", images=figures["images"], top1=round(figures["top1"], 4),
+                            mean_estimated_latency_ms=round(figures["latency_ms"], 4),
+                            mean_mflops=round(figures["mflops"], 3), mean_modules_executed=round(figures["modules"], 3))
     write_bundle(
-        tmp, metagraph, controller, table,
+        tmp, metagraph, {"default": controller}, table,
         name=name or ctx.config.name,
         version=f"{now:%Y%m%d.%H%M%S}-{revision[:12]}",
         dataset=dataset,
         classes=ctx.train.classes,
         preprocessing=Preprocessing(input_size=ctx.space.input_size, mean=ctx.mean, std=ctx.std),
-        evaluation=Evaluation(dataset=dataset, split="test", images=figures["images"], top1=round(figures["top1"], 4),
-                              mean_estimated_latency_ms=round(figures["latency_ms"], 4),
-                              mean_mflops=round(figures["mflops"], 3), mean_modules_executed=round(figures["modules"], 3)),
+        evaluations={"default": evaluation},
         training={"phase": phase, "config": ctx.config.to_dict(), "source_revision": revision},
     )
     diff = check_parity(ctx, tmp, metagraph, controller)
@@ -143,7 +165,7 @@ def check_parity(ctx: Context, bundle: Path, metagraph, controller, images: int 
     x, _ = next(iter(ctx.batches("test", images)))
     x = x.cpu()
     metagraph, controller = metagraph.cpu().float(), controller.cpu().float()
-    policy = controller(x) >= 0.5
+    policy = controller(x) >= GREEDY_THRESHOLD
     expected = metagraph(x, policy).numpy()
     result = executor.run(x.numpy())
     served_policy = result.executed

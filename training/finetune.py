@@ -8,13 +8,14 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from service.manifest import GREEDY_THRESHOLD
 from training.context import Context
 from training.evaluate import evaluate
 from training.latency import block_latency, block_mflops
 from training.optim import cosine_lr, sgd
 
 
-def greedy(controller, threshold: float = 0.5):
+def greedy(controller, threshold: float = GREEDY_THRESHOLD):
     return lambda x: controller(x) >= threshold
 
 

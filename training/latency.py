@@ -19,18 +19,11 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from service.bundle import session_options
 from training import flops
 from training.context import Context
 from training.export import export_graph
 from training.rundir import RunDir, RunError, write_atomic
-
-
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = intra_op_threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return options
 
 
 def time_graph(path: Path, input_shape: tuple[int, ...], repeats: int, warmup: int, threads: int) -> float:

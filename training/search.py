@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from service.architecture import cheapest, mobilenet_v2
+from service.manifest import GREEDY_THRESHOLD
 from training.context import Context
 from training.finetune import evaluate_controller
 from training.latency import block_latency, load_table
@@ -81,7 +82,7 @@ def run(ctx: Context) -> dict:
             p = controller(x)
             explore = cfg.alpha * p + (1 - cfg.alpha) * (1 - p)
             sampled = torch.bernoulli(explore.detach()).bool()
-            greedy = p.detach() >= 0.5
+            greedy = p.detach() >= GREEDY_THRESHOLD
             with torch.no_grad():
                 correct_s = metagraph.forward_selected(x, sampled).argmax(1) == y
                 correct_g = metagraph.forward_selected(x, greedy).argmax(1) == y

@@ -1,0 +1,93 @@
+"""`POST /classify`: one image in the body (raw or multipart), its class and the architecture that ran."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Query, Request
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from service import classification, imaging, operating_points
+from service.errors import ERROR_RESPONSES, ApiError
+from service.schemas import ClassifyResponse
+from service.state import State
+
+MULTIPART = "multipart/form-data"
+OCTET_STREAM = "application/octet-stream"
+ACCEPTED_MEDIA_TYPES = sorted(imaging.SUPPORTED_MEDIA_TYPES | {MULTIPART, OCTET_STREAM})
+
+router = APIRouter()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended") from None
+    return b"".join(chunks)
+
+
+async def file_from_multipart(headers: Headers, body: bytes) -> bytes:
+    async def stream():
+        yield body
+
+    try:
+        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=16).parse()
+    except MultiPartException as exc:
+        raise ApiError(400, "invalid_multipart", f"the multipart body could not be parsed: {exc.message}") from None
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(400, "missing_file", "the multipart body has no file field named 'file'")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+_BODY = {"requestBody": {"required": True, "content": {
+    **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(imaging.SUPPORTED_MEDIA_TYPES)},
+    OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
+    MULTIPART: {"schema": {"type": "object", "required": ["file"],
+                           "properties": {"file": {"type": "string", "format": "binary"}}}}}}}
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY,
+             summary="Classify one image with the architecture the controller picks for it")
+async def classify(
+    request: Request,
+    state: State,
+    top_k: int | None = Query(None, ge=1, description="How many classes to list (at most the model's classes)."),
+    operating_point: str | None = Query(None, description="The controller to use (see GET /model); default: the bundle's."),
+    max_latency_ms: float | None = Query(None, gt=0, description="Use the most accurate operating point whose measured "
+                                         "mean latency per image fits this budget (queue time not included)."),
+    architecture: str = Query(operating_points.AUTO, description="auto (the controller decides), mobilenet_v2 "
+                              "(module 0 in every cell), all, or an architecture code as /classify returns it."),
+) -> ClassifyResponse:
+    t_start = time.perf_counter()
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ACCEPTED_MEDIA_TYPES:
+        raise ApiError(415, "unsupported_media_type",
+                       f"content type {media_type or '(none)'} is not accepted; send one of {', '.join(ACCEPTED_MEDIA_TYPES)}")
+    classes = state.manifest.classes
+    k = top_k or min(state.settings.default_top_k, len(classes))
+    if k > len(classes):
+        raise ApiError(422, "invalid_request", f"top_k is {k}, but the model has {len(classes)} classes")
+    choice = operating_points.choose(state.manifest, operating_point=operating_point, max_latency_ms=max_latency_ms,
+                                     architecture_code=architecture)
+    # Admission first: a full server refuses before reading or decoding anything.
+    classification.admit(state)
+    body = await read_body(request, state.settings.max_body_bytes)
+    if media_type == MULTIPART:
+        body = await file_from_multipart(request.headers, body)
+    return await classification.classify(state, body, choice, k, t_start)

@@ -1,0 +1,145 @@
+"""Bundles with several operating points: each controller served exactly, chosen by name, by
+latency budget or by default; architecture overrides; clear 422s for options that do not fit."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from service import architecture
+from service.bundle import load_bundle, read_manifest
+from service.executor import Executor
+from service.manifest import Evaluation
+from service.operating_points import choose
+from tests.conftest import Server
+from tests.helpers import export_test_bundle, random_controller
+from training.searchspace import build_tiny_space
+
+TOLERANCE = 1e-4
+
+
+def _evaluation(top1: float, ms: float) -> Evaluation:
+    return Evaluation(dataset="none", split="val", images=100, top1=top1, mean_estimated_latency_ms=ms * 0.9,
+                      mean_mflops=1.0, mean_modules_executed=3.0, mean_measured_latency_ms=ms, architectures=4)
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """Three operating points A (slow, accurate) .. C (fast), B the default."""
+    space = build_tiny_space()
+    out = tmp_path_factory.mktemp("multi")
+    controllers = {"A": random_controller(space, 1, bias=2.0), "B": random_controller(space, 2),
+                   "C": random_controller(space, 3, bias=-2.0)}
+    evaluations = {"A": _evaluation(0.90, 3.0), "B": _evaluation(0.85, 2.0), "C": _evaluation(0.70, 1.0)}
+    metagraph, _, manifest = export_test_bundle(out, space, controllers=controllers, evaluations=evaluations)
+    data = json.loads((out / "manifest.json").read_text())
+    data["default_controller"] = "B"
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out, metagraph, controllers
+
+
+def test_each_operating_point_serves_its_own_controller_exactly(multi):
+    out, metagraph, controllers = multi
+    executor = Executor(load_bundle(out))
+    assert executor.operating_points == ["A", "B", "C"] and executor.default_point == "B"
+    x = torch.randn(8, 3, 32, 32)
+    modules = {}
+    for name, controller in controllers.items():
+        result = executor.run(x.numpy(), operating_point=name)
+        with torch.no_grad():
+            policy = controller(x) >= 0.5
+            expected = metagraph(x, policy).numpy()
+        assert result.operating_point == name
+        assert np.array_equal(result.executed, architecture.apply_empty_cell_rule(policy.numpy(), metagraph.space))
+        assert np.abs(result.logits - expected).max() < TOLERANCE
+        modules[name] = result.executed.sum()
+    assert modules["A"] > modules["B"] > modules["C"]  # the points really differ
+    assert executor.run(x.numpy()).operating_point == "B"
+
+
+def test_choice_by_name_budget_and_default(multi):
+    manifest, _ = read_manifest(multi[0])
+    assert choose(manifest).operating_point == "B" and choose(manifest).reason == "default"
+    assert (choose(manifest, operating_point="C").operating_point, choose(manifest, operating_point="C").reason) == ("C", "requested")
+    assert choose(manifest, max_latency_ms=5).operating_point == "A"  # all fit: the most accurate
+    assert choose(manifest, max_latency_ms=2.5).operating_point == "B"
+    picked = choose(manifest, max_latency_ms=0.5)
+    assert (picked.operating_point, picked.reason) == ("C", "over_budget")  # none fits: the fastest
+    given = choose(manifest, architecture_code="mobilenet_v2")
+    assert given.operating_point is None and given.reason == "architecture" and given.executed[:, 0].all()
+
+
+def test_a_version_1_manifest_is_read_as_one_default_point(multi, tmp_path):
+    import shutil
+
+    shutil.copytree(multi[0], tmp_path / "b")
+    data = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    first = data["controllers"][0]
+    v1 = {k: v for k, v in data.items() if k not in ("controllers", "default_controller", "frequent_architectures")}
+    v1.update(schema_version=1, evaluation=first["evaluation"],
+              controller={k: first[k] for k in ("file", "sha256", "latency_ms", "mflops", "params", "threshold")})
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(v1))
+    manifest, _ = read_manifest(tmp_path / "b")
+    assert manifest.schema_version == 2 and [c.name for c in manifest.controllers] == ["default"]
+    assert manifest.controller().evaluation.top1 == first["evaluation"]["top1"]
+
+
+@pytest.fixture(scope="module")
+def multi_server(multi, tmp_path_factory):
+    srv = Server(multi[0], tmp_path_factory.mktemp("multi-server") / "server.log")
+    yield srv
+    srv.stop()
+
+
+def _post(srv, jpeg: bytes, **params) -> httpx.Response:
+    return httpx.post(srv.url + "/classify", params=params, content=jpeg, headers={"content-type": "image/jpeg"},
+                      timeout=30)
+
+
+def test_http_selects_operating_points_and_overrides(multi_server, test_jpegs):
+    jpeg = test_jpegs[0][1]
+    body = _post(multi_server, jpeg).json()
+    assert body["operating_point"] == {"name": "B", "reason": "default"}
+    assert _post(multi_server, jpeg, operating_point="A").json()["operating_point"] == {"name": "A", "reason": "requested"}
+    assert _post(multi_server, jpeg, max_latency_ms=1.5).json()["operating_point"] == {"name": "C", "reason": "budget"}
+    fixed = _post(multi_server, jpeg, architecture="mobilenet_v2").json()
+    assert fixed["operating_point"] == {"name": None, "reason": "architecture"}
+    assert fixed["architecture"]["code"] == "1111"
+    everything = _post(multi_server, jpeg, architecture="all").json()
+    assert everything["architecture"]["code"] == "7777"
+    explicit = _post(multi_server, jpeg, architecture="1031").json()
+    assert explicit["architecture"]["code"] == "1131"  # cell 1 cannot be skipped: its first module runs
+    # the estimate of a given architecture has no controller in it
+    assert explicit["architecture"]["estimated_latency_ms"] < body["architecture"]["estimated_latency_ms"] + 1
+    metrics = httpx.get(multi_server.url + "/metrics").text
+    assert 'instanas_operating_point_total{operating_point="A",reason="requested"} 1.0' in metrics
+    assert 'instanas_operating_point_total{operating_point="",reason="architecture"} 3.0' in metrics
+
+
+@pytest.mark.parametrize("params,code", [
+    ({"operating_point": "Z"}, "unknown_operating_point"),
+    ({"architecture": "zzzz"}, "invalid_architecture"),
+    ({"architecture": "12"}, "invalid_architecture"),
+    ({"architecture": "1111", "operating_point": "A"}, "conflicting_options"),
+    ({"operating_point": "A", "max_latency_ms": 2}, "conflicting_options"),
+    ({"max_latency_ms": -1}, "invalid_request"),
+])
+def test_options_that_do_not_fit_get_422(multi_server, test_jpegs, params, code):
+    response = _post(multi_server, test_jpegs[0][1], **params)
+    assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text
+
+
+def test_a_static_bundle_has_no_operating_points(tmp_path, test_jpegs):
+    export_test_bundle(tmp_path / "static", build_tiny_space(), with_controller=False)
+    srv = Server(tmp_path / "static", tmp_path / "server.log")
+    try:
+        body = _post(srv, test_jpegs[0][1]).json()
+        assert body["operating_point"] == {"name": None, "reason": "static"} and body["architecture"]["code"] == "1111"
+        refused = _post(srv, test_jpegs[0][1], operating_point="A")
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_operating_point"
+    finally:
+        srv.stop()
