@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,12 +14,14 @@ import pytest
 import torch
 
 from tests.conftest import BIN
-from training import baseline
+from training import baseline, pretrain
 from training.config import load_config
 from training.context import Context
 from training.rundir import RunDir, RunError
 
-SMOKE = ["data.train_limit=256", "data.val_images=64", "data.test_limit=64", "baseline.epochs=2", "checkpoint_steps=1"]
+SMOKE = ["data.train_limit=256", "data.val_images=64", "data.test_limit=64", "baseline.epochs=2", "pretrain.epochs=2",
+         "checkpoint_steps=1"]
+PHASES = {"baseline": baseline, "pretrain": pretrain}
 
 
 class Killed(Exception):
@@ -45,22 +48,28 @@ def _weights(path):
 
 @pytest.fixture(scope="module")
 def uninterrupted(data_root, cache_dir, tmp_path_factory):
+    """A run folder where baseline, then the pre-training warm-started from it, ran without a break."""
     out = tmp_path_factory.mktemp("full")
-    baseline.run(Context.open(RunDir(out, load_config("smoke", SMOKE)), str(data_root)))
-    return out / "baseline.pt"
+    ctx = Context.open(RunDir(out, load_config("smoke", SMOKE)), str(data_root))
+    baseline.run(ctx)
+    pretrain.run(ctx)
+    return out
 
 
-@pytest.mark.parametrize("save_number,during_save", [(3, False), (6, True), (9, False)])
-def test_killed_baseline_resumes_bit_identical(uninterrupted, data_root, tmp_path, save_number, during_save):
+@pytest.mark.parametrize("phase,save_number,during_save",
+                         [("baseline", 3, False), ("baseline", 6, True), ("pretrain", 2, True), ("pretrain", 7, False)])
+def test_killed_phase_resumes_bit_identical(uninterrupted, data_root, tmp_path, phase, save_number, during_save):
     config = load_config("smoke", SMOKE)
+    if phase == "pretrain":  # warm-started from the same finished baseline
+        shutil.copy(uninterrupted / "baseline.pt", tmp_path / "baseline.pt")
     with pytest.raises(Killed):
-        baseline.run(Context.open(_dies_at(save_number, during_save)(tmp_path, config), str(data_root)))
-    state = torch.load(tmp_path / "baseline.pt", weights_only=False)
+        PHASES[phase].run(Context.open(_dies_at(save_number, during_save)(tmp_path, config), str(data_root)))
+    state = torch.load(tmp_path / f"{phase}.pt", weights_only=False)
     assert not state["done"]
-    baseline.run(Context.open(RunDir(tmp_path, config), str(data_root)))  # the same command again
-    full, cut = _weights(uninterrupted), _weights(tmp_path / "baseline.pt")
+    PHASES[phase].run(Context.open(RunDir(tmp_path, config), str(data_root)))  # the same command again
+    full, cut = _weights(uninterrupted / f"{phase}.pt"), _weights(tmp_path / f"{phase}.pt")
     assert all(torch.equal(full[k], cut[k]) for k in full)
-    curve = torch.load(tmp_path / "baseline.pt", weights_only=False)["curve"]
+    curve = torch.load(tmp_path / f"{phase}.pt", weights_only=False)["curve"]
     assert [c["epoch"] for c in curve] == [1, 2]
 
 
@@ -76,7 +85,7 @@ def test_sigkill_of_a_real_process_resumes_bit_identical(uninterrupted, data_roo
     proc.wait()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    full, cut = _weights(uninterrupted), _weights(tmp_path / "baseline.pt")
+    full, cut = _weights(uninterrupted / "baseline.pt"), _weights(tmp_path / "baseline.pt")
     assert all(torch.equal(full[k], cut[k]) for k in full)
 
 
@@ -113,3 +122,20 @@ def test_validation_split_is_held_out_of_training(data_root, cache_dir, tmp_path
     assert (torch.bincount(torch.from_numpy(ctx.val.labels)) == 100).all()
     train_rows = {row.tobytes() for row in ctx.train.images[:, 0, :, :].reshape(len(ctx.train), -1)}
     assert not any(row.tobytes() in train_rows for row in ctx.val.images[:, 0, :, :].reshape(1000, -1))
+
+
+def test_warm_start_makes_the_meta_graph_the_baseline(uninterrupted, data_root):
+    """Before any pre-training step, the all-modules and MobileNetV2 paths compute the baseline's logits."""
+    from training.evaluate import fixed_policy
+    from training.pretrain import fixed_paths, warm_start
+
+    ctx = Context.open(RunDir(uninterrupted), str(data_root))
+    reference = baseline.load(ctx)
+    metagraph = ctx.new_metagraph().eval()
+    warm_start(metagraph, reference.state_dict())
+    x, _ = next(iter(ctx.batches("val", 32)))
+    with torch.no_grad():
+        expected = reference.forward_selected(x, torch.ones(32, ctx.space.num_cells, 1, dtype=torch.bool))
+        for name in ("all", "mobilenet_v2"):
+            got = metagraph.forward_selected(x, fixed_policy(fixed_paths(ctx.space)[name])(x))
+            assert torch.allclose(got, expected, atol=1e-5), name

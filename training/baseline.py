@@ -37,7 +37,7 @@ def run(ctx: Context) -> dict:
     warmup = int(cfg.warmup_epochs * len(ctx.batches("train")))
     path = _path(space)
 
-    def step(x, y, _generator):
+    def step(x, y, _generator, _step):
         policy = fixed_policy(path)(x)
         logits = model.forward_selected(x, policy)
         return F.cross_entropy(logits, y), logits

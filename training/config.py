@@ -74,6 +74,9 @@ class PretrainConfig:
     sampling: str = "sparse"
     dense_epochs: int = 0  # with "sparse": first epochs with every module on, before sampling starts
     fixed_path_rows: float = 0.125  # with "sparse": share of rows on each of the two fixed paths
+    # with "sandwich": start from the finished baseline (module 0 = MobileNetV2, other modules silent)
+    warm_start: bool = False
+    distill: float = 0.5  # with "sandwich": weight of distillation from the all-modules path (vs labels)
 
 
 @dataclass
@@ -139,12 +142,12 @@ class RunConfig:
 def _preset_smoke() -> RunConfig:
     return RunConfig(
         name="smoke",
-        space=SpaceConfig(layout="tiny"),
+        space=SpaceConfig(layout="tiny", combine="sum"),
         checkpoint_steps=2,
         data=DataConfig(val_images=100, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200),
         baseline=BaselineConfig(epochs=2, lr=0.05, warmup_epochs=0.5),
         controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
-        pretrain=PretrainConfig(epochs=2, lr=0.05),
+        pretrain=PretrainConfig(epochs=2, lr=0.05, sampling="sandwich", warm_start=True),
         search=SearchConfig(epochs=2, steps_per_epoch=3, batch_size=32, metagraph_steps=2),
         finetune=FinetuneConfig(epochs=1),
         profile=ProfileConfig(repeats=5, warmup=2),
@@ -160,7 +163,9 @@ def _preset_cifar10_cpu() -> RunConfig:
         # 84 s an epoch on 2 cores (measured: 20,000 images in 38 s); a short schedule regularises less.
         baseline=BaselineConfig(epochs=40, lr=0.1, weight_decay=2e-4, warmup_epochs=1.0),
         controller=ControllerConfig(channels=(16, 32, 64), downsample=2),
-        pretrain=PretrainConfig(epochs=5, dense_epochs=2, lr=0.05, warmup_epochs=0.3),
+        # Starts from the converged baseline: a short, gentle schedule.
+        pretrain=PretrainConfig(epochs=6, lr=0.02, weight_decay=1e-4, warmup_epochs=0.2, sampling="sandwich",
+                                warm_start=True, distill=0.5),
         search=SearchConfig(epochs=6, steps_per_epoch=40, batch_size=64, metagraph_steps=40),
         # The last search epoch's controller (the run that made models/cifar10-default: see
         # docs/RESULTS.md); controller_epoch picks an earlier, slower point of the frontier.

@@ -70,8 +70,14 @@ class Context:
         return x.to(self.device).contiguous(memory_format=self.memory_format)
 
     def new_metagraph(self, space: SearchSpace | None = None) -> MetaGraph:
-        return MetaGraph(space or self.space).to(self.device, memory_format=self.memory_format)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(datasets.derive_seed(self.config.seed, 101))
+            model = MetaGraph(space or self.space)
+        return model.to(self.device, memory_format=self.memory_format)
 
     def new_controller(self) -> Controller:
         c = self.config.controller
-        return Controller(self.space, tuple(c.channels), c.downsample).to(self.device, memory_format=self.memory_format)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(datasets.derive_seed(self.config.seed, 102))
+            model = Controller(self.space, tuple(c.channels), c.downsample)
+        return model.to(self.device, memory_format=self.memory_format)

@@ -23,8 +23,8 @@ from training.context import Context
 from training.data import derive_seed
 from training.optim import set_lr
 
-# (x, y, generator) -> (loss, logits): one optimizer step's forward pass.
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+# (x, y, generator, global step) -> (loss, logits): one optimizer step's forward pass.
+StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int,
@@ -59,10 +59,11 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
         bar = tqdm(batches.epoch(epoch, first), total=steps_per_epoch, initial=first,
                    desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", mininterval=5)
         for x, y in bar:
-            set_lr(optimizer, lr(epoch * steps_per_epoch + first, total))
+            global_step = epoch * steps_per_epoch + first
+            set_lr(optimizer, lr(global_step, total))
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, seed, epoch, first))
             x, y = ctx.to_device(x), y.to(ctx.device)
-            loss, logits = step(x, y, generator)
+            loss, logits = step(x, y, generator, global_step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:

@@ -1,88 +1,106 @@
-"""Phase 1: one-shot pre-training of the meta-graph on sampled policies."""
+"""Phase `pretrain`: one-shot training of the meta-graph, so that any path is a decent network.
+
+Three ways to sample the paths a batch trains (`pretrain.sampling`):
+- "sandwich" (the CPU recipe): every step trains the all-modules path on the batch with
+  the labels, and a second pass in which rows take the MobileNetV2 path, the cheapest
+  path or random sparse paths, distilled from the all-modules path's predictions
+  (in-place distillation, as BigNAS and Once-for-All train their super-networks). With
+  `warm_start`, stem, module 0 of every cell and head start from the finished baseline and
+  every other module's last batch norm starts at zero, so the meta-graph starts exactly
+  equal to the trained MobileNetV2 and can only add to it (with the "sum" merge).
+- "sparse": per-row sparse paths (a uniformly drawn number of modules per cell), with
+  `dense_epochs` of all modules first;
+- "drop_path": the paper's schedule (all modules for the first half, then each kept with a
+  probability falling linearly to 0.5).
+"""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from service.architecture import cheapest, mobilenet_v2
 from training.context import Context
 from training.evaluate import evaluate, fixed_policy
-from training.optim import cosine_lr, sgd
-from training.sampling import drop_path_policy, sparse_policy
+from training.loop import train
+from training.metagraph import MetaGraph
+from training.optim import cosine_lr, decay_groups, sgd
+from training.sampling import drop_path_policy, sandwich_policy, sparse_policy
 
 
-def path_accuracies(ctx: Context, metagraph, limit_batches: int | None = None) -> dict:
-    """Accuracy of the fixed paths that matter for the frontier: all, MobileNetV2, cheapest."""
-    space = ctx.space
-    paths = {
-        "all": np.ones((space.num_cells, space.num_modules), bool),
-        "mobilenet_v2": mobilenet_v2(space),
-        "cheapest": cheapest(space),
-    }
-    out = {}
-    for name, matrix in paths.items():
-        out[f"top1_{name}"] = evaluate(metagraph, ctx.batches("test"), fixed_policy(matrix))["top1"]
-    return out
+def fixed_paths(space) -> dict[str, np.ndarray]:
+    """The paths that bound the frontier: every module, MobileNetV2, the cheapest."""
+    return {"all": np.ones((space.num_cells, space.num_modules), bool), "mobilenet_v2": mobilenet_v2(space),
+            "cheapest": cheapest(space)}
+
+
+def path_accuracies(ctx: Context, metagraph, split: str = "val") -> dict:
+    """Top-1 of each fixed path on `split`, with the batch-norm statistics the meta-graph has."""
+    return {f"{split}_top1_{name}": evaluate(metagraph, ctx.batches(split), fixed_policy(matrix))["top1"]
+            for name, matrix in fixed_paths(ctx.space).items()}
+
+
+def _last_batch_norm(module: nn.Module) -> nn.BatchNorm2d:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)][-1]
+
+
+@torch.no_grad()
+def warm_start(metagraph: MetaGraph, baseline_state: dict) -> None:
+    """Copy the baseline into stem, module 0 of every cell and head; silence every other module."""
+    own = metagraph.state_dict()
+    for key, value in baseline_state.items():  # `cells.<c>.0.*` names module 0 in both
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(f"baseline weight {key} does not fit the meta-graph")
+        own[key].copy_(value)
+    for cell in metagraph.cells:
+        for module in list(cell)[1:]:
+            bn = _last_batch_norm(module)
+            bn.weight.zero_()
+            bn.bias.zero_()
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of the softmax outputs, per row, averaged."""
+    return F.kl_div(F.log_softmax(student, 1), F.softmax(teacher, 1), reduction="batchmean")
 
 
 def run(ctx: Context) -> dict:
     cfg = ctx.config.pretrain
     space = ctx.space
     metagraph = ctx.new_metagraph()
-    optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    start = 0
-    state = ctx.run.load("pretrain")
-    if state is not None and state.get("done"):
-        return state
-    batches = ctx.batches("train")
-    total_steps = cfg.epochs * len(batches)
-    generator = torch.Generator().manual_seed(ctx.config.seed + 1)
-    if state is not None:
-        metagraph.load_state_dict(state["metagraph"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-        if "sampler_rng" in state:  # so a resumed run samples what an uninterrupted one would
-            generator.set_state(state["sampler_rng"])
-    for epoch in range(start, cfg.epochs):
-        metagraph.train()
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = tqdm(batches.epoch(epoch), total=len(batches), desc=f"pretrain {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)
-        for i, (x, y) in enumerate(bar):
-            step = epoch * len(batches) + i
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg.lr, step, total_steps, int(cfg.warmup_epochs * len(batches)))
-            if cfg.sampling == "drop_path":
-                # every module on for the first half of the steps, then keep falls linearly to 0.5
-                half = total_steps // 2
-                keep = 1.0 if step < half else 1.0 - 0.5 * (step - half) / max(total_steps - half, 1)
-                policy = drop_path_policy(len(y), space, keep, generator)
-            elif cfg.sampling == "sparse" and epoch < cfg.dense_epochs:
-                policy = torch.ones(len(y), space.num_cells, space.num_modules, dtype=torch.bool)
-            elif cfg.sampling == "sparse":
-                policy = sparse_policy(len(y), space, cfg.fixed_path_rows, generator)
-            else:
-                raise ValueError(f"unknown pretrain sampling {cfg.sampling!r}")
-            x, y = ctx.to_device(x), y.to(ctx.device)
-            logits = metagraph.forward_selected(x, policy.to(ctx.device))
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(metagraph.parameters(), cfg.grad_clip)
-            optimizer.step()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-        figures = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen,
-                   "seconds": round(time.time() - t0, 1), **path_accuracies(ctx, metagraph)}
-        ctx.run.log("pretrain", **figures)
-        print(f"pretrain epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
-        ctx.run.save("pretrain", {"metagraph": metagraph.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "sampler_rng": generator.get_state(), "epoch": epoch + 1, "done": epoch + 1 == cfg.epochs, "figures": figures})
-    return ctx.run.require("pretrain")
+    if cfg.warm_start and ctx.run.load("pretrain") is None:
+        from training import baseline
+
+        warm_start(metagraph, baseline.load(ctx).state_dict())
+    params = decay_groups(metagraph, cfg.weight_decay) if cfg.sampling == "sandwich" else metagraph.parameters()
+    optimizer = sgd(params, cfg.lr, cfg.momentum, cfg.weight_decay)
+    steps_per_epoch = len(ctx.batches("train"))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def step(x, y, generator, s):
+        n = len(y)
+        if cfg.sampling == "sandwich":
+            full = metagraph.forward_selected(x, torch.ones(n, space.num_cells, space.num_modules, dtype=torch.bool))
+            sub = metagraph.forward_selected(x, sandwich_policy(n, space, generator).to(x.device))
+            loss = F.cross_entropy(full, y) + cfg.distill * distillation(sub, full.detach()) \
+                + (1 - cfg.distill) * F.cross_entropy(sub, y)
+            return loss, full
+        if cfg.sampling == "drop_path":
+            half = total_steps // 2
+            keep = 1.0 if s < half else 1.0 - 0.5 * (s - half) / max(total_steps - half, 1)
+            policy = drop_path_policy(n, space, keep, generator)
+        elif cfg.sampling == "sparse" and s < cfg.dense_epochs * steps_per_epoch:
+            policy = torch.ones(n, space.num_cells, space.num_modules, dtype=torch.bool)
+        elif cfg.sampling == "sparse":
+            policy = sparse_policy(n, space, cfg.fixed_path_rows, generator)
+        else:
+            raise ValueError(f"unknown pretrain sampling {cfg.sampling!r}")
+        logits = metagraph.forward_selected(x, policy.to(x.device))
+        return F.cross_entropy(logits, y), logits
+
+    return train(ctx, "pretrain", metagraph, optimizer, epochs=cfg.epochs, step=step,
+                 lr=lambda s, total: cosine_lr(cfg.lr, s, total, warmup),
+                 validate=lambda: path_accuracies(ctx, metagraph), grad_clip=cfg.grad_clip, seed=6000)

@@ -29,3 +29,14 @@ def sparse_policy(n: int, space: SearchSpace, fixed_path_rows: float, generator:
         policy[:fixed] = torch.from_numpy(cheapest(space))
         policy[fixed : 2 * fixed] = torch.from_numpy(mobilenet_v2(space))
     return policy
+
+
+def sandwich_policy(n: int, space: SearchSpace, generator: torch.Generator) -> torch.Tensor:
+    """The second pass of a sandwich step: a quarter of the rows on the MobileNetV2 path, an
+    eighth on the cheapest path, the rest on random sparse paths (every module count per
+    cell equally likely, empty cells included)."""
+    policy = sparse_policy(n, space, 0.0, generator)
+    quarter, eighth = n // 4, n // 8
+    policy[:quarter] = torch.from_numpy(mobilenet_v2(space))
+    policy[quarter : quarter + eighth] = torch.from_numpy(cheapest(space))
+    return policy

@@ -65,7 +65,7 @@ def run(ctx: Context) -> dict:
         if "rng" in state:
             torch.set_rng_state(state["rng"])
     else:
-        metagraph.load_state_dict(ctx.run.require("pretrain")["metagraph"])
+        metagraph.load_state_dict(ctx.run.require("pretrain")["model"])
     table_t = torch.as_tensor(table, dtype=torch.float32, device=ctx.device)
     for epoch in range(start, cfg.epochs):
         # The last epoch's bound may not fall below the cheapest architecture's latency.
