@@ -64,7 +64,7 @@ def main() -> int:
     bundle = load_bundle(args.model)
     manifest = bundle.manifest
     executor = Executor(bundle)
-    costs = architecture.CostTable(manifest)
+    costs = architecture.CostTable.of_manifest(manifest)
     raw, labels = read_split(Path(args.data), manifest.classes, args.limit)
     pre = manifest.preprocessing
     inputs = [imaging.to_input(imaging.to_pixels(imaging.decode(b), pre.input_size), pre) for b in raw]

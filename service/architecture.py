@@ -79,35 +79,48 @@ def cheapest(space: SearchSpace) -> np.ndarray:
 
 
 class CostTable:
-    """Per-image cost of an architecture from the bundle's measured table.
+    """Per-image cost of an architecture from a measured table.
 
     `latency_ms` and `mflops` cover what serving runs for one image: the operating point's
-    controller (when the bundle has controllers), stem, the executed blocks and head. The
+    controller (when one chose), stem, the executed blocks and head. Each graph call is
+    charged its measured batch-1 latency plus `dispatch_ms`, the executor's own cost per
+    call (measured at profiling), so many small blocks cost what they cost in serving. The
     baseline is static MobileNetV2 (module 0 in every cell) in the same space, without a
-    controller.
+    controller. Training builds the same table from its latency.json (`from_graphs`), so
+    the search is rewarded with the costs the service reports.
     """
 
-    def __init__(self, manifest) -> None:
+    def __init__(self, space, block_ms: np.ndarray, block_mflops: np.ndarray, stem: tuple[float, float],
+                 head: tuple[float, float], controllers: dict[str, tuple[float, float]], dispatch_ms: float = 0.0):
+        """Costs are (latency_ms, mflops) pairs of one call at batch 1; `controllers` by point name."""
+        self.dispatch_ms = dispatch_ms
+        self.block_ms = np.asarray(block_ms, np.float64) + dispatch_ms
+        self.block_mflops = np.asarray(block_mflops, np.float64)
+        self.backbone_ms = stem[0] + head[0] + 2 * dispatch_ms
+        self.backbone_mflops = stem[1] + head[1]
+        self.controller_ms = {name: ms + dispatch_ms for name, (ms, _) in controllers.items()}
+        self.controller_mflops = {name: mflops for name, (_, mflops) in controllers.items()}
+        self.baseline_ms = self.backbone_ms + float((self.block_ms * mobilenet_v2(space)).sum())
+        self.baseline_mflops = self.backbone_mflops + float((self.block_mflops * mobilenet_v2(space)).sum())
+
+    @classmethod
+    def of_manifest(cls, manifest) -> "CostTable":
         space = manifest.search_space
         shape = (space.num_cells, space.num_modules)
-        self.block_ms = np.zeros(shape)
-        self.block_mflops = np.zeros(shape)
+        block_ms, block_mflops = np.zeros(shape), np.zeros(shape)
         for b in manifest.blocks:
-            self.block_ms[b.cell, b.module] = b.latency_ms
-            self.block_mflops[b.cell, b.module] = b.mflops
-        fixed = [manifest.stem, manifest.head]
-        self.backbone_ms = sum(g.latency_ms for g in fixed)
-        self.backbone_mflops = sum(g.mflops for g in fixed)
-        self.controller_ms = {c.name: c.latency_ms for c in manifest.controllers}
-        self.controller_mflops = {c.name: c.mflops for c in manifest.controllers}
-        self.baseline_ms = self.backbone_ms + float((self.block_ms * mobilenet_v2(space)).sum())
+            block_ms[b.cell, b.module] = b.latency_ms
+            block_mflops[b.cell, b.module] = b.mflops
+        return cls(space, block_ms, block_mflops, (manifest.stem.latency_ms, manifest.stem.mflops),
+                   (manifest.head.latency_ms, manifest.head.mflops),
+                   {c.name: (c.latency_ms, c.mflops) for c in manifest.controllers}, manifest.profile.dispatch_ms)
 
     def latency_ms(self, executed: np.ndarray, controller: str | None = None) -> np.ndarray:
         """(N, cells, modules) executed -> (N,) estimated milliseconds; `controller` names the
         operating point that chose them (None: the architecture was given, no controller ran)."""
         extra = self.controller_ms[controller] if controller else 0.0
-        return self.backbone_ms + extra + (executed * self.block_ms).sum((1, 2))
+        return self.backbone_ms + extra + (np.asarray(executed) * self.block_ms).sum((1, 2))
 
     def mflops(self, executed: np.ndarray, controller: str | None = None) -> np.ndarray:
         extra = self.controller_mflops[controller] if controller else 0.0
-        return self.backbone_mflops + extra + (executed * self.block_mflops).sum((1, 2))
+        return self.backbone_mflops + extra + (np.asarray(executed) * self.block_mflops).sum((1, 2))

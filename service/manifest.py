@@ -130,6 +130,9 @@ class Profile(_Strict):
     intra_op_threads: int
     repeats: int
     machine: str
+    dispatch_ms: float = Field(default=0.0, ge=0, description=(
+        "The executor's own cost per graph call at batch 1 (Python, copies, session dispatch), measured "
+        "at profiling; estimated latencies charge it for every call."))
 
 
 class Evaluation(_Strict):

@@ -23,7 +23,7 @@ class ServiceState:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.executor = Executor(bundle)
-        self.costs = architecture.CostTable(bundle.manifest)
+        self.costs = architecture.CostTable.of_manifest(bundle.manifest)
         space = bundle.manifest.search_space
         self.metrics = Metrics(space.num_cells, space.num_modules)
         self.slots = asyncio.Semaphore(settings.max_concurrency)

@@ -20,7 +20,9 @@ def test_smoke_run_writes_every_phase(smoke_run):
     done = [r["phase"] for r in log if r.get("status") == "done"]
     assert done == ["baseline", "pretrain", "profile", "search", "finetune", "export"]
     assert [r["epoch"] for r in log if r["phase"] == "pretrain" and "epoch" in r] == [1, 2]
-    assert [r["epoch"] for r in log if r["phase"] == "search" and "epoch" in r] == [1, 2]
+    assert [r["variant"] for r in log if r["phase"] == "search" and r.get("status") == "variant done"] == ["A", "B", "C"]
+    assert all({"mean_reward", "nonzero_reward_share", "greedy_latency_ms", "alpha"} <= set(r)
+               for r in log if r["phase"] == "search" and "step" in r)
     pretrain_epoch = next(r for r in log if r["phase"] == "pretrain" and "epoch" in r)
     assert {"train_loss", "train_top1", "val_top1_all", "val_top1_mobilenet_v2", "val_top1_cheapest"} <= set(pretrain_epoch)
     export = next(r for r in log if r["phase"] == "export" and "parity_max_abs_diff" in r)
@@ -32,8 +34,14 @@ def test_smoke_run_writes_every_phase(smoke_run):
 
     bundle = load_bundle(smoke_run / "bundle")
     m = bundle.manifest
-    assert m.default_controller == "default" and m.controller().evaluation.images == 200
-    assert 0 <= m.controller().evaluation.top1 <= 1
+    assert [c.name for c in m.controllers] == ["A", "B", "C"] and m.default_controller in ("A", "B", "C")
+    for point in m.controllers:
+        e = point.evaluation
+        assert e.images == 200 and 0 <= e.top1 <= 1 and e.mean_measured_latency_ms > 0 and e.architectures >= 1
+    assert m.frequent_architectures and m.profile.dispatch_ms >= 0
+    static = load_bundle(smoke_run / "bundle-mobilenet_v2").manifest
+    assert static.fixed_architecture == "1111" and static.search_space.num_modules == 1 and len(static.blocks) == 4
+    assert static.evaluation.mean_measured_latency_ms > 0
     assert m.training["config"]["name"] == "smoke" and m.training["source_revision"]
     assert len(m.blocks) == m.search_space.num_cells * m.search_space.num_modules
     assert (smoke_run / "bundle" / "blocks" / "00_0.onnx").exists()
@@ -43,21 +51,20 @@ def test_all_skips_finished_phases_and_redoes_the_rest(smoke_run, data_root, tmp
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle"))
     (run / "finetune.pt").unlink()
-    # `all` skips the finished search and redoes only finetune and export, here with the
-    # controller of the first search epoch (a slower point of the frontier)
+    # `all` skips every finished phase and redoes only finetune and export
     lines = len(_log(run))
-    done = run_cli("instanas-train", "all", "--data", str(data_root), "--out", str(run),
-                   "--set", "finetune.controller_epoch=1")
+    done = run_cli("instanas-train", "all", "--data", str(data_root), "--out", str(run))
     assert done.returncode == 0, done.stderr[-2000:]
     new = _log(run)[lines:]
     assert not [r for r in new if r["phase"] in ("baseline", "pretrain", "search") and "epoch" in r]
     assert [r["epoch"] for r in new if r["phase"] == "finetune" and "epoch" in r] == [1]
-    assert (run / "bundle" / "manifest.json").exists()
-    history = torch.load(run / "search.pt", weights_only=False)["history"]
-    first, last = history[0]["controller"], history[-1]["controller"]
-    assert not all(torch.equal(first[k], last[k]) for k in first)  # each epoch's controller is its own
-    kept = torch.load(run / "finetune.pt", weights_only=False)["controller"]
-    assert all(torch.equal(first[k], kept[k].cpu()) for k in first)
+    assert (run / "bundle" / "manifest.json").exists() and (run / "bundle-mobilenet_v2" / "manifest.json").exists()
+    variants = torch.load(run / "search.pt", weights_only=False)["variants"]
+    assert [v["name"] for v in variants] == ["A", "B", "C"]
+    first, last = variants[0]["controller"], variants[-1]["controller"]
+    assert not all(torch.equal(first[k], last[k]) for k in first)  # each point's controller is its own
+    kept = torch.load(run / "finetune.pt", weights_only=False)["controllers"]
+    assert all(torch.equal(first[k], kept["A"][k].cpu()) for k in first)
 
 
 def test_cli_errors_are_clear(data_root, tmp_path):

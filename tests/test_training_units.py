@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import tarfile
 
@@ -142,3 +143,34 @@ def test_loads_torchvision_cifar100_pickles(tmp_path):
                                               "coarse_label_names": [f"c{i}" for i in range(20)]}))
     train = datasets.load(root, split="train")
     assert len(train) == 6 and len(train.classes) == 100 and train.labels.tolist() == list(range(6))
+
+
+def test_exploration_and_annealing_by_hand():
+    from training.policy import annealed, explore
+
+    p = torch.tensor([0.0, 0.5, 1.0, 0.9])
+    assert explore(p, 0.8).tolist() == pytest.approx([0.2, 0.5, 0.8, 0.74])
+    assert explore(p, 1.0).tolist() == pytest.approx(p.tolist())
+    assert [annealed(0.9, 1.0, s, 5) for s in range(6)] == pytest.approx([0.9, 0.925, 0.95, 0.975, 1.0, 1.0])
+
+
+def test_policy_gradient_loss_by_hand():
+    from training.policy import entropy, log_prob, loss
+
+    p = torch.tensor([[[0.8, 0.25]], [[0.5, 0.5]]])  # 2 images, 1 cell, 2 modules
+    action = torch.tensor([[[True, False]], [[False, True]]])
+    # image 0: log 0.8 + log 0.75; image 1: log 0.5 + log 0.5
+    expected_logp = [math.log(0.8) + math.log(0.75), 2 * math.log(0.5)]
+    assert log_prob(p, action).tolist() == pytest.approx(expected_logp)
+    h = lambda q: -q * math.log(q) - (1 - q) * math.log(1 - q)  # noqa: E731
+    assert entropy(p).tolist() == pytest.approx([h(0.8) + h(0.25), 2 * h(0.5)])
+    assert entropy(p, "one_sided").tolist() == pytest.approx([-0.8 * math.log(0.8) - 0.25 * math.log(0.25),
+                                                              -2 * 0.5 * math.log(0.5)])
+    advantage = torch.tensor([2.0, -1.0])
+    got = loss(p, action, advantage, beta=0.1).item()
+    want = (-(expected_logp[0] * 2.0 + expected_logp[1] * -1.0) - 0.1 * (h(0.8) + h(0.25) + 2 * h(0.5))) / 2
+    assert got == pytest.approx(want)
+    # the gradient raises the log-probability of an action with positive advantage
+    q = torch.tensor([[[0.5]]], requires_grad=True)
+    loss(q, torch.tensor([[[True]]]), torch.tensor([1.0]), beta=0.0).backward()
+    assert q.grad.item() < 0

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reconfigure", action="store_true",
                         help="accept a config that differs from the run's saved one in a phase already started")
     parser.add_argument("--bundle", default=None, help="export: bundle folder (default <out>/bundle)")
+    parser.add_argument("--baseline-bundle", default=None,
+                        help="export: the static MobileNetV2 bundle's folder (default <bundle>-mobilenet_v2)")
     parser.add_argument("--bundle-name", default=None, help="export: bundle name (default: the run's name)")
     args = parser.parse_args(argv)
 
@@ -74,7 +76,7 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
     elif phase == "export":
         from training import export
 
-        export.run(ctx, args.bundle, args.bundle_name)
+        export.run(ctx, args.bundle, args.bundle_name, args.baseline_bundle)
 
 
 if __name__ == "__main__":

@@ -81,29 +81,39 @@ class PretrainConfig:
 
 @dataclass
 class SearchConfig:
-    epochs: int = 500
-    steps_per_epoch: int | None = None  # None: one pass over the training data
+    mode: str = "paper"  # "paper": one search, falling bound; "variants": one search per operating point
     batch_size: int = 32
     lr: float = 5e-4
-    alpha: float = 0.8  # exploration: p' = alpha p + (1 - alpha)(1 - p)
-    beta: float = 0.8  # entropy bonus
+    alpha: float = 0.8  # exploration: p' = alpha p + (1 - alpha)(1 - p); with "variants", its start
+    beta: float = 0.8  # entropy bonus; with "variants", its start
+    entropy: str = "bernoulli"  # or "one_sided" (-p log p, the authors' code)
     pos_weight: float = 30.0
     neg_weight: float = 0.0
+    names: tuple[str, ...] = ("A", "B", "C", "D", "E")  # operating points, slowest first
+    # "paper"
+    epochs: int = 500
+    steps_per_epoch: int | None = None  # None: one pass over the training data
     upper_start: float = 0.7  # x sum of all module latencies
     upper_end: float = 0.5  # x latency of MobileNetV2 (module 0 everywhere)
     metagraph_steps: int | None = None  # meta-graph steps after each controller epoch (None: one pass)
     metagraph_lr: float = 0.01
+    # "variants": each point's target latency x the static MobileNetV2 path's (controller counted)
+    targets: tuple[float, ...] = (1.3, 1.0, 0.75, 0.55, 0.4)
+    window: float = 0.4  # reward window [target (1 - window), target (1 + window)]
+    steps_per_variant: int = 400
+    alpha_end: float = 1.0
+    beta_end: float = 0.0
+    init_strength: float = 3.0  # the first point starts at the MobileNetV2 path, p = sigmoid(+-3)
+    log_steps: int = 50
 
 
 @dataclass
 class FinetuneConfig:
-    # Which search epoch's controller to keep (1-based; None: the last). The upper latency
-    # bound falls over the search, so earlier epochs are slower, more accurate trade-offs.
-    controller_epoch: int | None = None
     epochs: int = 100
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 4e-5
+    bn_images: int = 5000  # training images the batch-norm statistics are re-estimated on, at the end
 
 
 @dataclass
@@ -117,6 +127,11 @@ class ProfileConfig:
     repeats: int = 50
     warmup: int = 10
     intra_op_threads: int = 1
+
+
+@dataclass
+class ExportConfig:
+    latency_images: int = 500  # test images timed through the service's executor, per operating point
 
 
 @dataclass
@@ -134,6 +149,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,9 +164,11 @@ def _preset_smoke() -> RunConfig:
         baseline=BaselineConfig(epochs=2, lr=0.05, warmup_epochs=0.5),
         controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
         pretrain=PretrainConfig(epochs=2, lr=0.05, sampling="sandwich", warm_start=True),
-        search=SearchConfig(epochs=2, steps_per_epoch=3, batch_size=32, metagraph_steps=2),
-        finetune=FinetuneConfig(epochs=1),
+        search=SearchConfig(mode="variants", names=("A", "B", "C"), targets=(1.0, 0.7, 0.5), steps_per_variant=3,
+                            batch_size=32, alpha=0.9, beta=0.1, entropy="one_sided", log_steps=2),
+        finetune=FinetuneConfig(epochs=1, bn_images=128),
         profile=ProfileConfig(repeats=5, warmup=2),
+        export=ExportConfig(latency_images=20),
     )
 
 
@@ -162,14 +180,14 @@ def _preset_cifar10_cpu() -> RunConfig:
         data=DataConfig(batch_size=128),
         # 84 s an epoch on 2 cores (measured: 20,000 images in 38 s); a short schedule regularises less.
         baseline=BaselineConfig(epochs=40, lr=0.1, weight_decay=2e-4, warmup_epochs=1.0),
-        controller=ControllerConfig(channels=(16, 32, 64), downsample=2),
+        # small next to a cheap path: the controller is charged in every latency
+        controller=ControllerConfig(channels=(8, 16, 32), downsample=2),
         # Starts from the converged baseline: a short, gentle schedule.
         pretrain=PretrainConfig(epochs=6, lr=0.02, weight_decay=1e-4, warmup_epochs=0.2, sampling="sandwich",
                                 warm_start=True, distill=0.5),
-        search=SearchConfig(epochs=6, steps_per_epoch=40, batch_size=64, metagraph_steps=40),
-        # The last search epoch's controller (the run that made models/cifar10-default: see
-        # docs/RESULTS.md); controller_epoch picks an earlier, slower point of the frontier.
-        finetune=FinetuneConfig(epochs=3, lr=0.03),
+        search=SearchConfig(mode="variants", batch_size=64, lr=1e-3, alpha=0.95, beta=0.05, entropy="one_sided",
+                            steps_per_variant=400),
+        finetune=FinetuneConfig(epochs=2, lr=0.01, weight_decay=1e-4),
         profile=ProfileConfig(repeats=30, warmup=5),
     )
 

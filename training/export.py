@@ -56,18 +56,6 @@ def block_file(cell: int, module: int) -> str:
     return f"blocks/{cell:02d}_{module}.onnx"
 
 
-def trained_models(ctx: Context):
-    """The latest finished meta-graph and controller of the run: finetune, else search."""
-    for phase in ("finetune", "search"):
-        state = ctx.run.load(phase)
-        if state is not None and state.get("done"):
-            metagraph, controller = ctx.new_metagraph(), ctx.new_controller()
-            metagraph.load_state_dict(state["metagraph"])
-            controller.load_state_dict(state["controller"])
-            return metagraph.eval(), controller.eval(), phase
-    raise RunError(f"no finished search or finetune phase in {ctx.run.path}; run them first")
-
-
 def controller_file(name: str) -> str:
     return f"controllers/{name}.onnx"
 
@@ -118,45 +106,146 @@ def write_bundle(out: Path, metagraph, controllers: dict[str, nn.Module], table:
     return manifest
 
 
-def run(ctx: Context, bundle: str | None = None, name: str | None = None) -> Path:
-    """Export the run's latest trained models, check the bundle against PyTorch, then move it into place."""
-    from training.finetune import evaluate_controller
-    from training.latency import load_table
+def _evaluation(dataset: str, figures: dict, measured_ms: float | None) -> Evaluation:
+    return Evaluation(dataset=dataset, split="test", images=figures["images"], top1=round(figures["top1"], 4),
+                      mean_estimated_latency_ms=round(figures["latency_ms"], 4), mean_mflops=round(figures["mflops"], 3),
+                      mean_modules_executed=round(figures["modules"], 3), architectures=figures["architectures"],
+                      mean_measured_latency_ms=None if measured_ms is None else round(measured_ms, 4))
+
+
+def default_point(val: dict[str, dict], baseline_top1: float | None) -> str:
+    """The fastest point at least as accurate as the baseline on validation; else the most accurate."""
+    fit = [name for name, f in val.items() if baseline_top1 is not None and f["top1"] >= baseline_top1]
+    if fit:
+        return min(fit, key=lambda name: val[name]["latency_ms"])
+    return max(val, key=lambda name: val[name]["top1"])
+
+
+def measured_latency_ms(bundle: Path, x: np.ndarray, operating_point: str | None = None, warmup: int = 20) -> float:
+    """Mean wall-clock per image of the service's executor at batch 1 over the rows of `x`."""
+    import time
+
+    from service.bundle import load_bundle
+    from service.executor import Executor
+
+    executor = Executor(load_bundle(bundle))
+    for row in x[:warmup]:
+        executor.run(row[None], operating_point=operating_point)
+    t0 = time.perf_counter()
+    for row in x:
+        executor.run(row[None], operating_point=operating_point)
+    return (time.perf_counter() - t0) / len(x) * 1e3
+
+
+def _finish(tmp: Path, out: Path, manifest: Manifest) -> None:
+    write_atomic(tmp / "manifest.json", (manifest.model_dump_json(indent=2) + "\n").encode())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseline_bundle: str | None = None) -> Path:
+    """Export the fine-tuned meta-graph with every operating point, and the baseline as a static
+    bundle; each is checked against PyTorch through the service's executor before it moves into place."""
+    from training import baseline as baseline_phase
+    from training.evaluate import evaluate_controller
+    from training.finetune import controllers as frozen_controllers
+    from training.latency import costs, load_table
 
     out = Path(bundle) if bundle else ctx.run.path / "bundle"
-    metagraph, controller, phase = trained_models(ctx)
+    finetune = ctx.run.require("finetune")
+    metagraph = ctx.new_metagraph()
+    metagraph.load_state_dict(finetune["model"])
+    metagraph.eval()
+    points = frozen_controllers(ctx, ctx.run.require("search"))
     table = load_table(ctx.run)
-    figures = evaluate_controller(ctx, metagraph, controller, table)
+    cost = costs(table, ctx.space)
     dataset = Path(ctx.data_root).resolve().name
     revision = source_revision()
     now = datetime.datetime.now(datetime.timezone.utc)
+    version = f"{now:%Y%m%d.%H%M%S}-{revision[:12]}"
+    baseline_state = ctx.run.load("baseline")
+    baseline_val = (baseline_state or {}).get("figures", {}).get("val_top1")
+    default = default_point(finetune["figures"], baseline_val)
+    test = {name_: evaluate_controller(ctx, metagraph, c, cost, "test") for name_, c in points.items()}
+    frequent = frequent_architectures(ctx, metagraph, points)
+    x_test = next(iter(ctx.batches("test", ctx.config.export.latency_images)))[0].numpy()
+    training = {"config": ctx.config.to_dict(), "source_revision": revision,
+                "validation": {k: {m: v for m, v in f.items()} for k, f in finetune["figures"].items()}}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    evaluation = Evaluation(dataset=dataset, split="test", images=figures["images"], top1=round(figures["top1"], 4),
-                            mean_estimated_latency_ms=round(figures["latency_ms"], 4),
-                            mean_mflops=round(figures["mflops"], 3), mean_modules_executed=round(figures["modules"], 3))
-    write_bundle(
-        tmp, metagraph, {"default": controller}, table,
-        name=name or ctx.config.name,
-        version=f"{now:%Y%m%d.%H%M%S}-{revision[:12]}",
-        dataset=dataset,
-        classes=ctx.train.classes,
+    manifest = write_bundle(
+        tmp, metagraph, points, table, name=name or ctx.config.name, version=version, dataset=dataset,
+        classes=ctx.train.classes, default_controller=default,
         preprocessing=Preprocessing(input_size=ctx.space.input_size, mean=ctx.mean, std=ctx.std),
-        evaluations={"default": evaluation},
-        training={"phase": phase, "config": ctx.config.to_dict(), "source_revision": revision},
-    )
-    diff = check_parity(ctx, tmp, metagraph, controller)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    ctx.run.log("export", bundle=str(out), parity_max_abs_diff=diff, **figures)
-    print(f"exported {out}: top1={figures['top1']:.4f} on {figures['images']} test images, "
-          f"parity with PyTorch {diff:.2g}", flush=True)
+        frequent_architectures=frequent, training=training)
+    diffs = {p: check_parity(ctx, tmp, metagraph, c, p) for p, c in points.items()}
+    measured = {p: measured_latency_ms(tmp, x_test, p) for p in points}
+    manifest = manifest.model_copy(update={"controllers": [
+        c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name])})
+        for c in manifest.controllers]})
+    _finish(tmp, out, manifest)
+    for p in points:
+        ctx.run.log("export", variant=p, parity_max_abs_diff=diffs[p], measured_latency_ms=measured[p],
+                    **{f"test_{k}": v for k, v in test[p].items()})
+        print(f"exported {p}: test top1={test[p]['top1']:.4f}, {measured[p]:.3f} ms measured, "
+              f"{test[p]['latency_ms']:.3f} ms estimated, parity {diffs[p]:.2g}", flush=True)
+    if baseline_state is not None and baseline_state.get("done"):
+        export_baseline(ctx, Path(baseline_bundle) if baseline_bundle else out.with_name(out.name + "-mobilenet_v2"),
+                        baseline_phase.load(ctx), table, name=f"{name or ctx.config.name}-mobilenet_v2",
+                        version=version, dataset=dataset, x_test=x_test, revision=revision)
+    return out
+
+
+def export_baseline(ctx: Context, out: Path, model, table: dict, *, name: str, version: str, dataset: str,
+                    x_test: np.ndarray, revision: str) -> Path:
+    """The standalone MobileNetV2 as a static bundle: one module per cell, its 17 blocks only."""
+    from training.evaluate import evaluate, fixed_policy
+    from training.latency import costs
+
+    space = model.space
+    sub_table = {**table, "blocks": [[row[0]] for row in table["blocks"]]}
+    matrix = np.ones((space.num_cells, 1), bool)
+    result = evaluate(model, ctx.batches("test"), fixed_policy(matrix))
+    cost = costs(sub_table, space)
+    figures = {**result, "latency_ms": float(cost.latency_ms(matrix[None])[0]),
+               "mflops": float(cost.mflops(matrix[None])[0])}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    manifest = write_bundle(tmp, model, {}, sub_table, name=name, version=version, dataset=dataset,
+                            classes=ctx.train.classes, fixed_architecture=architecture.encode(matrix),
+                            preprocessing=Preprocessing(input_size=space.input_size, mean=ctx.mean, std=ctx.std),
+                            training={"phase": "baseline", "config": ctx.config.to_dict(), "source_revision": revision})
+    diff = check_parity(ctx, tmp, model, None)
+    manifest = manifest.model_copy(update={"evaluation": _evaluation(dataset, figures, measured_latency_ms(tmp, x_test))})
+    _finish(tmp, out, manifest)
+    ctx.run.log("export", variant="mobilenet_v2", bundle=str(out), parity_max_abs_diff=diff,
+                measured_latency_ms=manifest.evaluation.mean_measured_latency_ms, test_top1=figures["top1"])
+    print(f"exported {out}: test top1={figures['top1']:.4f}, "
+          f"{manifest.evaluation.mean_measured_latency_ms:.3f} ms measured", flush=True)
     return out
 
 
 @torch.no_grad()
-def check_parity(ctx: Context, bundle: Path, metagraph, controller, images: int = 64, tolerance: float = 1e-4) -> float:
-    """Run real test images through the service's executor and the PyTorch model; they must agree."""
+def frequent_architectures(ctx: Context, metagraph, points: dict, keep: int = 16) -> list[FrequentArchitecture]:
+    """The architectures the operating points choose most often on the validation split."""
+    from training.evaluate import evaluate, greedy
+
+    counts: dict[str, int] = {}
+    total = 0
+    for controller in points.values():
+        result = evaluate(metagraph, ctx.batches("val"), greedy(controller))
+        for code, n in result["codes"].items():
+            counts[code] = counts.get(code, 0) + n
+        total += result["images"]
+    top = sorted(counts.items(), key=lambda item: -item[1])[:keep]
+    return [FrequentArchitecture(code=code, share=round(n / total, 4)) for code, n in top]
+
+
+@torch.no_grad()
+def check_parity(ctx: Context, bundle: Path, metagraph, controller, operating_point: str | None = None,
+                 images: int = 64, tolerance: float = 1e-4) -> float:
+    """Run real test images through the service's executor and the PyTorch model; they must agree.
+    `controller` None checks a static bundle's fixed architecture."""
     from service.bundle import load_bundle
     from service.executor import Executor
 
@@ -164,17 +253,22 @@ def check_parity(ctx: Context, bundle: Path, metagraph, controller, images: int 
     executor = Executor(loaded)
     x, _ = next(iter(ctx.batches("test", images)))
     x = x.cpu()
-    metagraph, controller = metagraph.cpu().float(), controller.cpu().float()
-    policy = controller(x) >= GREEDY_THRESHOLD
+    metagraph = metagraph.cpu().float()
+    if controller is None:
+        policy = torch.from_numpy(executor.policy(x.numpy()))
+    else:
+        controller = controller.cpu().float()
+        policy = controller(x) >= GREEDY_THRESHOLD
     expected = metagraph(x, policy).numpy()
-    result = executor.run(x.numpy())
+    result = executor.run(x.numpy(), operating_point=operating_point)
     served_policy = result.executed
-    torch_executed = architecture.apply_empty_cell_rule(policy.numpy(), ctx.space)
+    torch_executed = architecture.apply_empty_cell_rule(policy.numpy(), metagraph.space)
     if not np.array_equal(served_policy, torch_executed):
         raise RuntimeError("exported controller chose other architectures than the PyTorch controller")
     diff = float(np.abs(result.logits - expected).max())
     if diff > tolerance:
         raise RuntimeError(f"exported bundle differs from the PyTorch model by {diff:.3g} (> {tolerance})")
     metagraph.to(ctx.device, memory_format=ctx.memory_format)
-    controller.to(ctx.device, memory_format=ctx.memory_format)
+    if controller is not None:
+        controller.to(ctx.device, memory_format=ctx.memory_format)
     return diff

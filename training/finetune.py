@@ -1,87 +1,75 @@
-"""Phase 3: fine-tune the meta-graph on the frozen controller's greedy policies."""
+"""Phase `finetune`: one shared meta-graph for every operating point, then batch-norm re-estimation.
+
+Each step trains the meta-graph on a mix of the search's operating points: every row of a
+batch takes the greedy architecture of one point's frozen controller (rows dealt to points
+at random), so all points run the same blocks. After the last epoch the batch-norm
+statistics are re-estimated on the same mix, and each point is evaluated on the validation
+split.
+"""
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
-from service.manifest import GREEDY_THRESHOLD
+from training.batchnorm import reestimate
 from training.context import Context
-from training.evaluate import evaluate
-from training.latency import block_latency, block_mflops
-from training.optim import cosine_lr, sgd
+from training.evaluate import evaluate_controller, greedy
+from training.latency import costs, load_table
+from training.loop import train
+from training.optim import cosine_lr, decay_groups, sgd
 
 
-def greedy(controller, threshold: float = GREEDY_THRESHOLD):
-    return lambda x: controller(x) >= threshold
+def controllers(ctx: Context, search: dict) -> dict:
+    """The search's operating points as frozen controllers in eval mode, by name."""
+    out = {}
+    for variant in search["variants"]:
+        controller = ctx.new_controller()
+        controller.load_state_dict(variant["controller"])
+        out[variant["name"]] = controller.eval().requires_grad_(False)
+    return out
 
 
-@torch.no_grad()
-def evaluate_controller(ctx: Context, metagraph, controller, table: dict) -> dict:
-    """Test accuracy with the controller's greedy policies, and the mean cost of what ran."""
-    was_training = controller.training
-    controller.eval()
-    result = evaluate(metagraph, ctx.batches("test"), greedy(controller))
-    controller.train(was_training)
-    fixed_ms = table["stem"]["latency_ms"] + table["head"]["latency_ms"] + table["controller"]["latency_ms"]
-    fixed_mflops = table["stem"]["mflops"] + table["head"]["mflops"] + table["controller"]["mflops"]
-    usage = result["usage"]
-    return {"top1": result["top1"], "images": result["images"], "modules": result["modules"],
-            "latency_ms": float((usage * block_latency(table)).sum()) + fixed_ms,
-            "mflops": float((usage * block_mflops(table)).sum()) + fixed_mflops}
+def mixed_policy(points: list, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each row's greedy architecture under one of `points`, rows dealt to points at random."""
+    with torch.no_grad():
+        owner = torch.randint(len(points), (x.shape[0],), generator=generator).to(x.device)
+        policy = torch.stack([greedy(c)(x) for c in points])  # (points, N, cells, modules)
+        return policy[owner, torch.arange(x.shape[0], device=x.device)]
 
 
 def run(ctx: Context) -> dict:
-    from training.latency import load_table
-
     cfg = ctx.config.finetune
-    table = load_table(ctx.run)
-    metagraph, controller = ctx.new_metagraph(), ctx.new_controller()
-    optimizer = sgd(metagraph.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    state = ctx.run.load("finetune")
-    start = 0
-    if state is not None:
-        if state.get("done"):
-            return state
-        metagraph.load_state_dict(state["metagraph"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-        controller.load_state_dict(state["controller"])
-    else:
-        search = ctx.run.require("search")
-        metagraph.load_state_dict(search["metagraph"])
-        if cfg.controller_epoch is None:
-            controller.load_state_dict(search["controller"])
-        else:
-            history = search["history"]
-            if not 1 <= cfg.controller_epoch <= len(history):
-                raise ValueError(f"finetune.controller_epoch must be in 1..{len(history)}")
-            controller.load_state_dict(history[cfg.controller_epoch - 1]["controller"])
-    controller.eval().requires_grad_(False)
-    policy_fn = greedy(controller)
-    batches = ctx.batches("train")
-    total = cfg.epochs * len(batches)
-    for epoch in range(start, cfg.epochs):
-        t0 = time.time()
-        metagraph.train()
-        for i, (x, y) in enumerate(tqdm(batches.epoch(3000 + epoch), total=len(batches), desc=f"finetune {epoch + 1}/{cfg.epochs}", unit="batch", mininterval=5)):
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg.lr, epoch * len(batches) + i, total)
-            x, y = ctx.to_device(x), y.to(ctx.device)
-            with torch.no_grad():
-                policy = policy_fn(x)
-            loss = F.cross_entropy(metagraph.forward_selected(x, policy), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        figures = {"epoch": epoch + 1, **{f"test_{k}": v for k, v in evaluate_controller(ctx, metagraph, controller, table).items()},
-                   "seconds": round(time.time() - t0, 1)}
-        ctx.run.log("finetune", **figures)
-        print(f"finetune epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
-        ctx.run.save("finetune", {"metagraph": metagraph.state_dict(), "controller": controller.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                  "done": epoch + 1 == cfg.epochs})
-    return ctx.run.require("finetune")
+    search = ctx.run.require("search")
+    points = controllers(ctx, search)
+    metagraph = ctx.new_metagraph()
+    if ctx.run.load("finetune") is None:
+        start = search.get("metagraph") or ctx.run.require("pretrain")["model"]
+        metagraph.load_state_dict(start)
+    optimizer = sgd(decay_groups(metagraph, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay)
+    cost = costs(load_table(ctx.run), ctx.space)
+    deck = list(points.values())
+
+    def step(x, y, generator, _step):
+        logits = metagraph.forward_selected(x, mixed_policy(deck, x, generator))
+        return F.cross_entropy(logits, y), logits
+
+    def validate() -> dict:
+        return {f"val_top1_{name}": evaluate_controller(ctx, metagraph, c, cost)["top1"] for name, c in points.items()}
+
+    state = train(ctx, "finetune", metagraph, optimizer, epochs=cfg.epochs, step=step, validate=validate,
+                  lr=lambda s, total: cosine_lr(cfg.lr, s, total), seed=3000)
+    if "figures" in state:
+        return state
+    generator = torch.Generator().manual_seed(ctx.config.seed + 4000)
+    used = reestimate(metagraph, ctx.batches("train", seed=4000),
+                      lambda x: metagraph.forward_selected(ctx.to_device(x), mixed_policy(deck, ctx.to_device(x), generator)),
+                      cfg.bn_images)
+    figures = {name: evaluate_controller(ctx, metagraph, c, cost) for name, c in points.items()}
+    for name, f in figures.items():
+        ctx.run.log("finetune", variant=name, bn_images=used, **{f"val_{k}": v for k, v in f.items()})
+        print(f"finetune {name}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in f.items()), flush=True)
+    state.update(model=metagraph.state_dict(), figures=figures,
+                 controllers={name: v["controller"] for name, v in zip(points, search["variants"])})
+    ctx.run.save("finetune", state)
+    return state

@@ -20,6 +20,8 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from service.bundle import session_options
+from service.architecture import CostTable, cheapest, mobilenet_v2
+from service.manifest import Preprocessing
 from training import flops
 from training.context import Context
 from training.export import export_graph
@@ -82,12 +84,55 @@ def run(ctx: Context, force: bool = True) -> dict:
                 table[key] = entry
     table["profile"] = {"runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
                         "intra_op_threads": cfg.intra_op_threads, "repeats": cfg.repeats, "machine": _machine()}
+    table["profile"]["dispatch_ms"] = round(measure_dispatch(ctx, metagraph, controller, table), 5)
     write_atomic(ctx.run.path / "latency.json", json.dumps(table, indent=1).encode())
     blocks = block_latency(table)
     ctx.run.log("profile", sum_blocks_ms=float(blocks.sum()), mobilenet_v2_ms=float(blocks[:, 0].sum()),
                 stem_ms=table["stem"]["latency_ms"], head_ms=table["head"]["latency_ms"],
-                controller_ms=table["controller"]["latency_ms"])
+                controller_ms=table["controller"]["latency_ms"], dispatch_ms=table["profile"]["dispatch_ms"])
     return table
+
+
+def measure_dispatch(ctx: Context, metagraph, controller, table: dict, repeats: int = 200) -> float:
+    """The executor's own cost per graph call: its batch-1 wall-clock on three architectures
+    (cheapest, MobileNetV2, all modules) minus the table's sum of the graphs they run, fitted
+    per call by least squares through zero."""
+    from service.bundle import load_bundle
+    from service.executor import Executor
+    from training.export import write_bundle
+
+    space = ctx.space
+    with tempfile.TemporaryDirectory() as tmp:
+        write_bundle(Path(tmp), metagraph, {"profile": controller}, table, name="profile", version="0",
+                     dataset="none", classes=[str(i) for i in range(space.num_classes)],
+                     preprocessing=Preprocessing(input_size=space.input_size, mean=ctx.mean, std=ctx.std))
+        executor = Executor(load_bundle(tmp, intra_op_threads=ctx.config.profile.intra_op_threads))
+    costs = CostTable(space, block_latency(table), block_mflops(table), _pair(table["stem"]), _pair(table["head"]), {})
+    x = np.random.default_rng(0).standard_normal((1, 3, space.input_size, space.input_size), dtype=np.float32)
+    calls, overheads = [], []
+    for matrix in (cheapest(space), mobilenet_v2(space), np.ones((space.num_cells, space.num_modules), bool)):
+        executed = matrix[None]
+        for _ in range(ctx.config.profile.warmup):
+            executor.run(x, executed)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            executor.run(x, executed)
+            times.append(time.perf_counter() - t0)
+        overheads.append(float(np.median(times) * 1e3 - costs.latency_ms(executed)[0]))
+        calls.append(int(matrix.sum()) + 2)  # the blocks, stem and head
+    c, o = np.array(calls, float), np.array(overheads)
+    return max(0.0, float((c * o).sum() / (c * c).sum()))
+
+
+def _pair(entry: dict) -> tuple[float, float]:
+    return entry["latency_ms"], entry["mflops"]
+
+
+def costs(table: dict, space) -> CostTable:
+    """The service's cost model over a run's latency table; its one controller is named "controller"."""
+    return CostTable(space, block_latency(table), block_mflops(table), _pair(table["stem"]), _pair(table["head"]),
+                     {"controller": _pair(table["controller"])}, table["profile"].get("dispatch_ms", 0.0))
 
 
 def load_table(run: RunDir) -> dict:

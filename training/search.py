@@ -1,12 +1,20 @@
-"""Phase 2: controller search by policy gradient, alternating with meta-graph training.
+"""Phase `search`: the controller, by policy gradient on accuracy and latency.
 
-Per controller step (see ../shared/docs/INSTANAS.md): exploration p' = alpha p + (1 - alpha)(1 - p);
-sample a policy from Bernoulli(p'); the self-critical baseline is the reward of the
-greedy policy (p >= 0.5) on the same images; loss = [-sum log pi(a) * advantage
-- beta * entropy(p')] / batch. The upper latency bound falls linearly over the epochs,
-so each epoch's controller is one point of the accuracy/latency frontier (kept in the
-checkpoint's `history`). After each controller epoch, the meta-graph trains on policies
-sampled from the controller.
+Reward per image (training/reward.py): the paper's quadratic latency reward inside a window
+[lower, upper], times `pos_weight` when the prediction is right, else `neg_weight`. Latency
+is the service's cost model (service.architecture.CostTable over the run's latency.json:
+controller, stem, executed blocks, head, and the executor's dispatch cost per call).
+
+Two modes (`search.mode`):
+- "variants" (the CPU recipe): one controller per operating point A, B, ..., each searched
+  with its own window centred on a target latency relative to the MobileNetV2 path, warm-
+  started from the previous point (A from the MobileNetV2 path itself), on the frozen
+  pre-trained meta-graph; exploration (alpha) anneals towards 1 so samples can reach the
+  window, and the entropy bonus anneals to 0.
+- "paper": one search whose upper bound falls linearly over the epochs, alternating with
+  meta-graph training on sampled policies; `variants` of evenly spaced epochs' controllers.
+Both end with `variants`: [{name, controller, target_ratio, figures}], which the fine-tuning
+and the export read.
 """
 
 from __future__ import annotations
@@ -20,34 +28,176 @@ from tqdm import tqdm
 
 from service.architecture import cheapest, mobilenet_v2
 from service.manifest import GREEDY_THRESHOLD
+from training import policy
 from training.context import Context
-from training.finetune import evaluate_controller
-from training.latency import block_latency, load_table
+from training.data import derive_seed
+from training.evaluate import evaluate_controller
+from training.latency import costs, load_table
 from training.optim import sgd
 from training.reward import reward, upper_bound
 
 
-def _steps(batches, limit: int | None):
-    for i, batch in enumerate(batches):
-        if limit is not None and i >= limit:
-            return
-        yield batch
+def _clone(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def bounds(table: np.ndarray, space, start: float, end: float) -> tuple[float, float, float]:
-    """(lower, upper at the first epoch, upper at the last) in the table's unit (ms):
-    the cheapest architecture; `start` x all modules; `end` x MobileNetV2."""
-    lower = float((table * cheapest(space)).sum())
-    return lower, start * float(table.sum()), end * float((table * mobilenet_v2(space)).sum())
+def _stream(batches, start: int):
+    """(step, x, y) from global step `start` on, epoch after epoch."""
+    per_epoch = len(batches)
+    step = start
+    while True:
+        epoch, first = divmod(step, per_epoch)
+        for x, y in batches.epoch(epoch, first):
+            yield step, x, y
+            step += 1
+
+
+class Rewarder:
+    """Rewards of sampled and greedy policies on one batch, from the frozen meta-graph."""
+
+    def __init__(self, ctx: Context, metagraph, table: dict):
+        self.metagraph = metagraph
+        self.cost = costs(table, ctx.space)
+        self.block_ms = torch.as_tensor(self.cost.block_ms, dtype=torch.float32, device=ctx.device)
+        self.fixed_ms = float(self.cost.latency_ms(np.zeros((1, *self.cost.block_ms.shape)), "controller")[0])
+
+    def latency(self, policy: torch.Tensor) -> torch.Tensor:
+        return self.fixed_ms + (self.metagraph.executed(policy).float() * self.block_ms).sum((1, 2))
+
+    @torch.no_grad()
+    def __call__(self, x, y, action, lower: float, upper: float, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        correct = self.metagraph.forward_selected(x, action).argmax(1) == y
+        latency = self.latency(action)
+        return reward(correct, latency, lower, upper, cfg.pos_weight, cfg.neg_weight), latency
 
 
 def run(ctx: Context) -> dict:
+    mode = ctx.config.search.mode
+    if mode == "variants":
+        return _variants(ctx)
+    if mode == "paper":
+        return _paper(ctx)
+    raise ValueError(f"unknown search.mode {mode!r}: 'variants' or 'paper'")
+
+
+def _variants(ctx: Context) -> dict:
+    cfg = ctx.config.search
+    if len(cfg.names) != len(cfg.targets):
+        raise ValueError("search.names and search.targets must have the same length")
+    space = ctx.space
+    metagraph = ctx.new_metagraph()
+    metagraph.load_state_dict(ctx.run.require("pretrain")["model"])
+    metagraph.eval().requires_grad_(False)
+    rewarder = Rewarder(ctx, metagraph, load_table(ctx.run))
+    reference = rewarder.cost.baseline_ms  # static MobileNetV2, no controller
+    lowest = float(rewarder.latency(torch.from_numpy(cheapest(space))[None])[0])
+    state = ctx.run.load("search") or {"mode": "variants", "variants": [], "current": None, "done": False}
+    if state.get("done"):
+        return state
+    controller = ctx.new_controller().start_at(mobilenet_v2(space), cfg.init_strength)
+    every = max(1, ctx.config.checkpoint_steps)
+    for v in range(len(state["variants"]), len(cfg.targets)):
+        name, ratio = cfg.names[v], cfg.targets[v]
+        target = ratio * reference
+        lower, upper = max(target * (1 - cfg.window), lowest), target * (1 + cfg.window)
+        if upper <= lower * 1.05:  # a target below the cheapest architecture: aim just above it
+            print(f"search {name}: target {target:.4g} ms is below the cheapest architecture's {lowest:.4g} ms",
+                  flush=True)
+            upper = lower * (1 + 2 * cfg.window)
+        optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
+        current, start = state.get("current"), 0
+        if current and current["index"] == v:
+            controller.load_state_dict(current["controller"])
+            optimizer.load_state_dict(current["optimizer"])
+            start = current["step"]
+            print(f"search {name}: resuming at step {start}", flush=True)
+        elif v:  # warm start from the previous operating point
+            controller.load_state_dict(state["variants"][-1]["controller"])
+        controller.train()
+        sums = _Sums()
+        batches = ctx.batches("train", cfg.batch_size, seed=7000 + v)
+        bar = tqdm(total=cfg.steps_per_variant, initial=start, desc=f"search {name} ({ratio}x)", unit="step", mininterval=5)
+        t0 = time.time()
+        for s, x, y in _stream(batches, start):
+            if s >= cfg.steps_per_variant:
+                break
+            x, y = ctx.to_device(x), y.to(ctx.device)
+            alpha = policy.annealed(cfg.alpha, cfg.alpha_end, s, cfg.steps_per_variant)
+            beta = policy.annealed(cfg.beta, cfg.beta_end, s, cfg.steps_per_variant)
+            generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 7000 + v, s))
+            p = controller(x)
+            explored = policy.explore(p, alpha)
+            sampled = torch.bernoulli(explored.detach().cpu(), generator=generator).bool().to(p.device)
+            greedy = p.detach() >= GREEDY_THRESHOLD
+            r_s, latency_s = rewarder(x, y, sampled, lower, upper, cfg)
+            r_g, latency_g = rewarder(x, y, greedy, lower, upper, cfg)
+            loss = policy.loss(explored, sampled, r_s - r_g, beta, cfg.entropy)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums.add(r_s, latency_s, r_g, latency_g, loss)
+            bar.update()
+            done_steps = s + 1
+            if done_steps % cfg.log_steps == 0 or done_steps == cfg.steps_per_variant:
+                figures = {"variant": name, "step": done_steps, "alpha": alpha, "beta": beta, **sums.pop()}
+                ctx.run.log("search", **figures)
+                bar.set_postfix(reward=f"{figures['mean_reward']:.2f}", greedy_ms=f"{figures['greedy_latency_ms']:.3f}",
+                                refresh=False)
+            if done_steps % every == 0 and done_steps < cfg.steps_per_variant:
+                state["current"] = {"index": v, "step": done_steps, "controller": _clone(controller),
+                                    "optimizer": optimizer.state_dict()}
+                ctx.run.save("search", state)
+        bar.close()
+        figures = {f"val_{k}": val for k, val in
+                   evaluate_controller(ctx, metagraph, controller, rewarder.cost, "val").items()}
+        figures.update(target_ms=target, lower_ms=lower, upper_ms=upper, reference_ms=reference,
+                       seconds=round(time.time() - t0, 1))
+        ctx.run.log("search", variant=name, status="variant done", **figures)
+        print(f"search {name}: " + ", ".join(f"{k}={val:.4g}" for k, val in figures.items()), flush=True)
+        state["variants"].append({"name": name, "target_ratio": ratio, "controller": _clone(controller), "figures": figures})
+        state["current"] = None
+        state["done"] = len(state["variants"]) == len(cfg.targets)
+        ctx.run.save("search", state)
+    return ctx.run.require("search")
+
+
+class _Sums:
+    """Running means of one logging window of the search."""
+
+    def __init__(self):
+        self.values: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, r_s, latency_s, r_g, latency_g, loss) -> None:
+        n = len(r_s)
+        for key, value in (("mean_reward", r_s.sum()), ("nonzero_reward_share", (r_s != 0).float().sum()),
+                           ("sampled_latency_ms", latency_s.sum()), ("greedy_reward", r_g.sum()),
+                           ("greedy_latency_ms", latency_g.sum()), ("loss", loss.detach() * n)):
+            self.values[key] = self.values.get(key, 0.0) + float(value)
+        self.n += n
+
+    def pop(self) -> dict[str, float]:
+        out = {k: v / max(self.n, 1) for k, v in self.values.items()}
+        self.values, self.n = {}, 0
+        return out
+
+
+def bounds(block_ms: np.ndarray, space, start: float, end: float) -> tuple[float, float, float]:
+    """(lower, upper at the first epoch, upper at the last) of the paper's search, in block
+    milliseconds: the cheapest architecture; `start` x all modules; `end` x MobileNetV2."""
+    lower = float((block_ms * cheapest(space)).sum())
+    return lower, start * float(block_ms.sum()), end * float((block_ms * mobilenet_v2(space)).sum())
+
+
+def _paper(ctx: Context) -> dict:
+    """The published search: a falling upper bound, controller epochs alternating with meta-graph epochs."""
     cfg = ctx.config.search
     space = ctx.space
-    table_full = load_table(ctx.run)
-    table = block_latency(table_full)
-    lower, upper_start, upper_end = bounds(table, space, cfg.upper_start, cfg.upper_end)
     metagraph, controller = ctx.new_metagraph(), ctx.new_controller()
+    rewarder = Rewarder(ctx, metagraph, load_table(ctx.run))
+    block_ms = rewarder.cost.block_ms
+    rewarder.fixed_ms = 0.0  # the paper's bounds count blocks only
+    lower, upper_start, upper_end = bounds(block_ms, space, cfg.upper_start, cfg.upper_end)
     c_opt = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
     m_opt = sgd(metagraph.parameters(), cfg.metagraph_lr, 0.9, ctx.config.pretrain.weight_decay)
     state = ctx.run.load("search")
@@ -60,77 +210,69 @@ def run(ctx: Context) -> dict:
         c_opt.load_state_dict(state["controller_optimizer"])
         m_opt.load_state_dict(state["metagraph_optimizer"])
         start, history = state["epoch"], state["history"]
-        # the bounds the search started with, even if the latency table was re-measured since
         lower, upper_start, upper_end = (state["bounds"][k] for k in ("lower", "upper_start", "upper_end"))
-        if "rng" in state:
-            torch.set_rng_state(state["rng"])
     else:
         metagraph.load_state_dict(ctx.run.require("pretrain")["model"])
-    table_t = torch.as_tensor(table, dtype=torch.float32, device=ctx.device)
     for epoch in range(start, cfg.epochs):
-        # The last epoch's bound may not fall below the cheapest architecture's latency.
         upper = max(upper_bound(epoch, cfg.epochs, upper_start, upper_end), lower * 1.05)
         t0 = time.time()
         controller.train()
         metagraph.eval()
-        sums = {"reward": 0.0, "advantage": 0.0, "latency": 0.0, "loss": 0.0, "n": 0}
+        sums = _Sums()
         batches = ctx.batches("train", cfg.batch_size, seed=1000 + epoch)
-        bar = tqdm(_steps(batches, cfg.steps_per_epoch), total=cfg.steps_per_epoch or len(batches),
-                   desc=f"search {epoch + 1}/{cfg.epochs}", unit="step", mininterval=5)
-        for x, y in bar:
+        steps = cfg.steps_per_epoch or len(batches)
+        for i, (x, y) in enumerate(tqdm(batches.epoch(0), total=steps, desc=f"search {epoch + 1}/{cfg.epochs}",
+                                        unit="step", mininterval=5)):
+            if i >= steps:
+                break
             x, y = ctx.to_device(x), y.to(ctx.device)
+            generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 1000 + epoch, i))
             p = controller(x)
-            explore = cfg.alpha * p + (1 - cfg.alpha) * (1 - p)
-            sampled = torch.bernoulli(explore.detach()).bool()
+            explored = policy.explore(p, cfg.alpha)
+            sampled = torch.bernoulli(explored.detach().cpu(), generator=generator).bool().to(p.device)
             greedy = p.detach() >= GREEDY_THRESHOLD
-            with torch.no_grad():
-                correct_s = metagraph.forward_selected(x, sampled).argmax(1) == y
-                correct_g = metagraph.forward_selected(x, greedy).argmax(1) == y
-                latency_s = (metagraph.executed(sampled).float() * table_t).sum((1, 2))
-                latency_g = (metagraph.executed(greedy).float() * table_t).sum((1, 2))
-                r_s = reward(correct_s, latency_s, lower, upper, cfg.pos_weight, cfg.neg_weight)
-                r_g = reward(correct_g, latency_g, lower, upper, cfg.pos_weight, cfg.neg_weight)
-                advantage = r_s - r_g
-            explore = explore.clamp(1e-6, 1 - 1e-6)
-            log_prob = torch.where(sampled, explore.log(), (1 - explore).log()).sum((1, 2))
-            entropy = -(explore * explore.log() + (1 - explore) * (1 - explore).log()).sum((1, 2))
-            loss = (-(log_prob * advantage) - cfg.beta * entropy).sum() / len(y)
+            r_s, latency_s = rewarder(x, y, sampled, lower, upper, cfg)
+            r_g, latency_g = rewarder(x, y, greedy, lower, upper, cfg)
+            loss = policy.loss(explored, sampled, r_s - r_g, cfg.beta, cfg.entropy)
             c_opt.zero_grad(set_to_none=True)
             loss.backward()
             c_opt.step()
-            n = len(y)
-            sums["n"] += n
-            sums["reward"] += r_s.sum().item()
-            sums["advantage"] += advantage.sum().item()
-            sums["latency"] += latency_s.sum().item()
-            sums["loss"] += loss.item() * n
+            sums.add(r_s, latency_s, r_g, latency_g, loss)
         # Meta-graph training on the controller's sampled policies, shuffled within the batch.
         controller.eval()
         metagraph.train()
         batches = ctx.batches("train", ctx.config.data.batch_size, seed=2000 + epoch)
-        for x, y in tqdm(_steps(batches, cfg.metagraph_steps), total=cfg.metagraph_steps or len(batches),
-                         desc=f"search {epoch + 1}/{cfg.epochs} meta-graph", unit="step", mininterval=5):
+        steps = cfg.metagraph_steps or len(batches)
+        for i, (x, y) in enumerate(batches.epoch(0)):
+            if i >= steps:
+                break
             x, y = ctx.to_device(x), y.to(ctx.device)
+            generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 2000 + epoch, i))
             with torch.no_grad():
-                p = controller(x)
-                policy = torch.bernoulli(cfg.alpha * p + (1 - cfg.alpha) * (1 - p)).bool()
-                policy = policy[torch.randperm(len(y), device=policy.device)]
-            loss = F.cross_entropy(metagraph.forward_selected(x, policy), y)
+                sampled = torch.bernoulli(policy.explore(controller(x), cfg.alpha).cpu(), generator=generator).bool()
+                sampled = sampled[torch.randperm(len(y), generator=generator)].to(x.device)
+            loss = F.cross_entropy(metagraph.forward_selected(x, sampled), y)
             m_opt.zero_grad(set_to_none=True)
             loss.backward()
             m_opt.step()
-        n = max(sums.pop("n"), 1)
-        figures = {"epoch": epoch + 1, "upper_ms": upper, "lower_ms": lower,
-                   **{f"mean_{k}": v / n for k, v in sums.items()},
-                   **{f"test_{k}": v for k, v in evaluate_controller(ctx, metagraph, controller, table_full).items()},
+        metagraph.eval()
+        figures = {"epoch": epoch + 1, "upper_ms": upper, "lower_ms": lower, **sums.pop(),
+                   **{f"val_{k}": v for k, v in evaluate_controller(ctx, metagraph, controller, rewarder.cost).items()},
                    "seconds": round(time.time() - t0, 1)}
-        # a copy: state_dict() holds the live tensors, which the next epochs keep changing
-        history.append({**figures, "controller": {k: v.detach().cpu().clone() for k, v in controller.state_dict().items()}})
+        history.append({**figures, "controller": _clone(controller)})
         ctx.run.log("search", **figures)
         print(f"search epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
-        ctx.run.save("search", {"metagraph": metagraph.state_dict(), "controller": controller.state_dict(),
+        done = epoch + 1 == cfg.epochs
+        ctx.run.save("search", {"mode": "paper", "metagraph": metagraph.state_dict(), "controller": controller.state_dict(),
                                 "metagraph_optimizer": m_opt.state_dict(), "controller_optimizer": c_opt.state_dict(),
-                                "epoch": epoch + 1, "done": epoch + 1 == cfg.epochs, "history": history,
-                                "rng": torch.get_rng_state(),
+                                "epoch": epoch + 1, "done": done, "history": history,
+                                "variants": _paper_variants(history, cfg.names) if done else [],
                                 "bounds": {"lower": lower, "upper_start": upper_start, "upper_end": upper_end}})
     return ctx.run.require("search")
+
+
+def _paper_variants(history: list[dict], names: tuple[str, ...]) -> list[dict]:
+    """Evenly spaced epochs' controllers, the earliest (slowest, most accurate) first."""
+    picks = np.unique(np.linspace(0, len(history) - 1, num=min(len(names), len(history))).round().astype(int))
+    return [{"name": names[i], "target_ratio": None, "controller": history[e]["controller"],
+             "figures": {k: v for k, v in history[e].items() if k != "controller"}} for i, e in enumerate(picks)]
