@@ -37,9 +37,8 @@ def run(ctx: Context) -> dict:
     warmup = int(cfg.warmup_epochs * len(ctx.batches("train")))
     path = _path(space)
 
-    def step(x, y, _generator, _step):
-        policy = fixed_policy(path)(x)
-        logits = model.forward_selected(x, policy)
+    def step(x, y, _generator, _step, forward):
+        [logits] = forward(x, [fixed_policy(path)(x)])
         return F.cross_entropy(logits, y), logits
 
     def validate() -> dict:

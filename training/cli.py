@@ -9,6 +9,8 @@ import time
 # `all` runs these in order; each resumes, or returns at once when it has finished.
 ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "export")
 PHASES = (*ORDER, "all")
+# Phases that train on every torchrun rank (each reads its shard); the others run on rank 0.
+DISTRIBUTED = ("baseline", "pretrain", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle-name", default=None, help="export: bundle name (default: the run's name)")
     args = parser.parse_args(argv)
 
+    from training import distributed
     from training.config import apply_overrides, load_config
     from training.context import Context
     from training.rundir import RunDir, RunError
@@ -43,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         phases = ORDER if args.phase == "all" else (args.phase,)
         for phase in phases:
             t0 = time.time()
-            print(f"== {phase} ==", flush=True)
-            _run_phase(phase, ctx, args, explicit=args.phase == phase)
+            if ctx.rank == 0:
+                print(f"== {phase} ==", flush=True)
+            if ctx.world == 1 or phase in DISTRIBUTED or ctx.rank == 0:
+                _run_phase(phase, ctx, args, explicit=args.phase == phase)
+            distributed.barrier()  # under torchrun, the other ranks wait for rank 0's single-process phases
             ctx.run.log(phase, status="done", seconds=round(time.time() - t0, 1))
     except (ValueError, FileNotFoundError, RunError) as exc:
         print(f"instanas-train: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import torch
 
 from service.manifest import SearchSpace
 from training import data as datasets
+from training import distributed
 from training.config import RunConfig
 from training.controller import Controller
 from training.metagraph import MetaGraph
@@ -26,6 +27,8 @@ class Context:
     space: SearchSpace
     mean: tuple[float, float, float] = datasets.CIFAR10_MEAN
     std: tuple[float, float, float] = datasets.CIFAR10_STD
+    rank: int = 0  # this process under torchrun, of `world`
+    world: int = 1
 
     @property
     def config(self) -> RunConfig:
@@ -40,20 +43,24 @@ class Context:
             torch.set_num_threads(config.threads)
         device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
                               else ("cpu" if config.device == "auto" else config.device))
+        rank, world, device = distributed.setup(device)
+        run.main = rank == 0
         size = config.space.input_size
         train, val = datasets.load(data_root, split="train", size=size).split(config.data.val_images, config.seed)
         train = train.subset(config.data.train_limit, config.seed)
         test = datasets.load(data_root, split="test", size=size).subset(config.data.test_limit, config.seed)
         if train.classes != test.classes:
             raise ValueError(f"train classes {train.classes} differ from test classes {test.classes}")
-        return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)))
+        return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)), rank=rank, world=world)
 
     def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0) -> datasets.Batches:
         """`train` batches are shuffled and augmented; `val` and `test` are neither."""
         images = {"train": self.train, "val": self.val, "test": self.test}[split]
         train = split == "train"
         size = batch_size or (self.config.data.batch_size if train else self.config.data.eval_batch_size)
-        return datasets.Batches(images, size, mean=self.mean, std=self.std, train=train, seed=self.config.seed + seed)
+        shard = {"rank": self.rank, "world": self.world} if train else {}
+        return datasets.Batches(images, size, mean=self.mean, std=self.std, train=train, seed=self.config.seed + seed,
+                                **shard)
 
     @property
     def baseline_space(self) -> SearchSpace:

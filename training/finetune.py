@@ -50,8 +50,8 @@ def run(ctx: Context) -> dict:
     cost = costs(load_table(ctx.run), ctx.space)
     deck = list(points.values())
 
-    def step(x, y, generator, _step):
-        logits = metagraph.forward_selected(x, mixed_policy(deck, x, generator))
+    def step(x, y, generator, _step, forward):
+        [logits] = forward(x, [mixed_policy(deck, x, generator)])
         return F.cross_entropy(logits, y), logits
 
     def validate() -> dict:

@@ -19,12 +19,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training import distributed
 from training.context import Context
 from training.data import derive_seed
 from training.optim import set_lr
 
-# (x, y, generator, global step) -> (loss, logits): one optimizer step's forward pass.
-StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+# (x, y, generator, global step, forward) -> (loss, logits): one optimizer step's forward pass, where
+# `forward(x, [policy, ...])` returns the logits of each path (one call, so DDP can average gradients).
+StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int,
@@ -47,6 +49,7 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
         epoch, first, elapsed, curve = state["epoch"], state["step"], state["elapsed"], state["curve"]
         print(f"{phase}: resuming at epoch {epoch + 1}, step {first}", flush=True)
     every = max(1, ctx.config.checkpoint_steps)
+    forward = distributed.wrap(model)
 
     def save(done: bool = False, **extra) -> None:
         ctx.run.save(phase, {"model": model.state_dict(), "optimizer": None if done else optimizer.state_dict(),
@@ -56,14 +59,14 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     while epoch < epochs:
         model.train()
         t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
-        bar = tqdm(batches.epoch(epoch, first), total=steps_per_epoch, initial=first,
+        bar = tqdm(batches.epoch(epoch, first), total=steps_per_epoch, initial=first, disable=not ctx.run.main,
                    desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", mininterval=5)
         for x, y in bar:
             global_step = epoch * steps_per_epoch + first
             set_lr(optimizer, lr(global_step, total))
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, seed, epoch, first))
             x, y = ctx.to_device(x), y.to(ctx.device)
-            loss, logits = step(x, y, generator, global_step)
+            loss, logits = step(x, y, generator, global_step, forward)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
@@ -87,9 +90,11 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
                    **validate(), "elapsed_s": round(elapsed, 1)}
         curve.append(figures)
         ctx.run.log(phase, **figures)
-        print(f"{phase} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
+        if ctx.run.main:
+            print(f"{phase} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
         save()
     save(done=True)
+    distributed.barrier()  # every rank reads back what rank 0 wrote
     return ctx.run.require(phase)
 
 

@@ -80,11 +80,11 @@ def run(ctx: Context) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
-    def step(x, y, generator, s):
+    def step(x, y, generator, s, forward):
         n = len(y)
         if cfg.sampling == "sandwich":
-            full = metagraph.forward_selected(x, torch.ones(n, space.num_cells, space.num_modules, dtype=torch.bool))
-            sub = metagraph.forward_selected(x, sandwich_policy(n, space, generator).to(x.device))
+            everything = torch.ones(n, space.num_cells, space.num_modules, dtype=torch.bool, device=x.device)
+            full, sub = forward(x, [everything, sandwich_policy(n, space, generator).to(x.device)])
             loss = F.cross_entropy(full, y) + cfg.distill * distillation(sub, full.detach()) \
                 + (1 - cfg.distill) * F.cross_entropy(sub, y)
             return loss, full
@@ -98,7 +98,7 @@ def run(ctx: Context) -> dict:
             policy = sparse_policy(n, space, cfg.fixed_path_rows, generator)
         else:
             raise ValueError(f"unknown pretrain sampling {cfg.sampling!r}")
-        logits = metagraph.forward_selected(x, policy.to(x.device))
+        [logits] = forward(x, [policy.to(x.device)])
         return F.cross_entropy(logits, y), logits
 
     return train(ctx, "pretrain", metagraph, optimizer, epochs=cfg.epochs, step=step,

@@ -47,6 +47,8 @@ class RunDir:
     is refused where it would change a phase that has already started (its checkpoint
     exists), unless `reconfigure` is set; changes to phases not started yet are taken."""
 
+    main = True  # False on torchrun ranks other than 0: they neither log nor save
+
     def __init__(self, path: str | Path, config: RunConfig | None = None, *, reconfigure: bool = False):
         self.path = Path(path)
         config_file = self.path / "config.json"
@@ -88,6 +90,8 @@ class RunDir:
 
     def log(self, phase: str, **figures) -> None:
         """Append one line of figures (an epoch's, a step's, a phase's) to log.jsonl."""
+        if not self.main:
+            return
         record = {"time": round(time.time(), 3), "phase": phase, **figures}
         with open(self.path / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -97,6 +101,8 @@ class RunDir:
 
     def save(self, phase: str, state: dict) -> None:
         """Write a checkpoint atomically: a process killed during the save leaves the previous one."""
+        if not self.main:
+            return
         tmp = self.checkpoint(phase).with_suffix(".pt.tmp")
         with open(tmp, "wb") as f:
             torch.save(state, f)
