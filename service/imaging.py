@@ -2,67 +2,177 @@
 
 Training decodes its data through the same two functions (`decode`, `to_pixels`),
 so a served image is prepared exactly as the images the model learnt from.
+
+Memory: sizes are checked from the header before any pixel is decoded, so one image costs
+at most about
+
+    PEAK_BYTES_PER_PIXEL x max_pixels = 16 B x 40 M = 640 MB at the defaults
+
+(plus a few MB of fixed buffers) from `decode` through `to_pixels`. Pillow keeps a picture
+in at most 4 bytes a pixel; the rest is what decoders and conversions hold beside it. The
+worst is WebP, whose decoder keeps two 4 B canvases and hands Pillow a 4 B copy of the frame
+(16). Next come a progressive JPEG, which keeps 2 B of DCT coefficients a sample for the
+whole image (12 for CMYK), and `to_rgb`, which holds up to three pictures at once (LA ->
+RGBA -> RGB, 12) or a float or int picture with its numpy copy (about 13). With
+`target_size`, a baseline JPEG decodes at 1/2 to 1/8 scale and costs next to nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.manifest import Preprocessing
 
-SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp", "GIF": "image/gif", "TIFF": "image/tiff"}
+# MPO is the JPEG that phone cameras write with extra pictures appended; it is read as its
+# first (main) picture, as animations (GIF, APNG, WebP) are read as their first frame.
+SUPPORTED_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+                     "BMP": "image/bmp", "GIF": "image/gif", "TIFF": "image/tiff"}
 SUPPORTED_MEDIA_TYPES = frozenset(SUPPORTED_FORMATS.values())
+
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_SIDE = 16_384
+PEAK_BYTES_PER_PIXEL = 16  # see the module docstring; tests/test_imaging.py measures it
+
+# The HTTP status that goes with each `ImageError.code`.
+STATUS_BY_CODE = {
+    "empty_body": 400,
+    "not_an_image": 400,
+    "corrupt_image": 400,
+    "image_too_large": 413,
+    "unsupported_image_format": 415,
+}
+
+# Transparent pixels are composited over white. CIFAR-like training images have no alpha, so
+# any fixed background is a guess; white is what a browser shows behind a transparent picture.
+BACKGROUND = (255, 255, 255)
+
+# `decode` checks sizes itself, against the configured limits, before decoding; Pillow's own
+# warning (at 89 M pixels) would only repeat that. A module-level filter, because
+# warnings.catch_warnings is not thread-safe and decode runs in a thread pool.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(ValueError):
-    """The bytes are not an image we can classify; `code` says why, for the API."""
+    """The bytes are not an image we can classify; `code` says why, `status` is its HTTP status."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
 
+    @property
+    def status(self) -> int:
+        return STATUS_BY_CODE.get(self.code, 400)
 
-def decode(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode and fully load an image, rejecting empty, unknown, truncated and oversized ones."""
+
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
+           target_size: int | None = None) -> Image.Image:
+    """Decode and fully load an image, upright, in the mode Pillow gives it (see `to_rgb`).
+
+    Refuses empty, unknown, unsupported, truncated and malformed bytes, and images over
+    `max_pixels` or with a side over `max_side`, checked from the header before decoding.
+    `target_size` is the side the caller will resize to: a JPEG much larger than that is
+    decoded at a reduced scale that keeps both sides at least `target_size`. Multi-picture
+    files give their first picture. (Pillow's own bomb guard, 2 x Image.MAX_IMAGE_PIXELS,
+    still refuses larger images when max_pixels is set above it.) Peak memory, with
+    `to_pixels`: PEAK_BYTES_PER_PIXEL x max_pixels (see the module docstring).
+    """
     if not data:
         raise ImageError("empty_body", "the request carries no image bytes")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data))
-            if image.format not in SUPPORTED_FORMATS:
-                raise ImageError(
-                    "unsupported_image_format",
-                    f"image format {image.format} is not supported; send one of {', '.join(sorted(SUPPORTED_FORMATS))}",
-                )
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageError("image_too_large", f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
-            image.load()  # decodes now, so truncation is caught here rather than later
-        except ImageError:
-            raise
-        except UnidentifiedImageError:
-            raise ImageError("not_an_image", "the bytes are not an image in a format this server can read") from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageError("image_too_large", str(exc)) from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise ImageError("corrupt_image", f"the image could not be decoded: {exc}") from None
+    with _decoder_errors(max_pixels):
+        image = Image.open(io.BytesIO(data))  # reads the header only
+        _check_format(image)
+        _check_size(image.size, max_pixels, max_side)
+        if target_size is not None:
+            image.draft(image.mode, (target_size, target_size))  # no-op for formats other than JPEG
+        image.load()  # decodes now, so truncation is caught here rather than later
+        ImageOps.exif_transpose(image, in_place=True)  # phone pictures are stored sideways
+    return image
+
+
+@contextlib.contextmanager
+def _decoder_errors(max_pixels: int) -> Iterator[None]:
+    """Turn whatever Pillow raises into an ImageError: a bad upload is the client's error, not a 500."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "the bytes are not an image in a format this server can read") from None
+    except Image.DecompressionBombError:
+        raise ImageError("image_too_large", f"the image is larger than the limit of {max_pixels} pixels") from None
+    except Exception as exc:  # noqa: BLE001 - decoders raise TypeError, KeyError, struct.error, MemoryError...
+        # Sizes were checked before decoding, so even MemoryError means fields that lie, not a big picture.
+        reason = str(exc) or type(exc).__name__
+        raise ImageError("corrupt_image", f"the image could not be decoded: {reason}") from None
+
+
+def _check_format(image: Image.Image) -> None:
+    if image.format not in SUPPORTED_FORMATS:
+        accepted = ", ".join(sorted(SUPPORTED_FORMATS))
+        raise ImageError("unsupported_image_format", f"image format {image.format} is not supported; send one of {accepted}")
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, max_side: int) -> None:
+    """Both limits matter: the pixel count bounds the picture, the side bounds Pillow's per-row overhead."""
+    width, height = size
     if width < 1 or height < 1:
         raise ImageError("corrupt_image", "the image has no pixels")
-    return image
+    if max(width, height) > max_side:
+        raise ImageError("image_too_large", f"image is {width}x{height} pixels; the limit is {max_side} pixels a side")
+    if width * height > max_pixels:
+        raise ImageError("image_too_large", f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
 
 
 def to_pixels(image: Image.Image, size: int) -> np.ndarray:
     """RGB uint8 array (size, size, 3), resized bilinearly where the image is another size."""
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "PA") else image.convert("RGB")
+    image = to_rgb(image)
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any mode Pillow decodes -> 8-bit RGB, transparency composited over BACKGROUND.
+
+    16-bit grey (I;16, I;16B, I;16L, I;16N) keeps its high byte; I (32-bit int, which Pillow
+    uses for 16-bit grey too) is clipped to 0..65535 and then keeps its high byte; F (float)
+    is read as 0..1 when no value exceeds 1, else as 0..255, then clipped (NaN -> 0). Colour
+    spaces (CMYK, YCbCr, LAB, HSV) and palettes convert with Pillow.
+    """
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _wide_grey_to_l(image)
+    if image.mode == "La":  # premultiplied alpha, which Pillow cannot turn into RGBA directly
+        image = image.convert("LA")
+    if image.has_transparency_data:
+        return _composite(image if image.mode == "RGBA" else image.convert("RGBA"))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _wide_grey_to_l(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit int or float grey -> 8-bit grey (Pillow's own conversion clips at 255, so all white)."""
+    values = np.array(image)  # a writable copy, so the steps below need no more full-size arrays
+    if image.mode == "F":
+        np.nan_to_num(values, copy=False, nan=0.0)
+        if values.size and values.max() <= 1.0:
+            values *= 255.0
+        np.clip(values, 0.0, 255.0, out=values)
+        np.rint(values, out=values)
+    else:
+        np.clip(values, 0, 65535, out=values)
+        values >>= 8
+    return Image.fromarray(values.astype(np.uint8))
+
+
+def _composite(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGB", rgba.size, BACKGROUND)
+    background.paste(rgba, mask=rgba)  # the RGBA image is its own mask: its alpha band
+    return background
 
 
 def to_input(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
