@@ -55,9 +55,13 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        state.start()
         state.ready = True
-        yield
-        state.ready = False
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.stop()
 
     app = FastAPI(title="instanas", version="0.1.0", lifespan=lifespan,
                   description="Instance-aware NAS: each image runs the architecture its controller picks.")

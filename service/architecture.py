@@ -49,6 +49,19 @@ def encode(matrix: np.ndarray) -> str:
     return "".join(out)
 
 
+_DIGIT_BYTES = np.frombuffer(_DIGITS.encode(), dtype=np.uint8)
+
+
+def encode_many(executed: np.ndarray) -> list[str]:
+    """`encode` of every row of an (N, cells, modules) boolean array, vectorised (a batch's codes)."""
+    executed = np.asarray(executed, dtype=bool)
+    n, cells, modules = executed.shape
+    masks = (executed.astype(np.int64) << np.arange(modules)).sum(2)  # (N, cells)
+    width = _digits_per_cell(modules)
+    digits = np.stack([(masks >> (_BITS_PER_DIGIT * d)) & 31 for d in reversed(range(width))], axis=2)
+    return [row.tobytes().decode() for row in _DIGIT_BYTES[digits.reshape(n, cells * width)]]
+
+
 def decode(code: str, num_cells: int, num_modules: int) -> np.ndarray:
     """Inverse of `encode`; raises ValueError on a code that does not fit the space."""
     width = _digits_per_cell(num_modules)

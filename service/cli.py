@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 
@@ -12,6 +13,13 @@ from service.bundle import BundleError
 from service.settings import Settings
 
 
+def fast_server() -> dict[str, str]:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools where installed (the serve extra),
+    else asyncio and h11."""
+    found = {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")}
+    return {"loop": "uvloop" if found["uvloop"] else "asyncio", "http": "httptools" if found["httptools"] else "h11"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="instanas-serve", description="Serve an instanas model bundle over HTTP. "
                                      "Every option can also be set as an INSTANAS_<NAME> environment variable.")
@@ -19,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per graph run")
-    parser.add_argument("--max-concurrency", type=int, help="images classified at the same time")
+    parser.add_argument("--max-concurrency", type=int, help="executor threads (batches classified at the same time)")
     parser.add_argument("--log-level", help="uvicorn log level")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
@@ -43,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("instanas.service").info(
         "serving %s %s (manifest sha256 %s) on http://%s:%d", state.manifest.name, state.manifest.version,
         state.bundle.sha256, settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=settings.access_log, **fast_server())
     return 0
 
 

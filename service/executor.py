@@ -6,11 +6,17 @@ row's module count when the space's `combine` is the mean) is added into those r
 residual cell starts from its input (so an empty residual cell is the identity), any
 other cell from zero. This mirrors `MetaGraph.forward_selected` in
 training, and the parity tests hold the two to the same logits.
+
+With a `FusedCache` (service/fused.py), rows whose architecture has a compiled fused graph
+run it instead, one call per architecture on exactly those rows; the other rows take the
+per-block path together. `run_batch` serves rows that came from different requests: the
+controller runs once per operating point on the rows that asked for it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +32,12 @@ class Result:
     executed: np.ndarray  # (N, cells, modules) bool: what ran, empty-cell rule applied
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, for the whole batch
     operating_point: str | None = None  # the controller that chose; None for a static or given architecture
+    # per row: the controller that chose that row's architecture (None: static or given); set by run_batch
+    operating_points: list[str | None] | None = None
+    fused_rows: int = 0  # rows that ran a fused whole-architecture graph
+
+    def point(self, row: int) -> str | None:
+        return self.operating_point if self.operating_points is None else self.operating_points[row]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -35,8 +47,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class Executor:
-    def __init__(self, bundle: Bundle):
+    def __init__(self, bundle: Bundle, fused=None):
+        """`fused`: a service.fused.FusedCache, or None for the per-block path only."""
         self.bundle = bundle
+        self.fused = fused
         manifest = bundle.manifest
         self.space = manifest.search_space
         self.residual = [cell.skippable for cell in self.space.cells]
@@ -74,15 +88,78 @@ class Executor:
         else:
             executed = architecture.apply_empty_cell_rule(executed, self.space)
         t1 = time.perf_counter()
+        logits, fused_rows = self.backbone(x, executed)
+        t2 = time.perf_counter()
+        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, point,
+                      fused_rows=fused_rows)
+
+    def run_batch(self, x: np.ndarray, points: Sequence[str | None], given: Sequence[np.ndarray | None]) -> Result:
+        """Classify rows that may want different things: row i runs `given[i]` ((cells, modules)
+        architecture) when it is not None, else the controller of `points[i]` (None: the
+        bundle's default; a static bundle's fixed architecture). Each controller runs once, on
+        its rows; the backbone runs once on the whole batch."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        n = x.shape[0]
+        if len(points) != n or len(given) != n:
+            raise ValueError(f"{n} rows but {len(points)} points and {len(given)} architectures")
+        t0 = time.perf_counter()
+        executed = np.zeros((n, self.space.num_cells, self.space.num_modules), bool)
+        row_points: list[str | None] = [None] * n
+        by_point: dict[str, list[int]] = {}
+        for i in range(n):
+            if given[i] is not None:
+                executed[i] = given[i]
+            elif self.fixed is not None:
+                executed[i] = self.fixed
+            else:
+                row_points[i] = points[i] or self.default_point
+                by_point.setdefault(row_points[i], []).append(i)
+        for point, rows in by_point.items():
+            executed[rows] = self.policy(x if len(rows) == n else x[rows], point)
+        executed = architecture.apply_empty_cell_rule(executed, self.space)
+        t1 = time.perf_counter()
+        logits, fused_rows = self.backbone(x, executed)
+        t2 = time.perf_counter()
+        uniform = row_points[0] if len(set(row_points)) == 1 else None
+        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
+                      operating_points=row_points, fused_rows=fused_rows)
+
+    def backbone(self, x: np.ndarray, executed: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logits of stem, the `executed` blocks (empty-cell rule applied) and head; and how many
+        rows ran a fused graph. Rows sharing a cached architecture run its fused graph together;
+        the rest take the per-block path together."""
+        if self.fused is None or not self.fused.enabled:
+            return self.per_block(x, executed), 0
+        n = x.shape[0]
+        _, groups = _group_rows(executed)
+        if len(groups) == 1:
+            code, rows = groups[0]
+            graph = self.fused.get(code, n, executed[0])
+            return (graph(x), n) if graph is not None else (self.per_block(x, executed), 0)
+        logits = np.empty((n, self.space.num_classes), np.float32)
+        rest: list[np.ndarray] = []
+        fused_rows = 0
+        for code, rows in groups:
+            graph = self.fused.get(code, len(rows), executed[rows[0]])
+            if graph is None:
+                rest.append(rows)
+            else:
+                logits[rows] = graph(x[rows])
+                fused_rows += len(rows)
+        if rest:
+            rows = np.sort(np.concatenate(rest))
+            logits[rows] = self.per_block(x[rows], executed[rows])
+        return logits, fused_rows
+
+    def per_block(self, x: np.ndarray, executed: np.ndarray) -> np.ndarray:
+        """Stem, each executed (cell, module) graph once on the rows that chose it, head."""
         h = self._stem(x)
         weights = None
         if self.space.combine == "mean":
             weights = (1.0 / np.maximum(executed.sum(2), 1)).astype(np.float32)[:, :, None, None, None]
         for c, blocks in enumerate(self._blocks):
             h = self._cell(c, blocks, h, executed[:, c], None if weights is None else weights[:, c])
-        logits = self._head(h)
-        t2 = time.perf_counter()
-        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, point)
+        return self._head(h)
 
     def _cell(self, c: int, blocks, h: np.ndarray, mask: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         out = h if self.residual[c] else None
@@ -102,6 +179,16 @@ class Executor:
                     out = h.copy()
                 out[idx] += y
         return out
+
+
+def _group_rows(executed: np.ndarray) -> tuple[list[str], list[tuple[str, np.ndarray]]]:
+    """Every row's architecture code, and [(code, row indices)] of the batch's distinct
+    architectures, first seen first."""
+    codes = architecture.encode_many(executed)
+    groups: dict[str, list[int]] = {}
+    for i, code in enumerate(codes):
+        groups.setdefault(code, []).append(i)
+    return codes, [(code, np.asarray(rows)) for code, rows in groups.items()]
 
 
 class _Graph:

@@ -16,7 +16,8 @@ class Metrics:
         self.request_duration = Histogram("instanas_request_duration_seconds", "Request handling time.",
                                           ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("instanas_stage_duration_seconds",
-                                        "Time per stage of a classification: decode, queue, controller, backbone.",
+                                        "Time per stage of a classification: decode, queue (every executor busy), "
+                                        "controller, backbone. Batching holds: instanas_batch_wait_seconds.",
                                         ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.architecture_latency = Histogram("instanas_architecture_estimated_latency_seconds",
                                               "Estimated latency of the architecture chosen for each image.",
@@ -28,10 +29,29 @@ class Metrics:
                                               registry=r)
         self.module_executions = Counter("instanas_module_executions_total",
                                          "Images that ran each (cell, module) block.", ["cell", "module"], registry=r)
-        self.batch_size = Histogram("instanas_batch_size", "Images per executor run.",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_size = Histogram("instanas_batch_size", "Images per executor run (a batch gathered across requests).",
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.batch_wait = Histogram("instanas_batch_wait_seconds",
+                                    "Time a classification was held, with an executor free, to gather a batch.",
+                                    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025),
+                                    registry=r)
+        # Fused hot paths (service/fused.py): images served by a compiled whole-architecture graph or not.
+        self.fused_hits = Counter("instanas_fused_cache_hits_total",
+                                  "Images whose architecture ran as one fused graph from the cache.", registry=r)
+        self.fused_misses = Counter("instanas_fused_cache_misses_total",
+                                    "Images whose architecture had no fused graph ready (ran block by block).",
+                                    registry=r)
+        self.fused_cache_size = Gauge("instanas_fused_cache_size", "Fused architecture graphs held now.", registry=r)
+        self.fused_builds = Counter("instanas_fused_builds_total", "Fused graphs compiled, by result (ok, error).",
+                                    ["result"], registry=r)
+        self.fused_build_duration = Histogram("instanas_fused_build_duration_seconds",
+                                              "Time to compose and compile one fused graph (off the request path).",
+                                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+                                              registry=r)
+        self.fused_evictions = Counter("instanas_fused_cache_evictions_total",
+                                       "Fused graphs dropped from the cache (least recently used).", registry=r)
         self.in_flight = Gauge("instanas_in_flight_requests", "Classifications being executed now.", registry=r)
-        self.queue_depth = Gauge("instanas_queue_depth", "Classifications waiting for an executor slot.", registry=r)
+        self.queue_depth = Gauge("instanas_queue_depth", "Classifications waiting for an executor.", registry=r)
         self.operating_points = Counter("instanas_operating_point_total",
                                         "Images by the operating point that chose their architecture, and why.",
                                         ["operating_point", "reason"], registry=r)
@@ -41,6 +61,8 @@ class Metrics:
         # Children made up front, so every (cell, module) pair is exported from the start at 0.
         self._executions = [[self.module_executions.labels(str(c), str(m)) for m in range(num_modules)]
                             for c in range(num_cells)]
+        for result in ("ok", "error"):
+            self.fused_builds.labels(result)
 
     def observe_architecture(self, executed: np.ndarray, latency_ms: float, mflops: float) -> None:
         """One image's architecture: (cells, modules) boolean of what ran."""

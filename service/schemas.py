@@ -32,11 +32,13 @@ class Architecture(BaseModel):
 
 
 class Latency(BaseModel):
-    decode: float
-    queue: float
-    controller: float
-    backbone: float
-    total: float
+    decode: float = Field(description="Decoding the images of this request's batch.")
+    queue: float = Field(description="Waiting while every executor was busy.")
+    controller: float = Field(description="Controllers of the batch (each once, on its rows).")
+    backbone: float = Field(description="Stem, selected blocks (or the fused graph) and head of the batch.")
+    total: float = Field(description="The whole handler.")
+    batch: float | None = Field(default=None, description="Held, with an executor free, to gather a batch.")
+    batch_size: int | None = Field(default=None, description="Images classified in this request's batch.")
 
 
 class OperatingPointChoice(BaseModel):

@@ -2,35 +2,49 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service import architecture
+from service import architecture, classification
 from service.bundle import Bundle
 from service.executor import Executor
+from service.fused import FusedCache
 from service.metrics import Metrics
 from service.schemas import ModelRef
 from service.settings import Settings
 
 
 class ServiceState:
-    """Bundle, executor, costs, metrics and the admission counters of one app."""
+    """Bundle, executor (with its fused-graph cache), costs, metrics and the batcher of one app."""
 
     def __init__(self, settings: Settings, bundle: Bundle):
         self.settings = settings
         self.bundle = bundle
         self.manifest = bundle.manifest
-        self.executor = Executor(bundle)
-        self.costs = architecture.CostTable.of_manifest(bundle.manifest)
         space = bundle.manifest.search_space
         self.metrics = Metrics(space.num_cells, space.num_modules)
-        self.slots = asyncio.Semaphore(settings.max_concurrency)
-        self.waiting = 0
+        self.fused = FusedCache(bundle, size=settings.fused_cache_size, min_count=settings.fused_min_count,
+                                builds_per_minute=settings.fused_builds_per_minute,
+                                intra_op_threads=settings.intra_op_threads, metrics=self.metrics)
+        self.executor = Executor(bundle, fused=self.fused)
+        self.costs = architecture.CostTable.of_manifest(bundle.manifest)
+        self.batcher = classification.make_batcher(self)
         self.ready = False
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
+        self.model_json = self.model_ref.model_dump()  # as responses carry it
+        self.module_names = [[m.name for m in cell.modules] for cell in space.cells]
         self.metrics.model_info.labels(self.manifest.name, self.manifest.version, bundle.sha256).set(1)
+
+    def start(self) -> None:
+        """Start the fused-graph builder and queue the manifest's frequent architectures (warm-up)."""
+        self.fused.start()
+        frequent = sorted(self.manifest.frequent_architectures, key=lambda a: -a.share)
+        self.fused.warm([a.code for a in frequent])
+
+    def stop(self) -> None:
+        self.fused.stop()
+        self.batcher.close()
 
 
 def get_state(request: Request) -> ServiceState:

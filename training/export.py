@@ -32,7 +32,7 @@ from service.manifest import (
     Profile,
 )
 from training.context import Context
-from training.rundir import RunError, source_revision, write_atomic
+from training.rundir import source_revision, write_atomic
 
 OPSET = 17
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
@@ -73,7 +74,7 @@ async def classify(
                                          "mean latency per image fits this budget (queue time not included)."),
     architecture: str = Query(operating_points.AUTO, description="auto (the controller decides), mobilenet_v2 "
                               "(module 0 in every cell), all, or an architecture code as /classify returns it."),
-) -> ClassifyResponse:
+) -> Response:
     t_start = time.perf_counter()
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ACCEPTED_MEDIA_TYPES:
@@ -87,7 +88,15 @@ async def classify(
                                      architecture_code=architecture)
     # Admission first: a full server refuses before reading or decoding anything.
     classification.admit(state)
-    body = await read_body(request, state.settings.max_body_bytes)
-    if media_type == MULTIPART:
-        body = await file_from_multipart(request.headers, body)
-    return await classification.classify(state, body, choice, k, t_start)
+    # Announced to the batcher: while this body is read, a batch that is not full may wait for it.
+    state.batcher.expect()
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+        if media_type == MULTIPART:
+            body = await file_from_multipart(request.headers, body)
+    except BaseException:
+        state.batcher.cancel()
+        raise
+    # The body is JSON rendered by the worker (service.classification.respond, the ClassifyResponse schema).
+    return Response(await classification.classify(state, body, choice, k, t_start, expected=True),
+                    media_type="application/json")

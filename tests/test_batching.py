@@ -1,0 +1,293 @@
+"""Dynamic batching: batched rows equal unbatched rows, the batcher's policy (no wait when idle,
+gather under load, hold only for arriving requests), and no request ever gets another's answer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from service import architecture, fused, imaging
+from service.batching import Batcher
+from service.bundle import load_bundle
+from service.executor import Executor
+from tests.conftest import Server
+from tests.helpers import export_test_bundle, random_controller
+from training.searchspace import build_search_space, build_tiny_space
+
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    """A tiny-space bundle with three operating points A (many modules), B (the default), C (few)."""
+    space = build_tiny_space()
+    out = tmp_path_factory.mktemp("multi")
+    controllers = {"A": random_controller(space, 1, bias=2.0), "B": random_controller(space, 2),
+                   "C": random_controller(space, 3, bias=-2.0)}
+    export_test_bundle(out, space, controllers=controllers)
+    data = json.loads((out / "manifest.json").read_text())
+    data["default_controller"] = "B"
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out
+
+
+@pytest.fixture(scope="module")
+def paper(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paper")
+    export_test_bundle(out, build_search_space(width_multiplier=0.25).model_copy(update={"combine": "sum"}))
+    return out
+
+
+def _mix(space, points: list[str | None], n: int, seed: int):
+    """n rows of requests: a controller's choice (a name, or None for the default) or a given architecture."""
+    rng = np.random.default_rng(seed)
+    given = [architecture.mobilenet_v2(space), np.ones((space.num_cells, space.num_modules), bool),
+             rng.random((space.num_cells, space.num_modules)) < 0.5]
+    row_points, row_given = [], []
+    for i in range(n):
+        k = int(rng.integers(0, len(points) + len(given)))
+        if k < len(points):
+            row_points.append(points[k])
+            row_given.append(None)
+        else:
+            row_points.append(None)
+            row_given.append(given[k - len(points)])
+    return row_points, row_given
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+@pytest.mark.parametrize("which", ["multi", "paper"])
+def test_batched_rows_equal_unbatched_rows(request, which, with_cache):
+    loaded = load_bundle(request.getfixturevalue(which))
+    space = loaded.manifest.search_space
+    points = [None, *[c.name for c in loaded.manifest.controllers]]
+    cache = fused.FusedCache(loaded, size=8, min_count=10**6) if with_cache else None  # warm-up builds only
+    batched, alone = Executor(loaded, fused=cache), Executor(loaded)
+    rng = np.random.default_rng(4)
+    # per-image colour shifts, so the controllers choose differently for different images
+    x = (rng.standard_normal((16, 3, space.input_size, space.input_size))
+         + 2 * rng.standard_normal((16, 3, 1, 1))).astype(np.float32)
+    row_points, row_given = _mix(space, points, 16, seed=5)
+    if cache is not None:  # half of the architectures compiled, half not
+        first = batched.run_batch(x, row_points, row_given)
+        cache.start()
+        cache.warm(sorted({architecture.encode(e) for e in first.executed})[::2])
+        assert cache.wait_idle(60)
+    try:
+        result = batched.run_batch(x, row_points, row_given)
+    finally:
+        if cache is not None:
+            cache.stop()
+    codes = set()
+    for i in range(16):
+        if row_given[i] is not None:
+            expected = alone.run(x[i : i + 1], executed=row_given[i][None])
+        else:
+            expected = alone.run(x[i : i + 1], operating_point=row_points[i])
+        assert np.array_equal(result.executed[i], expected.executed[0]), i
+        assert np.abs(result.logits[i] - expected.logits[0]).max() < TOLERANCE, i
+        assert np.abs(result.probabilities[i] - expected.probabilities[0]).max() < TOLERANCE, i
+        assert result.point(i) == expected.operating_point, i
+        codes.add(architecture.encode(expected.executed[0]))
+    assert len(codes) >= 3
+    if cache is not None:
+        assert 0 < result.fused_rows < 16
+
+
+# --- the batcher's policy -----------------------------------------------------------------------------
+
+
+def _batcher(process, **kw) -> Batcher:
+    settings = {"workers": 1, "max_batch_size": 8, "max_batch_delay_s": 0.002}
+    settings.update(kw)
+    return Batcher(process, **settings)
+
+
+def test_an_idle_server_runs_at_once_even_with_a_long_delay():
+    async def main():
+        batcher = _batcher(lambda jobs: [j.payload * 2 for j in jobs], max_batch_delay_s=5.0)
+        t0 = time.perf_counter()
+        job = await batcher.run(21, expected=False)
+        elapsed = time.perf_counter() - t0
+        batcher.close()
+        return job, elapsed
+
+    job, elapsed = asyncio.run(main())
+    assert job.result == 42 and job.batch_size == 1
+    assert elapsed < 1.0 and job.batch_s < 0.5
+
+
+def test_jobs_queued_behind_a_busy_worker_form_batches_of_at_most_max_size():
+    gate = threading.Event()
+    batches: list[list[int]] = []
+
+    def process(jobs):
+        gate.wait(10)
+        batches.append([j.payload for j in jobs])
+        return [j.payload for j in jobs]
+
+    async def main():
+        batcher = _batcher(process, max_batch_size=4)
+        first = asyncio.ensure_future(batcher.run(0, expected=False))
+        await asyncio.sleep(0.05)  # the worker is now busy with job 0
+        rest = [asyncio.ensure_future(batcher.run(i, expected=False)) for i in range(1, 11)]
+        await asyncio.sleep(0.05)
+        assert batcher.busy and batcher.queued == 10
+        gate.set()
+        jobs = await asyncio.gather(first, *rest)
+        batcher.close()
+        return jobs
+
+    jobs = asyncio.run(main())
+    assert batches == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert [j.result for j in jobs] == list(range(11))  # each job got its own outcome
+    assert [j.batch_size for j in jobs] == [1, 4, 4, 4, 4, 4, 4, 4, 4, 2, 2]
+    assert all(j.queue_s >= 0.04 for j in jobs[1:])  # they waited for the worker, not for batching
+    assert all(j.batch_s < 0.04 for j in jobs)
+
+
+def test_a_batch_waits_for_arriving_requests_but_never_past_the_delay():
+    async def main():
+        batcher = _batcher(lambda jobs: [len(jobs)] * len(jobs), max_batch_delay_s=0.3)
+        batcher.expect()
+        batcher.expect()
+        first = asyncio.ensure_future(batcher.run("a"))
+        await asyncio.sleep(0.05)
+        assert not first.done()  # held: another admitted request is still arriving
+        second = await batcher.run("b")
+        a = await first
+        # now one arrives that never submits: the batch goes when the delay runs out
+        batcher.expect()
+        batcher.expect()
+        t0 = time.perf_counter()
+        lone = await batcher.run("c")
+        waited = time.perf_counter() - t0
+        batcher.cancel()
+        batcher.close()
+        return a, second, lone, waited
+
+    a, b, lone, waited = asyncio.run(main())
+    assert a.result == b.result == 2 and a.batch_size == 2
+    assert a.batch_s >= 0.04 and a.queue_s < 0.04
+    assert lone.result == 1 and 0.25 <= waited < 2.0 and lone.batch_s >= 0.25
+
+
+def test_one_jobs_error_stays_with_it_and_a_crash_reaches_the_whole_batch():
+    def process(jobs):
+        if any(j.payload == "crash" for j in jobs):
+            raise RuntimeError("boom")
+        return [ValueError(j.payload) if j.payload == "bad" else j.payload for j in jobs]
+
+    async def main():
+        batcher = _batcher(process)
+        out = await asyncio.gather(*[batcher.run(p, expected=False) for p in ("ok", "bad", "fine")],
+                                   return_exceptions=True)
+        crash = await asyncio.gather(batcher.run("crash", expected=False), return_exceptions=True)
+        after = await batcher.run("later", expected=False)  # the worker is free again
+        batcher.close()
+        return out, crash, after
+
+    out, crash, after = asyncio.run(main())
+    assert out[0].result == "ok" and isinstance(out[1], ValueError) and out[2].result == "fine"
+    assert isinstance(crash[0], RuntimeError) and after.result == "later"
+
+
+# --- over real HTTP ----------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_each_get_their_own_answer(multi, test_jpegs, tmp_path):
+    """Distinct real images, several operating points and given architectures, sent at once to a
+    real server that batches them: every response is its own image's unbatched result."""
+    loaded = load_bundle(multi)
+    manifest = loaded.manifest
+    executor = Executor(loaded)
+    pre = manifest.preprocessing
+    options = [{}, {"operating_point": "A"}, {"operating_point": "C"}, {"architecture": "mobilenet_v2"},
+               {"architecture": "all"}, {"architecture": "1031"}]
+    requests = [(name, data, options[i % len(options)]) for i, (name, data) in enumerate(test_jpegs)]
+    requests.append(("bad", b"not an image at all", {}))  # one bad body inside the batches
+    # one worker and a generous delay, so the concurrent requests are surely batched
+    srv = Server(multi, tmp_path / "server.log", INSTANAS_MAX_CONCURRENCY="1", INSTANAS_MAX_BATCH_DELAY_MS="50",
+                 INSTANAS_MAX_BATCH_SIZE="8")
+    barrier = threading.Barrier(len(requests))
+
+    def send(item):
+        _, data, params = item
+        with httpx.Client(timeout=60) as client:
+            barrier.wait(30)
+            return client.post(srv.url + "/classify", params={**params, "top_k": 10}, content=data,
+                               headers={"content-type": "image/jpeg"})
+
+    try:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            responses = list(pool.map(send, requests))
+        metrics = httpx.get(srv.url + "/metrics").text
+    finally:
+        srv.stop()
+    bad = responses.pop()
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "not_an_image"
+    codes, sizes = set(), []
+    for (label, data, params), response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        body = response.json()
+        x = imaging.to_input(imaging.to_pixels(imaging.decode(data), pre.input_size), pre)[None]
+        if "architecture" in params:
+            from service.operating_points import choose
+
+            expected = executor.run(x, executed=choose(manifest, architecture_code=params["architecture"]).executed[None])
+        else:
+            expected = executor.run(x, operating_point=params.get("operating_point"))
+        assert body["architecture"]["code"] == architecture.encode(expected.executed[0]), label
+        got = {s["index"]: s["probability"] for s in body["top_k"]}
+        assert len(got) == 10
+        assert max(abs(got[k] - float(expected.probabilities[0][k])) for k in got) < TOLERANCE, label
+        assert body["prediction"]["index"] == int(np.argmax(expected.probabilities[0]))
+        assert body["operating_point"]["name"] == (None if "architecture" in params
+                                                   else params.get("operating_point", "B"))
+        latency = body["latency_ms"]
+        assert latency["batch"] >= 0 and 1 <= latency["batch_size"] <= 8
+        assert latency["total"] >= latency["controller"] + latency["backbone"]
+        codes.add(body["architecture"]["code"])
+        sizes.append(latency["batch_size"])
+    assert len(codes) >= 3
+    assert max(sizes) > 1, sizes  # batching really happened
+    # the histogram observed real batch sizes: their sum is the images classified, in fewer runs
+    count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("instanas_batch_size_count")))
+    total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("instanas_batch_size_sum")))
+    assert total == len(responses) and count < len(responses)
+
+
+def test_a_full_server_refuses_with_503_and_keeps_serving(multi, test_jpegs, tmp_path):
+    """Admission control survives batching: with every executor busy and the queue full, 503
+    `overloaded` with Retry-After, before the body is read; the admitted requests are answered."""
+    srv = Server(multi, tmp_path / "server.log", INSTANAS_MAX_CONCURRENCY="1", INSTANAS_MAX_QUEUE="0",
+                 INSTANAS_MAX_BATCH_SIZE="1")
+    jpeg = test_jpegs[0][1]
+    barrier = threading.Barrier(24)
+
+    def send(_):
+        with httpx.Client(timeout=60) as client:
+            barrier.wait(30)
+            return client.post(srv.url + "/classify", params={"architecture": "all"}, content=jpeg,
+                               headers={"content-type": "image/jpeg"})
+
+    try:
+        with ThreadPoolExecutor(24) as pool:
+            responses = list(pool.map(send, range(24)))
+        refused = [r for r in responses if r.status_code == 503]
+        assert refused and all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] == "1"
+                               for r in refused)
+        assert all(r.status_code in (200, 503) for r in responses) and any(r.status_code == 200 for r in responses)
+        text = httpx.get(srv.url + "/metrics").text
+        assert f'instanas_rejections_total{{reason="overloaded"}} {float(len(refused))}' in text
+        assert "instanas_queue_depth 0.0" in text and "instanas_in_flight_requests 0.0" in text
+        assert httpx.post(srv.url + "/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
+    finally:
+        srv.stop()
