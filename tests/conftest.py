@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 JPEGs, a smoke-trained bundle, a real server process."""
+"""Shared fixtures: the real CIFAR-10 JPEGs, a smoke-trained bundle, a real server process, a real Prometheus."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("INSTANAS_DATA", ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
@@ -119,3 +121,93 @@ def bundle_copy(smoke_bundle, tmp_path) -> Path:
     dst = tmp_path / "bundle"
     shutil.copytree(smoke_bundle, dst)
     return dst
+
+
+# --- A real Prometheus scraping the real server (tests/test_prometheus.py, tests/test_grafana.py) ---
+
+PROMETHEUS_WAIT_S = 30
+
+
+def local_prometheus_config(target: str) -> tuple[dict, str]:
+    """docker/prometheus.yml with the api job pointed at `target`; also returns the job name.
+
+    Only the scrape target (api:8000 does not resolve outside compose) and the interval (to keep the
+    tests short) are replaced; everything else is the file that ships.
+    """
+    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
+    [job] = [j for j in config["scrape_configs"]
+             if any("api:8000" in sc["targets"] for sc in j["static_configs"])]
+    job["static_configs"] = [{"targets": [target]}]
+    job["scrape_interval"] = "1s"
+    return config, job["job_name"]
+
+
+def _prometheus_ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/-/ready", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory):
+    """A real `prometheus` on a free loopback port, scraping `server`: (base url, job name).
+
+    One per test module, so a module's tests may share the traffic they sent and its scrapes.
+    """
+    binary = shutil.which("prometheus")
+    assert binary, "prometheus not found: run scripts/test-setup.sh (Debian package prometheus)"
+    tmp_path = tmp_path_factory.mktemp("prometheus")
+    config, job = local_prometheus_config(f"127.0.0.1:{server.port}")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "prometheus.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.time() + PROMETHEUS_WAIT_S
+            while not _prometheus_ready(url):
+                assert process.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
+                assert time.time() < deadline, f"prometheus not ready:\n{log_path.read_text()}"
+                time.sleep(0.2)
+            yield url, job
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def service_values(server, name: str, labels: tuple[str, ...]) -> dict[tuple, float]:
+    """One metric from the service's own /metrics, by label values."""
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return {tuple(s.labels[k] for k in labels): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
+
+
+def prometheus_query(url: str, query: str) -> list[dict]:
+    """An instant query through Prometheus's HTTP API: its vector result."""
+    body = httpx.get(url + "/api/v1/query", params={"query": query}, timeout=5).json()
+    assert body["status"] == "success", body
+    assert body["data"]["resultType"] == "vector", body
+    return body["data"]["result"]
+
+
+def prometheus_values(url: str, query: str, labels: tuple[str, ...]) -> dict[tuple, float]:
+    """An instant query through Prometheus's HTTP API, by label values."""
+    return {tuple(r["metric"][k] for k in labels): float(r["value"][1]) for r in prometheus_query(url, query)}
+
+
+def wait_for_target_up(server, url: str, job: str) -> None:
+    """Until Prometheus has scraped `server` at least once."""
+    up = f'up{{job="{job}"}}'
+    deadline = time.time() + PROMETHEUS_WAIT_S
+    while prometheus_values(url, up, ("instance",)) != {(f"127.0.0.1:{server.port}",): 1.0}:
+        assert time.time() < deadline, f"target never up: {prometheus_values(url, up, ('instance',))}"
+        time.sleep(0.5)

@@ -75,7 +75,7 @@ def test_compose_file_matches_the_compose_spec():
 
 def test_compose_services_fit_the_repository():
     services = compose()["services"]
-    assert set(services) == {"api", "prometheus", "train"}
+    assert set(services) == {"api", "prometheus", "grafana", "train"}
     for name in ("api", "train"):
         context = ROOT / services[name]["build"]["context"]
         assert (context / services[name]["build"]["dockerfile"]).is_file(), name

@@ -1,86 +1,21 @@
 """The real Prometheus scrapes the real service, with the committed docker/prometheus.yml.
 
 Only the scrape target (api:8000 does not resolve outside compose) and the interval (to keep
-the test short) are replaced; everything else is the file that ships.
+the test short) are replaced; everything else is the file that ships (the `prometheus` fixture
+in tests/conftest.py, which tests/test_grafana.py uses too).
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
-import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import PROMETHEUS_WAIT_S as WAIT_S
+from tests.conftest import prometheus_values, service_values, wait_for_target_up
 
 pytestmark = pytest.mark.slow
-WAIT_S = 30
-
-
-def local_config(target: str) -> tuple[dict, str]:
-    """docker/prometheus.yml with the api job pointed at `target`; also returns the job name."""
-    config = yaml.safe_load((ROOT / "docker" / "prometheus.yml").read_text())
-    [job] = [j for j in config["scrape_configs"]
-             if any("api:8000" in sc["targets"] for sc in j["static_configs"])]
-    job["static_configs"] = [{"targets": [target]}]
-    job["scrape_interval"] = "1s"
-    return config, job["job_name"]
-
-
-@pytest.fixture
-def prometheus(server, tmp_path):
-    """A real `prometheus` on a free loopback port, scraping `server`: (base url, job name)."""
-    binary = shutil.which("prometheus")
-    assert binary, "prometheus not found: run scripts/test-setup.sh (Debian package prometheus)"
-    config, job = local_config(f"127.0.0.1:{server.port}")
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = tmp_path / "prometheus.log"
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.time() + WAIT_S
-            while not _ready(url):
-                assert process.poll() is None, f"prometheus exited:\n{log_path.read_text()}"
-                assert time.time() < deadline, f"prometheus not ready:\n{log_path.read_text()}"
-                time.sleep(0.2)
-            yield url, job
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/-/ready", timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def service_values(server, name: str, labels: tuple[str, ...]) -> dict[tuple, float]:
-    """One metric from the service's own /metrics, by label values."""
-    text = httpx.get(server.url + "/metrics", timeout=5).text
-    return {tuple(s.labels[k] for k in labels): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples if s.name == name}
-
-
-def prometheus_values(url: str, query: str, labels: tuple[str, ...]) -> dict[tuple, float]:
-    """An instant query through Prometheus's HTTP API, by label values."""
-    body = httpx.get(url + "/api/v1/query", params={"query": query}, timeout=5).json()
-    assert body["status"] == "success", body
-    return {tuple(r["metric"][k] for k in labels): float(r["value"][1]) for r in body["data"]["result"]}
 
 
 def test_prometheus_scrapes_the_service(server, prometheus, test_jpegs):
@@ -88,10 +23,7 @@ def test_prometheus_scrapes_the_service(server, prometheus, test_jpegs):
     up = f'up{{job="{job}"}}'
 
     # Wait for the first scrape, so the counters are seen both before and after the requests.
-    deadline = time.time() + WAIT_S
-    while prometheus_values(url, up, ("instance",)) != {(f"127.0.0.1:{server.port}",): 1.0}:
-        assert time.time() < deadline, f"target never up: {prometheus_values(url, up, ('instance',))}"
-        time.sleep(0.5)
+    wait_for_target_up(server, url, job)
 
     modules = ("cell", "module")
     before = service_values(server, "instanas_module_executions_total", modules)
