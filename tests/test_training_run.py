@@ -18,7 +18,7 @@ def _log(run) -> list[dict]:
 def test_smoke_run_writes_every_phase(smoke_run):
     log = _log(smoke_run)
     done = [r["phase"] for r in log if r.get("status") == "done"]
-    assert done == ["baseline", "pretrain", "profile", "search", "finetune", "export"]
+    assert done == ["baseline", "pretrain", "profile", "search", "finetune", "export", "report"]
     assert [r["epoch"] for r in log if r["phase"] == "pretrain" and "epoch" in r] == [1, 2]
     assert [r["variant"] for r in log if r["phase"] == "search" and r.get("status") == "variant done"] == ["A", "B", "C"]
     assert all({"mean_reward", "nonzero_reward_share", "greedy_latency_ms", "alpha"} <= set(r)
@@ -45,6 +45,21 @@ def test_smoke_run_writes_every_phase(smoke_run):
     assert m.training["config"]["name"] == "smoke" and m.training["source_revision"]
     assert len(m.blocks) == m.search_space.num_cells * m.search_space.num_modules
     assert (smoke_run / "bundle" / "blocks" / "00_0.onnx").exists()
+
+
+def test_report_measures_points_baseline_and_controls(smoke_run):
+    report = json.loads((smoke_run / "report" / "report.json").read_text())
+    assert report["images"] == 200 and set(report["points"]) == {"A", "B", "C"}
+    for point in report["points"].values():
+        assert point["latency"]["per_block"]["mean_ms"] > 0 and point["latency"]["fused"]["mean_ms"] > 0
+        assert -1 <= point["difficulty_spearman"] <= 1 and point["vs_baseline"]["low"] <= point["vs_baseline"]["high"]
+    for control in report["controls"].values():
+        assert 0 <= control["shuffled"]["top1"] <= 1 and control["static_twin"]["code"]
+    assert report["baseline"]["curve"] and report["baseline"]["latency"]["fused"]["mean_ms"] > 0
+    table = (smoke_run / "report" / "FRONTIER.md").read_text()
+    assert "MobileNetV2 baseline" in table and "| A |" in table
+    for png in ("frontier.png", "learning_curve.png", "difficulty.png"):
+        assert (smoke_run / "report" / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_all_skips_finished_phases_and_redoes_the_rest(smoke_run, data_root, tmp_path):

@@ -174,3 +174,19 @@ def test_policy_gradient_loss_by_hand():
     q = torch.tensor([[[0.5]]], requires_grad=True)
     loss(q, torch.tensor([[[True]]]), torch.tensor([1.0]), beta=0.0).backward()
     assert q.grad.item() < 0
+
+
+def test_paired_bootstrap_and_rank_correlation_by_hand():
+    from training.report import bootstrap_difference, spearman
+
+    a = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1] * 50, bool)  # 90% right
+    b = np.array([1, 0, 1, 0, 0, 1, 1, 0, 1, 1] * 50, bool)  # 60% right, wrong where a is wrong too
+    result = bootstrap_difference(a, b, resamples=2000, seed=0)
+    assert result["difference"] == pytest.approx(0.3)
+    assert 0.25 < result["low"] < 0.3 < result["high"] < 0.35
+    same = bootstrap_difference(a, a)
+    assert same["difference"] == same["low"] == same["high"] == 0
+    assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
+    # ties take their mean rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4)
+    assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 4])) == pytest.approx(0.9486833, abs=1e-6)

@@ -7,7 +7,7 @@ import sys
 import time
 
 # `all` runs these in order; each resumes, or returns at once when it has finished.
-ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "export")
+ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "export", "report")
 PHASES = (*ORDER, "all")
 # Phases that train on every torchrun rank (each reads its shard); the others run on rank 0.
 DISTRIBUTED = ("baseline", "pretrain", "finetune")
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", default=None, help="export: bundle folder (default <out>/bundle)")
     parser.add_argument("--baseline-bundle", default=None,
                         help="export: the static MobileNetV2 bundle's folder (default <bundle>-mobilenet_v2)")
+    parser.add_argument("--report-dir", default=None, help="report: output folder (default <out>/report)")
     parser.add_argument("--bundle-name", default=None, help="export: bundle name (default: the run's name)")
     args = parser.parse_args(argv)
 
@@ -83,6 +84,10 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
         from training import export
 
         export.run(ctx, args.bundle, args.bundle_name, args.baseline_bundle)
+    elif phase == "report":
+        from training import report
+
+        report.run(ctx, args.bundle, args.baseline_bundle, args.report_dir)
 
 
 if __name__ == "__main__":

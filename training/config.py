@@ -135,6 +135,13 @@ class ExportConfig:
 
 
 @dataclass
+class ReportConfig:
+    latency_images: int = 2000  # test images timed at batch 1, per model and control
+    resamples: int = 2000  # paired bootstrap resamples
+    twin_candidates: int = 5  # most frequent architectures tried as a point's static twin
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     seed: int = 0
@@ -150,6 +157,7 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,6 +177,7 @@ def _preset_smoke() -> RunConfig:
         finetune=FinetuneConfig(epochs=1, bn_images=128),
         profile=ProfileConfig(repeats=5, warmup=2),
         export=ExportConfig(latency_images=20),
+        report=ReportConfig(latency_images=30, resamples=200, twin_candidates=2),
     )
 
 

@@ -20,7 +20,7 @@ class RunError(RuntimeError):
 # The phases whose results depend on each config section; a section not listed (space, data,
 # seed, name...) shapes every phase, and `device` and `threads` change no result.
 _SECTION_PHASES = {"baseline": ("baseline",), "pretrain": ("pretrain",), "search": ("search",),
-                   "controller": ("search",), "finetune": ("finetune",), "profile": ("profile",), "export": (),
+                   "controller": ("search",), "finetune": ("finetune",), "profile": ("profile",), "export": (), "report": (),
                    "device": (), "threads": (), "checkpoint_steps": ()}
 PHASE_FILES = {"baseline": "baseline.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
                "search": "search.pt", "finetune": "finetune.pt"}

@@ -1,0 +1,379 @@
+"""Phase `report`: the frontier, measured the way the service runs it, with the controls.
+
+On the test split (read here and nowhere else), through the service's own executor:
+- every operating point: top-1, mean latency per image at batch 1 (controller included),
+  per-block and with a warm fused-graph cache, MFLOPs, modules executed, distinct
+  architectures;
+- the static MobileNetV2 baseline bundle of the same width, the same way, and its learning
+  curve (validation top-1 against epochs and wall-clock) from the baseline phase;
+- controls that show the controller is instance-aware: each point's policies shuffled
+  across images (same architectures, random assignment), and its best static twin (the best
+  on validation among its most frequent architectures and latency-matched MobileNetV2 paths
+  with cells skipped, one architecture for every image, batch norm re-estimated), each
+  compared with the point by a paired bootstrap 95% interval of the accuracy difference;
+- the rank correlation between an image's chosen-architecture latency and its difficulty
+  (the baseline's loss on it).
+Writes `report.json`, `FRONTIER.md`, `frontier.png`, `learning_curve.png` and
+`difficulty.png` into the report folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service import architecture, imaging
+from service.bundle import load_bundle
+from service.executor import Executor
+from service.fused import FusedCache
+from training.batchnorm import reestimate
+from training.context import Context
+from training.evaluate import evaluate, fixed_policy
+from training.rundir import RunError, write_atomic
+
+# InstaNAS-C10 A..E and MobileNetV2 widths: (top-1 %, latency relative to MobileNetV2 1.0x),
+# from the paper's CIFAR-10 table (../shared/docs/INSTANAS.md), another scale and machine.
+PAPER_POINTS = {"A": (95.70, 1 - 0.076), "B": (95.50, 1 - 0.402), "C": (94.80, 1 - 0.489), "D": (94.00, 1 - 0.641),
+                "E": (91.90, 1 - 0.826)}
+PAPER_MOBILENETS = {"0.4x": (92.56, 1 - 0.587), "1.0x": (94.44, 1.0), "1.4x": (95.08, 1.402)}
+
+
+def bootstrap_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
+    """Paired bootstrap of mean(a) - mean(b) over the same images: the difference and its 95% interval."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"difference": float(diff.mean()), "low": float(low), "high": float(high), "resamples": resamples}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    for value in np.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (Pearson correlation of the ranks, ties averaged)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denominator) if denominator else 0.0
+
+
+class Served:
+    """One bundle under the service's executor: batched accuracy, batch-1 timing."""
+
+    def __init__(self, path: Path, fused: bool):
+        self.bundle = load_bundle(path)
+        self.manifest = self.bundle.manifest
+        self.costs = architecture.CostTable.of_manifest(self.manifest)
+        self.cache = None
+        if fused:
+            self.cache = FusedCache(self.bundle, size=64, min_count=1, builds_per_minute=1e9)
+            self.cache.start()
+        self.executor = Executor(self.bundle, fused=self.cache)
+
+    def warm(self, codes: list[str]) -> None:
+        if self.cache is not None:
+            self.cache.warm(codes)
+            self.cache.wait_idle(600)
+
+    def run(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None, batch: int = 500):
+        """(logits, executed) of every row, in batches."""
+        logits, chosen = [], []
+        for i in range(0, len(x), batch):
+            result = self.executor.run(x[i : i + batch], None if executed is None else executed[i : i + batch], point)
+            logits.append(result.logits)
+            chosen.append(result.executed)
+        return np.concatenate(logits), np.concatenate(chosen)
+
+    def time_batch1(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None) -> dict:
+        """Mean, p50 and p99 milliseconds of `Executor.run` on one image at a time."""
+        for i in range(min(20, len(x))):  # warm-up
+            self.executor.run(x[i : i + 1], None if executed is None else executed[i : i + 1], point)
+        times = np.empty(len(x))
+        for i in range(len(x)):
+            t0 = time.perf_counter()
+            self.executor.run(x[i : i + 1], None if executed is None else executed[i : i + 1], point)
+            times[i] = time.perf_counter() - t0
+        times *= 1e3
+        return {"mean_ms": float(times.mean()), "p50_ms": float(np.median(times)), "p99_ms": float(np.percentile(times, 99))}
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.stop()
+
+
+def _inputs(ctx: Context, manifest) -> np.ndarray:
+    pre = manifest.preprocessing
+    return np.stack([imaging.to_input(pixels, pre) for pixels in ctx.test.images])
+
+
+def _loss(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return np.log(np.exp(z).sum(1)) - z[np.arange(len(labels)), labels]
+
+
+def static_twin_candidates(ctx: Context, frequent: list[str], costs, target_ms: float, keep: int = 5) -> list[str]:
+    """A point's most frequent architectures, and MobileNetV2 paths with skippable cells skipped
+    (from the last cell, or from the first) whose estimate is closest to `target_ms`."""
+    space = ctx.space
+    out = list(dict.fromkeys(frequent[:keep]))
+    skippable = [c.index for c in space.cells if c.skippable]
+    for order in (skippable[::-1], skippable):
+        best, best_gap = None, None
+        for k in range(len(order) + 1):
+            matrix = architecture.mobilenet_v2(space)
+            matrix[order[:k]] = False
+            executed = architecture.apply_empty_cell_rule(matrix[None], space)
+            gap = abs(float(costs.latency_ms(executed)[0]) - target_ms)
+            if best_gap is None or gap < best_gap:
+                best, best_gap = architecture.encode(executed[0]), gap
+        if best not in out:
+            out.append(best)
+    return out
+
+
+def best_static_twin(ctx: Context, metagraph, candidates: list[str]) -> dict:
+    """The candidate most accurate on validation with its own re-estimated batch norm; its
+    test correctness per image (PyTorch, the bundle's weights otherwise)."""
+    space = ctx.space
+    results = []
+    for code in candidates:
+        matrix = architecture.decode(code, space.num_cells, space.num_modules)
+        model = copy.deepcopy(metagraph)
+        policy = fixed_policy(matrix)
+        reestimate(model, ctx.batches("train", seed=8000), lambda x: model.forward_selected(
+            ctx.to_device(x), policy(ctx.to_device(x))), ctx.config.finetune.bn_images)
+        results.append((evaluate(model, ctx.batches("val"), policy)["top1"], code, model))
+    val_top1, code, model = max(results, key=lambda r: r[0])
+    matrix = architecture.decode(code, space.num_cells, space.num_modules)
+    correct = []
+    with torch.no_grad():
+        for x, y in ctx.batches("test"):
+            x = ctx.to_device(x)
+            correct.append((model.forward_selected(x, fixed_policy(matrix)(x)).argmax(1).cpu() == y).numpy())
+    return {"code": code, "val_top1": val_top1, "candidates": {c: v for v, c, _ in results},
+            "correct": np.concatenate(correct)}
+
+
+def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = None, out: str | None = None) -> dict:
+    bundle_path = Path(bundle) if bundle else ctx.run.path / "bundle"
+    baseline_path = Path(baseline_bundle) if baseline_bundle else bundle_path.with_name(bundle_path.name + "-mobilenet_v2")
+    out_dir = Path(out) if out else ctx.run.path / "report"
+    for path in (bundle_path, baseline_path):
+        if not (path / "manifest.json").exists():
+            raise RunError(f"no bundle at {path}; run the export phase first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = ctx.config.report
+    labels = ctx.test.labels
+    rng = np.random.default_rng(ctx.config.seed)
+    timed = np.sort(rng.permutation(len(labels))[: cfg.latency_images])
+
+    dynamic = {fused: Served(bundle_path, fused) for fused in (False, True)}
+    static = {fused: Served(baseline_path, fused) for fused in (False, True)}
+    manifest = dynamic[False].manifest
+    x = _inputs(ctx, manifest)
+    report: dict = {"images": int(len(labels)), "latency_images": int(len(timed)), "points": {}, "controls": {}}
+
+    # the baseline: accuracy, loss per image (difficulty), latency both ways
+    base_logits, base_executed = static[False].run(x)
+    base_correct = base_logits.argmax(1) == labels
+    difficulty = _loss(base_logits, labels)
+    static[True].warm([static[False].manifest.fixed_architecture])
+    report["baseline"] = {"top1": float(base_correct.mean()),
+                          "mflops": float(static[False].costs.mflops(base_executed[:1])[0]),
+                          "latency": {"per_block": static[False].time_batch1(x[timed]),
+                                      "fused": static[True].time_batch1(x[timed])},
+                          "curve": _baseline_curve(ctx)}
+    base_ms = report["baseline"]["latency"]["per_block"]["mean_ms"]
+    base_fused_ms = report["baseline"]["latency"]["fused"]["mean_ms"]
+
+    from training.finetune import controllers as frozen_controllers
+
+    metagraph = ctx.new_metagraph()
+    metagraph.load_state_dict(ctx.run.require("finetune")["model"])
+    metagraph.eval()
+    points = list(frozen_controllers(ctx, ctx.run.require("search")))
+    dynamic[True].warm([a.code for a in manifest.frequent_architectures])
+    per_image = {}
+    for point in points:
+        logits, executed = dynamic[False].run(x, point)
+        correct = logits.argmax(1) == labels
+        estimated = dynamic[False].costs.latency_ms(executed, point)
+        codes = architecture.encode_many(executed)
+        counts: dict[str, int] = {}
+        for code in codes:
+            counts[code] = counts.get(code, 0) + 1
+        frequent = [c for c, _ in sorted(counts.items(), key=lambda t: -t[1])]
+        lat = {"per_block": dynamic[False].time_batch1(x[timed], point),
+               "fused": dynamic[True].time_batch1(x[timed], point)}
+        report["points"][point] = {
+            "top1": float(correct.mean()), "latency": lat,
+            "relative_to_baseline": lat["per_block"]["mean_ms"] / base_ms,
+            "relative_to_baseline_fused": lat["fused"]["mean_ms"] / base_fused_ms,
+            "estimated_latency_ms": float(estimated.mean()),
+            "mflops": float(dynamic[False].costs.mflops(executed, point).mean()),
+            "modules": float(executed.sum((1, 2)).mean()), "architectures": len(counts),
+            "most_frequent": {c: counts[c] for c in frequent[:5]},
+            "difficulty_spearman": spearman(estimated, difficulty),
+            "vs_baseline": bootstrap_difference(correct, base_correct, cfg.resamples, ctx.config.seed),
+        }
+        per_image[point] = {"correct": correct, "executed": executed, "estimated": estimated}
+
+        # control 1: the same architectures, assigned to images at random
+        shuffled = executed[rng.permutation(len(executed))]
+        s_logits, _ = dynamic[False].run(x, executed=shuffled)
+        s_correct = s_logits.argmax(1) == labels
+        # control 2: the best static twin
+        twin = best_static_twin(ctx, metagraph, static_twin_candidates(
+            ctx, frequent, dynamic[False].costs, float(estimated.mean()), cfg.twin_candidates))
+        twin_matrix = architecture.decode(twin["code"], ctx.space.num_cells, ctx.space.num_modules)
+        twin_given = np.broadcast_to(twin_matrix, (len(timed), *twin_matrix.shape))
+        report["controls"][point] = {
+            "shuffled": {"top1": float(s_correct.mean()),
+                         "latency": {"per_block": dynamic[False].time_batch1(x[timed], executed=shuffled[timed])},
+                         "point_minus_control": bootstrap_difference(correct, s_correct, cfg.resamples, ctx.config.seed)},
+            "static_twin": {"code": twin["code"], "val_top1": twin["val_top1"], "candidates": twin["candidates"],
+                            "top1": float(twin["correct"].mean()),
+                            "latency": {"per_block": dynamic[False].time_batch1(x[timed], executed=twin_given)},
+                            "point_minus_control": bootstrap_difference(correct, twin["correct"], cfg.resamples,
+                                                                        ctx.config.seed)},
+        }
+        print(f"report {point}: top1={correct.mean():.4f}, {lat['per_block']['mean_ms']:.3f} ms "
+              f"({report['points'][point]['relative_to_baseline']:.2f}x baseline), shuffled {s_correct.mean():.4f}, "
+              f"static twin {twin['correct'].mean():.4f}", flush=True)
+    for served in (*dynamic.values(), *static.values()):
+        served.close()
+
+    report["machine"] = manifest.profile.machine
+    write_atomic(out_dir / "report.json", json.dumps(report, indent=1).encode())
+    write_atomic(out_dir / "FRONTIER.md", frontier_table(report).encode())
+    plots(report, ctx, per_image, difficulty, out_dir)
+    ctx.run.log("report", folder=str(out_dir), **{f"{p}_top1": v["top1"] for p, v in report["points"].items()})
+    return report
+
+
+def _baseline_curve(ctx: Context) -> list[dict]:
+    state = ctx.run.load("baseline")
+    return [] if state is None else [{k: c[k] for k in ("epoch", "val_top1", "elapsed_s") if k in c}
+                                     for c in state["curve"]]
+
+
+def frontier_table(report: dict) -> str:
+    base = report["baseline"]
+    lines = ["| model | top-1 | latency ms (per-block) | x baseline | latency ms (fused cache) | x baseline | MFLOPs | "
+             "modules | architectures |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    bl = base["latency"]
+    lines.append(f"| MobileNetV2 baseline | {base['top1']:.4f} | {bl['per_block']['mean_ms']:.3f} | 1.00 | "
+                 f"{bl['fused']['mean_ms']:.3f} | 1.00 | {base['mflops']:.2f} | 17 | 1 |")
+    for name, p in report["points"].items():
+        lat = p["latency"]
+        lines.append(f"| {name} | {p['top1']:.4f} | {lat['per_block']['mean_ms']:.3f} | {p['relative_to_baseline']:.2f} | "
+                     f"{lat['fused']['mean_ms']:.3f} | {p['relative_to_baseline_fused']:.2f} | {p['mflops']:.2f} | "
+                     f"{p['modules']:.1f} | {p['architectures']} |")
+    lines += ["", "Controls (accuracy difference, point minus control, paired bootstrap 95% interval):", "",
+              "| point | shuffled top-1 | point - shuffled | static twin | twin top-1 | point - twin | "
+              "rank corr. latency vs difficulty | point - baseline |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def ci(d: dict) -> str:
+        return f"{d['difference'] * 100:+.2f} pts [{d['low'] * 100:+.2f}, {d['high'] * 100:+.2f}]"
+
+    for name, c in report["controls"].items():
+        p = report["points"][name]
+        lines.append(f"| {name} | {c['shuffled']['top1']:.4f} | {ci(c['shuffled']['point_minus_control'])} | "
+                     f"`{c['static_twin']['code']}` | {c['static_twin']['top1']:.4f} | "
+                     f"{ci(c['static_twin']['point_minus_control'])} | {p['difficulty_spearman']:+.3f} | "
+                     f"{ci(p['vs_baseline'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    base = report["baseline"]
+    base_ms = base["latency"]["per_block"]["mean_ms"]
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    names = list(report["points"])
+    xs = [report["points"][n]["relative_to_baseline"] for n in names]
+    ys = [report["points"][n]["top1"] * 100 for n in names]
+    ax.plot(xs, ys, "o-", color="tab:blue", label="InstaNAS operating points (this run)")
+    for n, xv, yv in zip(names, xs, ys):
+        ax.annotate(n, (xv, yv), textcoords="offset points", xytext=(4, 4))
+    for kind, marker, color in (("shuffled", "x", "tab:red"), ("static_twin", "s", "tab:orange")):
+        cx = [report["controls"][n][kind]["latency"]["per_block"]["mean_ms"] / base_ms for n in names]
+        cy = [report["controls"][n][kind]["top1"] * 100 for n in names]
+        ax.scatter(cx, cy, marker=marker, color=color, label=f"control: {kind.replace('_', ' ')}")
+    ax.scatter([1.0], [base["top1"] * 100], marker="*", s=160, color="black", label="MobileNetV2, same width")
+    ax.set_xlabel("mean latency per image / MobileNetV2 baseline's (service executor, batch 1)")
+    ax.set_ylabel(f"top-1 %, test split ({report['images']:,} images)")
+    ax2 = ax.twinx()
+    ax2.plot([v[1] for v in PAPER_POINTS.values()], [v[0] for v in PAPER_POINTS.values()], "^--", color="gray",
+             alpha=0.6, label="paper InstaNAS-C10 A-E (other scale)")
+    ax2.scatter([v[1] for v in PAPER_MOBILENETS.values()], [v[0] for v in PAPER_MOBILENETS.values()], marker="v",
+                color="gray", alpha=0.6, label="paper MobileNetV2 0.4/1.0/1.4x")
+    ax2.set_ylabel("paper top-1 % (full CIFAR-10, GPU-trained; reference only)", color="gray")
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="lower right")
+    ax.set_title("Accuracy / latency frontier")
+    fig.tight_layout()
+    fig.savefig(out_dir / "frontier.png", dpi=120)
+    plt.close(fig)
+
+    curve = base["curve"]
+    if curve:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        a1.plot([c["epoch"] for c in curve], [c["val_top1"] * 100 for c in curve], "o-", ms=3)
+        a1.set_xlabel("epoch")
+        a1.set_ylabel("validation top-1 %")
+        a2.plot([c["elapsed_s"] / 3600 for c in curve], [c["val_top1"] * 100 for c in curve], "o-", ms=3)
+        a2.set_xlabel("training wall-clock (h, 2 CPU cores)")
+        fig.suptitle("MobileNetV2 baseline: learning curve")
+        fig.tight_layout()
+        fig.savefig(out_dir / "learning_curve.png", dpi=120)
+        plt.close(fig)
+
+    # easiest and hardest images for the default point: cheapest and costliest architectures
+    point = names[len(names) // 2] if names else None
+    if point is None:
+        return
+    estimated, executed = per_image[point]["estimated"], per_image[point]["executed"]
+    order = np.argsort(estimated, kind="stable")
+    picks = [("cheapest", order[:6]), ("costliest", order[::-1][:6])]
+    fig, axes = plt.subplots(4, 6, figsize=(10, 6.5))
+    for r, (title, idx) in enumerate(picks):
+        for c, i in enumerate(idx):
+            img_ax, arch_ax = axes[2 * r, c], axes[2 * r + 1, c]
+            img_ax.imshow(ctx.test.images[i])
+            img_ax.set_title(f"{ctx.test.classes[ctx.test.labels[i]]}\n{estimated[i]:.2f} ms, loss {difficulty[i]:.2f}",
+                             fontsize=7)
+            arch_ax.imshow(executed[i].T, cmap="Greys", vmin=0, vmax=1, aspect="auto")
+            arch_ax.set_xlabel("cell", fontsize=6)
+            for a in (img_ax, arch_ax):
+                a.set_xticks([])
+                a.set_yticks([])
+        axes[2 * r, 0].set_ylabel(title, fontsize=9)
+    fig.suptitle(f"Operating point {point}: the images given the cheapest and the costliest architectures "
+                 f"(grid: modules x cells, black = ran)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "difficulty.png", dpi=110)
+    plt.close(fig)
