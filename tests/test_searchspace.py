@@ -96,3 +96,17 @@ def test_empty_cell_rule():
         assert row.tolist() == ([False] * 5 if cell.skippable else [True, False, False, False, False])
     full = np.ones((1, 17, 5), bool)
     assert np.array_equal(architecture.apply_empty_cell_rule(full, space), full)
+
+
+def test_an_unknown_module_kind_is_refused_not_built_as_something_else():
+    from service.manifest import ModuleSpec
+    from training.metagraph import MODULE_KINDS, build_module
+
+    space = build_tiny_space()
+    cell = space.cells[0]
+    for spec in cell.modules:
+        assert spec.kind in MODULE_KINDS
+        build_module(cell, spec)
+    odd = ModuleSpec.model_construct(name="se_k3", kind="squeeze_excite", kernel=3, expansion=1)
+    with pytest.raises(ValueError, match="unknown module kind 'squeeze_excite'"):
+        build_module(cell, odd)

@@ -66,10 +66,22 @@ class BasicBlock(nn.Module):
         return self.body(x)
 
 
+# Every module kind a search space may name (service.manifest.ModuleSpec.kind), and its builder.
+MODULE_KINDS = {
+    "inverted_residual": lambda cell, spec: InvertedResidual(cell.in_channels, cell.out_channels, cell.stride,
+                                                             spec.kernel, spec.expansion),
+    "basic": lambda cell, spec: BasicBlock(cell.in_channels, cell.out_channels, cell.stride, spec.kernel),
+}
+
+
 def build_module(cell: CellSpec, spec: ModuleSpec) -> nn.Module:
-    if spec.kind == "inverted_residual":
-        return InvertedResidual(cell.in_channels, cell.out_channels, cell.stride, spec.kernel, spec.expansion)
-    return BasicBlock(cell.in_channels, cell.out_channels, cell.stride, spec.kernel)
+    """The PyTorch module of `spec` in `cell`; an unknown kind is an error, never a default."""
+    try:
+        builder = MODULE_KINDS[spec.kind]
+    except KeyError:
+        raise ValueError(f"unknown module kind {spec.kind!r} (module {spec.name!r}); known: "
+                         f"{', '.join(MODULE_KINDS)}") from None
+    return builder(cell, spec)
 
 
 class Stem(nn.Sequential):
