@@ -190,3 +190,16 @@ def test_paired_bootstrap_and_rank_correlation_by_hand():
     assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
     # ties take their mean rank: x ranks (1, 2.5, 2.5, 4), y ranks (1, 2, 3, 4)
     assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 4])) == pytest.approx(0.9486833, abs=1e-6)
+
+
+def test_search_window_is_centred_on_the_target_and_reaches_the_start():
+    from training.search import window
+
+    # a start below the window's natural top: centred on the target
+    assert window(1.0, 1.0, 0.1, 0.4) == pytest.approx((0.6, 1.4))
+    # the controller starts far above: the top reaches over it, the middle stays on the target
+    lower, upper = window(0.5, 1.0, 0.1, 0.4)
+    assert upper == pytest.approx(1.2) and lower == pytest.approx(0.1) and upper > 1.0
+    # a target below the cheapest architecture: a window just above the cheapest
+    lower, upper = window(0.05, 0.06, 0.1, 0.4)
+    assert lower == pytest.approx(0.1) and upper == pytest.approx(0.18)

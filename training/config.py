@@ -194,7 +194,7 @@ def _preset_cifar10_cpu() -> RunConfig:
         # Starts from the converged baseline: a short, gentle schedule.
         pretrain=PretrainConfig(epochs=6, lr=0.02, weight_decay=1e-4, warmup_epochs=0.2, sampling="sandwich",
                                 warm_start=True, distill=0.5),
-        search=SearchConfig(mode="variants", batch_size=64, lr=1e-3, alpha=0.95, beta=0.05, entropy="one_sided",
+        search=SearchConfig(mode="variants", batch_size=64, lr=1e-3, alpha=0.95, beta=0.01, entropy="one_sided",
                             steps_per_variant=400),
         finetune=FinetuneConfig(epochs=2, lr=0.01, weight_decay=1e-4),
         profile=ProfileConfig(repeats=30, warmup=5),

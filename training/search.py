@@ -99,20 +99,19 @@ def _variants(ctx: Context) -> dict:
     for v in range(len(state["variants"]), len(cfg.targets)):
         name, ratio = cfg.names[v], cfg.targets[v]
         target = ratio * reference
-        lower, upper = max(target * (1 - cfg.window), lowest), target * (1 + cfg.window)
-        if upper <= lower * 1.05:  # a target below the cheapest architecture: aim just above it
-            print(f"search {name}: target {target:.4g} ms is below the cheapest architecture's {lowest:.4g} ms",
-                  flush=True)
-            upper = lower * (1 + 2 * cfg.window)
         optimizer = torch.optim.Adam(controller.parameters(), lr=cfg.lr)
         current, start = state.get("current"), 0
         if current and current["index"] == v:
             controller.load_state_dict(current["controller"])
             optimizer.load_state_dict(current["optimizer"])
             start = current["step"]
+            lower, upper = current["window"]
             print(f"search {name}: resuming at step {start}", flush=True)
-        elif v:  # warm start from the previous operating point
-            controller.load_state_dict(state["variants"][-1]["controller"])
+        else:
+            if v:  # warm start from the previous operating point
+                controller.load_state_dict(state["variants"][-1]["controller"])
+            lower, upper = window(target, _greedy_latency(ctx, controller, rewarder, cfg), lowest, cfg.window)
+            print(f"search {name}: target {target:.4g} ms, reward window [{lower:.4g}, {upper:.4g}] ms", flush=True)
         controller.train()
         sums = _Sums()
         batches = ctx.batches("train", cfg.batch_size, seed=7000 + v)
@@ -145,7 +144,7 @@ def _variants(ctx: Context) -> dict:
                                 refresh=False)
             if done_steps % every == 0 and done_steps < cfg.steps_per_variant:
                 state["current"] = {"index": v, "step": done_steps, "controller": _clone(controller),
-                                    "optimizer": optimizer.state_dict()}
+                                    "optimizer": optimizer.state_dict(), "window": (lower, upper)}
                 ctx.run.save("search", state)
         bar.close()
         figures = {f"val_{k}": val for k, val in
@@ -159,6 +158,33 @@ def _variants(ctx: Context) -> dict:
         state["done"] = len(state["variants"]) == len(cfg.targets)
         ctx.run.save("search", state)
     return ctx.run.require("search")
+
+
+def window(target: float, start: float, lowest: float, width: float) -> tuple[float, float]:
+    """The reward window of one operating point: centred on `target` where it can be, wide enough
+    (`width` x target each side) and always reaching above `start`, the latency the controller
+    starts from, so that its first samples are rewarded and the gradient leads to the target.
+    The lower bound never goes below the cheapest architecture."""
+    upper = max(target * (1 + width), start * (1 + width / 2))
+    lower = max(2 * target - upper, lowest)
+    if upper <= lower * 1.05:  # a target at or below the cheapest architecture: aim just above it
+        upper = lower * (1 + 2 * width)
+    return lower, upper
+
+
+@torch.no_grad()
+def _greedy_latency(ctx: Context, controller, rewarder: Rewarder, cfg, batches: int = 4) -> float:
+    """Mean latency of the controller's greedy architectures on a few training batches."""
+    was_training = controller.training
+    controller.eval()
+    total, n = 0.0, 0
+    for i, (x, _) in enumerate(ctx.batches("train", cfg.batch_size, seed=6999).epoch(0)):
+        if i >= batches:
+            break
+        latency = rewarder.latency(controller(ctx.to_device(x)) >= GREEDY_THRESHOLD)
+        total, n = total + float(latency.sum()), n + len(latency)
+    controller.train(was_training)
+    return total / max(n, 1)
 
 
 class _Sums:
