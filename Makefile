@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install-serve install-dev train-default evaluate-default clean
+.PHONY: serve test install-serve install-dev images train-default evaluate-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: install-dev
 	bash scripts/test-setup.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Both container images with podman and no registry: a Debian base from mmdebstrap and the
+# Python packages from a wheelhouse downloaded here first (README, "Containers").
+images: $(BIN)/python
+	PYTHON=$(BIN)/python bash scripts/build-images.sh
+
 # Train the default bundle and its static MobileNetV2 twin (hours on 2 CPU cores). The run
 # folder is committed: its latest resumable state is there, so the same command resumes it
 # on any machine, any day (see docs/RESULTS.md).
@@ -37,7 +42,7 @@ train-default: install-dev
 # Accuracy and executor latency of the default bundle through the served path (docs/RESULTS.md).
 evaluate-default: install-serve
 	$(BIN)/python scripts/evaluate_bundle.py --model models/cifar10-default \
-		--data ../shared/data/cifar10-jpeg/test.tar.gz --json docs/runs/cifar10-default/evaluation.json
+		--data ../shared/data/cifar10-jpeg/test.tar.gz --json docs/cifar10-default-evaluation.json
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache wheelhouse

@@ -101,21 +101,31 @@ class Served:
             chosen.append(result.executed)
         return np.concatenate(logits), np.concatenate(chosen)
 
-    def time_batch1(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None) -> dict:
-        """Mean, p50 and p99 milliseconds of `Executor.run` on one image at a time."""
-        for i in range(min(20, len(x))):  # warm-up
-            self.executor.run(x[i : i + 1], None if executed is None else executed[i : i + 1], point)
-        times = np.empty(len(x))
-        for i in range(len(x)):
-            t0 = time.perf_counter()
-            self.executor.run(x[i : i + 1], None if executed is None else executed[i : i + 1], point)
-            times[i] = time.perf_counter() - t0
-        times *= 1e3
-        return {"mean_ms": float(times.mean()), "p50_ms": float(np.median(times)), "p99_ms": float(np.percentile(times, 99))}
+    def call(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None):
+        """`i -> Executor.run` on row i of `x` alone (batch 1), for `time_interleaved`."""
+        return lambda i: self.executor.run(x[i : i + 1], None if executed is None else executed[i : i + 1], point)
 
     def close(self) -> None:
         if self.cache is not None:
             self.cache.stop()
+
+
+def time_interleaved(calls: dict[str, object], rows: int, warmup: int = 20) -> dict[str, dict]:
+    """Batch-1 milliseconds (mean, p50, p99) of every call on rows 0..rows-1, taken in turn for
+    each row (model 1 on row 0, model 2 on row 0, ..., model 1 on row 1, ...), so that what else
+    the machine does at any moment weighs on every model alike."""
+    names = list(calls)
+    for i in range(min(warmup, rows)):
+        for name in names:
+            calls[name](i)
+    times = {name: np.empty(rows) for name in names}
+    for i in range(rows):
+        for name in names:
+            t0 = time.perf_counter()
+            calls[name](i)
+            times[name][i] = (time.perf_counter() - t0) * 1e3
+    return {name: {"mean_ms": float(t.mean()), "p50_ms": float(np.median(t)), "p99_ms": float(np.percentile(t, 99))}
+            for name, t in times.items()}
 
 
 def _inputs(ctx: Context, manifest) -> np.ndarray:
@@ -195,13 +205,11 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
     base_correct = base_logits.argmax(1) == labels
     difficulty = _loss(base_logits, labels)
     static[True].warm([static[False].manifest.fixed_architecture])
+    xt = x[timed]
+    calls = {"baseline/per_block": static[False].call(xt), "baseline/fused": static[True].call(xt)}
     report["baseline"] = {"top1": float(base_correct.mean()),
                           "mflops": float(static[False].costs.mflops(base_executed[:1])[0]),
-                          "latency": {"per_block": static[False].time_batch1(x[timed]),
-                                      "fused": static[True].time_batch1(x[timed])},
                           "curve": _baseline_curve(ctx)}
-    base_ms = report["baseline"]["latency"]["per_block"]["mean_ms"]
-    base_fused_ms = report["baseline"]["latency"]["fused"]["mean_ms"]
 
     from training.finetune import controllers as frozen_controllers
 
@@ -220,12 +228,10 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
         for code in codes:
             counts[code] = counts.get(code, 0) + 1
         frequent = [c for c, _ in sorted(counts.items(), key=lambda t: -t[1])]
-        lat = {"per_block": dynamic[False].time_batch1(x[timed], point),
-               "fused": dynamic[True].time_batch1(x[timed], point)}
+        calls[f"{point}/per_block"] = dynamic[False].call(xt, point)
+        calls[f"{point}/fused"] = dynamic[True].call(xt, point)
         report["points"][point] = {
-            "top1": float(correct.mean()), "latency": lat,
-            "relative_to_baseline": lat["per_block"]["mean_ms"] / base_ms,
-            "relative_to_baseline_fused": lat["fused"]["mean_ms"] / base_fused_ms,
+            "top1": float(correct.mean()),
             "estimated_latency_ms": float(estimated.mean()),
             "mflops": float(dynamic[False].costs.mflops(executed, point).mean()),
             "modules": float(executed.sum((1, 2)).mean()), "architectures": len(counts),
@@ -244,21 +250,34 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
             ctx, frequent, dynamic[False].costs, float(estimated.mean()), cfg.twin_candidates))
         twin_matrix = architecture.decode(twin["code"], ctx.space.num_cells, ctx.space.num_modules)
         twin_given = np.broadcast_to(twin_matrix, (len(timed), *twin_matrix.shape))
+        calls[f"{point}/shuffled"] = dynamic[False].call(xt, executed=shuffled[timed])
+        calls[f"{point}/static_twin"] = dynamic[False].call(xt, executed=twin_given)
         report["controls"][point] = {
             "shuffled": {"top1": float(s_correct.mean()),
-                         "latency": {"per_block": dynamic[False].time_batch1(x[timed], executed=shuffled[timed])},
                          "point_minus_control": bootstrap_difference(correct, s_correct, cfg.resamples, ctx.config.seed)},
             "static_twin": {"code": twin["code"], "val_top1": twin["val_top1"], "candidates": twin["candidates"],
                             "top1": float(twin["correct"].mean()),
-                            "latency": {"per_block": dynamic[False].time_batch1(x[timed], executed=twin_given)},
                             "point_minus_control": bootstrap_difference(correct, twin["correct"], cfg.resamples,
                                                                         ctx.config.seed)},
         }
-        print(f"report {point}: top1={correct.mean():.4f}, {lat['per_block']['mean_ms']:.3f} ms "
-              f"({report['points'][point]['relative_to_baseline']:.2f}x baseline), shuffled {s_correct.mean():.4f}, "
+        print(f"report {point}: top1={correct.mean():.4f}, shuffled {s_correct.mean():.4f}, "
               f"static twin {twin['correct'].mean():.4f}", flush=True)
+
+    # every model and control timed in one interleaved pass
+    timing = time_interleaved(calls, len(timed))
     for served in (*dynamic.values(), *static.values()):
         served.close()
+    report["baseline"]["latency"] = {"per_block": timing["baseline/per_block"], "fused": timing["baseline/fused"]}
+    base_ms, base_fused_ms = timing["baseline/per_block"]["mean_ms"], timing["baseline/fused"]["mean_ms"]
+    for point, p in report["points"].items():
+        p["latency"] = {"per_block": timing[f"{point}/per_block"], "fused": timing[f"{point}/fused"]}
+        p["relative_to_baseline"] = p["latency"]["per_block"]["mean_ms"] / base_ms
+        p["relative_to_baseline_fused"] = p["latency"]["fused"]["mean_ms"] / base_fused_ms
+        for kind in ("shuffled", "static_twin"):
+            report["controls"][point][kind]["latency"] = {"per_block": timing[f"{point}/{kind}"]}
+        print(f"report {point}: {p['latency']['per_block']['mean_ms']:.3f} ms per block "
+              f"({p['relative_to_baseline']:.2f}x baseline), {p['latency']['fused']['mean_ms']:.3f} ms fused "
+              f"({p['relative_to_baseline_fused']:.2f}x)", flush=True)
 
     report["machine"] = manifest.profile.machine
     write_atomic(out_dir / "report.json", json.dumps(report, indent=1).encode())
