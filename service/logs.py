@@ -1,0 +1,173 @@
+"""Logs: a JSON formatter for the standard logging module, request ids, and the access log.
+
+`configure(format, level)` puts one handler on the root logger (stderr): JSON objects, one a
+line (`json`), or plain lines (`text`). uvicorn's own loggers propagate to it; its access log is
+replaced by `AccessLog`, a plain ASGI middleware that
+
+- takes the request id from the `X-Request-ID` header when it is usable (printable ASCII, at
+  most 128 characters) and otherwise makes one (uuid4, hex);
+- echoes it in the `X-Request-ID` header of every response, errors included;
+- writes one line per request to the `instanas.access` logger: method, path, status,
+  duration_ms, request id, and what the handler noted in `notes(scope)` (the architecture
+  code of each image, the operating point, the model version).
+
+While a request is handled on the event loop, every record logged carries its request id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import sys
+import time
+import traceback
+import uuid
+from datetime import UTC, datetime
+
+HEADER = b"x-request-id"
+MAX_REQUEST_ID = 128
+ACCESS_LOGGER = "instanas.access"
+NOTES_KEY = "instanas.notes"  # the ASGI scope key of the handler's notes for the access log
+
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("instanas_request_id", default=None)
+
+# LogRecord attributes that are not `extra` fields (plus uvicorn's colour copy of the message).
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime",
+                                                                                  "color_message", "taskName"}
+
+
+def request_id_from(value: bytes | None) -> str:
+    """The client's request id when usable (printable ASCII, 1..128 characters), else a new one."""
+    if value and len(value) <= MAX_REQUEST_ID and all(0x20 <= b < 0x7F for b in value) and value.strip():
+        return value.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str | None:
+    """The id of the request being handled on this task (None outside a request or in a worker thread)."""
+    return _request_id.get()
+
+
+def notes(scope) -> dict:
+    """The dict in which a handler notes what the access log line should say about its request
+    (keys: architecture, operating_point, model_version); a throwaway one without the middleware."""
+    return scope.setdefault(NOTES_KEY, {})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a record: time (UTC, ISO 8601), level, logger, message, the record's extra
+    fields, the request id when there is one, and the exception's traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _RECORD_ATTRS and not key.startswith("_"):
+                out[key] = value
+        if "request_id" not in out and (rid := _request_id.get()) is not None:
+            out["request_id"] = rid
+        if record.exc_info:
+            out["exception"] = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = record.stack_info
+        return json.dumps(out, default=str, ensure_ascii=False)
+
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure(log_format: str = "json", level: str = "info") -> logging.Handler:
+    """One stderr handler on the root logger, in `log_format` (json or text), at `level`; replaces
+    the handler a previous call installed."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler._instanas = True  # type: ignore[attr-defined]
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_instanas", False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    return handler
+
+
+class AccessLog:
+    """Request ids and one access log line per request: a plain ASGI middleware (see the module
+    docstring). `enabled=False` keeps the request ids and drops the lines."""
+
+    def __init__(self, app, enabled: bool = True, logger: str = ACCESS_LOGGER):
+        self.app, self.enabled, self.log = app, enabled, logging.getLogger(logger)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        given = next((v for k, v in scope.get("headers", ()) if k.lower() == HEADER), None)
+        rid = request_id_from(given)
+        scope[NOTES_KEY] = {}
+        token = _request_id.set(rid)
+        status = None
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != HEADER]
+                message = {**message, "headers": [*headers, (HEADER, rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            if status is None:  # unhandled: answer here, with the id (the app's error handler still logs it)
+                await _internal_error(scope)(scope, receive, send_with_id)
+            raise
+        else:
+            _request_id.reset(token)
+        finally:
+            if self.enabled and self.log.isEnabledFor(logging.INFO):
+                self._line(scope, rid, status or 500, (time.perf_counter() - t0) * 1e3)
+
+    def _line(self, scope, rid: str, status: int, duration_ms: float) -> None:
+        noted = scope.get(NOTES_KEY) or {}
+        version = noted.get("model_version")
+        if version is None:  # the bundle being served, for requests that classified nothing
+            state = getattr(getattr(scope.get("app"), "state", None), "instanas", None)
+            version = getattr(getattr(state, "manifest", None), "version", None)
+        client = scope.get("client")
+        fields = {
+            "request_id": rid,
+            "method": scope.get("method"),
+            "path": scope.get("path"),
+            "query": scope.get("query_string", b"").decode("latin-1") or None,
+            "status": status,
+            "duration_ms": round(duration_ms, 3),
+            "client": client[0] if client else None,
+            "architecture": noted.get("architecture"),
+            "operating_point": noted.get("operating_point"),
+            "model_version": version,
+        }
+        target = fields["path"] + (f"?{fields['query']}" if fields["query"] else "")
+        text = (f'{fields["client"] or "-"} "{fields["method"]} {target}" {status} {fields["duration_ms"]:.1f}ms '
+                f"request_id={rid}")
+        if fields["architecture"]:
+            text += f" architecture={','.join(fields['architecture'])} operating_point={fields['operating_point'] or '-'}"
+        text += f" model_version={version or '-'}"
+        self.log.info(text, extra=fields)
+
+
+def _internal_error(scope):
+    from service.errors import error_response  # late: errors imports FastAPI
+
+    message = "the server failed to handle this request; see its log"
+    if scope.get("path", "").startswith("/v2"):
+        from fastapi.responses import JSONResponse
+
+        return JSONResponse({"error": message}, status_code=500)
+    return error_response(500, "internal_error", message)
