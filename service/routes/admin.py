@@ -1,0 +1,28 @@
+"""`POST /admin/reload`: swap in a bundle (the same folder read again, or another) without a restart."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Body, Depends, Request
+from pydantic import BaseModel, Field
+
+from service import reload
+from service.schemas import ErrorResponse, ModelRef
+from service.security import require_token
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
+
+
+class ReloadRequest(BaseModel):
+    path: str | None = Field(default=None, description="Bundle folder on the server; default: the one served now.")
+
+
+class ReloadResponse(BaseModel):
+    model: ModelRef = Field(description="The bundle that answers from now on.")
+    previous: ModelRef
+    seconds: float = Field(description="Loading, verifying and warming up the new bundle.")
+
+
+@router.post("/reload", response_model=ReloadResponse, summary="Load, verify and warm up a bundle, then swap it in",
+             responses={code: {"model": ErrorResponse} for code in (401, 409, 422, 503)})
+async def reload_bundle(request: Request, body: ReloadRequest | None = Body(default=None)):
+    return await reload.reload(request.app, body.path if body else None)

@@ -1,0 +1,351 @@
+"""The HTTP server: uvicorn, with the connection limits it lacks and a shutdown that drains.
+
+uvicorn has a keep-alive timeout and a graceful-shutdown timeout, but nothing bounds the time
+a client may take to send a request's headers, the number of connections held open (so idle
+sockets can use up the process's file descriptors and nothing answers, not even
+/healthz/live), or the requests one keep-alive connection may send; and on SIGTERM it stops
+accepting at once. In-process, with no proxy in front:
+
+- `Guard`, mixed into uvicorn's own HTTP protocol (httptools where installed, else h11):
+  * the request line and headers must arrive within `INSTANAS_HEADER_TIMEOUT` seconds of the
+    connection opening or of the first byte of the next request (408, closed); headers larger
+    than `INSTANAS_MAX_HEADER_BYTES` get 431; an idle keep-alive connection is closed after
+    `INSTANAS_KEEP_ALIVE_TIMEOUT` (uvicorn's timer), and after `INSTANAS_KEEP_ALIVE_MAX_REQUESTS`
+    requests the response says `Connection: close`;
+  * at most `INSTANAS_MAX_CONNECTIONS` connections (and never more than the open-files limit
+    leaves room for): a new one beyond it closes the connection idle for longest (no request
+    in progress), or, when every connection is busy, is answered 503 `overloaded` and closed;
+  * requests that are not valid HTTP/1.1 (including both Content-Length and Transfer-Encoding)
+    get uvicorn's 400, in the API's JSON error shape.
+- `InstanasServer`, uvicorn's server with other signal handling: SIGTERM starts a drain
+  (readiness answers 503 `draining` for `INSTANAS_DRAIN_SECONDS` while requests are still
+  served, each response then closing its connection), then uvicorn's graceful shutdown
+  (stop accepting, close idle connections, let requests in flight finish for at most
+  `INSTANAS_SHUTDOWN_TIMEOUT` seconds, then cancel them), and exit 0. A second SIGTERM, or
+  SIGINT (Ctrl+C), skips the drain; SIGINT twice forces the exit. SIGHUP reloads the bundle
+  (service/reload.py).
+
+The time to send a body is bounded in the app (service/limits.py, 408 in the JSON shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import resource
+import signal
+import time
+from collections import OrderedDict
+
+import uvicorn
+
+log = logging.getLogger("instanas.service")
+
+# Descriptors kept for everything but client connections: the listening socket, logs, the
+# bundle's files while loading, onnxruntime, the event loop's own.
+RESERVED_FDS = 64
+
+
+def _json_response(status: int, reason: str, code: str, message: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [f"HTTP/1.1 {status} {reason}", "content-type: application/json", f"content-length: {len(body)}",
+            "connection: close", *(f"{k}: {v}" for k, v in extra)]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def connection_limit(wanted: int) -> int:
+    """`wanted`, lowered to what the open-files limit (RLIMIT_NOFILE, soft) leaves for clients."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - RESERVED_FDS))
+
+
+class Connections:
+    """The open client connections of one server, idle ones in least-recently-used order."""
+
+    def __init__(self, limit: int, metrics=None):
+        self.limit = limit
+        self.open: set = set()
+        self.idle: OrderedDict = OrderedDict()  # connections with no request in progress, oldest first
+        self.draining = False
+        self.evicted = 0
+        self.refused = 0
+        self.metrics = metrics
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.open_connections.set(len(self.open))
+
+    def add(self, conn) -> bool:
+        """Count a new connection; False when it must be refused (the limit is reached and every
+        other connection has a request in progress)."""
+        self.open.add(conn)
+        self.idle[conn] = None
+        while len(self.open) > self.limit:
+            victim = next((c for c in self.idle if c is not conn), None)
+            if victim is None:
+                self.discard(conn)
+                self.refused += 1
+                if self.metrics is not None:
+                    self.metrics.connections_closed.labels("refused").inc()
+                return False
+            self.discard(victim)
+            self.evicted += 1
+            if self.metrics is not None:
+                self.metrics.connections_closed.labels("evicted").inc()
+            victim.transport.close()
+        self._gauge()
+        return True
+
+    def busy(self, conn) -> None:
+        self.idle.pop(conn, None)
+
+    def rest(self, conn) -> None:
+        if conn in self.open:
+            self.idle[conn] = None
+            self.idle.move_to_end(conn)
+
+    def discard(self, conn) -> None:
+        self.open.discard(conn)
+        self.idle.pop(conn, None)
+        self._gauge()
+
+
+class _RecordingParser:
+    """httptools' parser, remembering why it refused the last bytes (for the 400's message)."""
+
+    def __init__(self, parser, owner):
+        self._parser, self._owner = parser, owner
+
+    def feed_data(self, data):
+        try:
+            return self._parser.feed_data(data)
+        except Exception as exc:
+            self._owner._parse_error = str(exc)
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._parser, name)
+
+
+class Guard:
+    """Mixed in before uvicorn's HTTP protocol class; configured by `protocol_class`."""
+
+    guard_connections: Connections  # (uvicorn's protocol has its own `connections`, a set)
+    header_timeout: float
+    max_header_bytes: int
+    max_requests: int
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._seen_cycle = None
+        self._requests = 0
+        self._header_bytes = 0
+        self._header_timer = None
+        self._parse_error = ""
+        if hasattr(self, "parser") and self.parser is not None:  # httptools
+            self.parser = _RecordingParser(self.parser, self)
+        if not self.guard_connections.add(self):
+            transport.write(_json_response(503, "Service Unavailable", "overloaded",
+                                           "the server holds as many connections as it may; retry later",
+                                           (("retry-after", "1"),)))
+            transport.close()
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        self.guard_connections.discard(self)
+        super().connection_lost(exc)
+
+    def _waiting_for_headers(self) -> bool:
+        """No request in progress, and the previous one (if any) was read in full: the bytes
+        arriving now are a new request's line and headers."""
+        cycle = self.cycle
+        return cycle is None or (cycle.response_complete and not cycle.more_body)
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._waiting_for_headers()
+        super().data_received(data)
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle is not self._seen_cycle:  # the headers of a new request are in
+            self._seen_cycle = cycle
+            self._requests += 1
+            self._header_bytes = 0
+            self._cancel_header_timer()
+            self.guard_connections.busy(self)
+            if self._requests >= self.max_requests or self.guard_connections.draining:
+                cycle.keep_alive = False  # answered with `Connection: close`
+            return
+        if cycle is None or cycle.response_complete:
+            # Part of a request line and headers (or the rest of a body answered early, discarded).
+            if waiting:
+                self._header_bytes += len(data)
+                if self._header_bytes > self.max_header_bytes:
+                    self._close_with(431, "Request Header Fields Too Large", "headers_too_large",
+                                     f"the request line and headers exceed {self.max_header_bytes} bytes")
+                    return
+            if self._header_timer is None:
+                self._arm_header_timer()
+
+    # httptools' callbacks (h11 bounds its headers itself: h11_max_incomplete_event_size).
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._parsed_header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_header_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_header_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_header_bytes(self, n: int) -> None:
+        self._parsed_header_bytes = getattr(self, "_parsed_header_bytes", 0) + n
+        if self._parsed_header_bytes > self.max_header_bytes:
+            self._headers_too_large = True
+            raise ValueError("the request line and headers are too large")  # the parser stops: send_400_response
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._waiting_for_headers():
+            self.guard_connections.rest(self)
+
+    def send_400_response(self, msg: str) -> None:
+        if getattr(self, "_headers_too_large", False):
+            self._close_with(431, "Request Header Fields Too Large", "headers_too_large",
+                             f"the request line and headers exceed {self.max_header_bytes} bytes")
+            return
+        detail = f": {self._parse_error}" if getattr(self, "_parse_error", "") else ""
+        self._close_with(400, "Bad Request", "bad_request", f"the request is not valid HTTP/1.1{detail}")
+
+    def _close_with(self, status: int, reason: str, code: str, message: str) -> None:
+        if not self.transport.is_closing():
+            metrics = self.guard_connections.metrics
+            if metrics is not None:
+                metrics.rejections.labels(code).inc()
+            self.transport.write(_json_response(status, reason, code, message))
+            self.transport.close()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._header_timed_out)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing() or not (self.cycle is None or self.cycle.response_complete):
+            return
+        if self._header_bytes:
+            self._close_with(408, "Request Timeout", "request_timeout",
+                             f"the request headers did not arrive within {self.header_timeout:g} s")
+        else:  # nothing was sent: just close
+            self.transport.close()
+
+
+def protocol_class(http: str, connections: Connections, settings) -> type:
+    """uvicorn's protocol class for `http` ("httptools" or "h11") with `Guard` mixed in."""
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    return type("InstanasHttpProtocol", (Guard, base), {
+        "guard_connections": connections, "header_timeout": settings.header_timeout,
+        "max_header_bytes": settings.max_header_bytes, "max_requests": settings.keep_alive_max_requests})
+
+
+class InstanasServer(uvicorn.Server):
+    """uvicorn's server; SIGTERM drains first, SIGHUP reloads the bundle (see the module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, app, settings, connections: Connections):
+        super().__init__(config)
+        self.app, self.settings, self.connections = app, settings, connections
+        self._drain_until: float | None = None
+        self._signals: list[int] = []  # seen by the handler, logged on the loop
+        self._reloads = 0  # SIGHUPs not yet acted on
+        self._tasks: set[asyncio.Task] = set()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = signal.signal(signal.SIGHUP, self._hangup) if _main_thread() else None
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGHUP, previous)
+
+    def _hangup(self, sig, frame) -> None:
+        self._reloads += 1
+
+    def handle_exit(self, sig: int, frame) -> None:
+        # Not recorded for uvicorn to re-raise after the shutdown: a drained exit is a clean one (0).
+        self._signals.append(sig)
+        if sig == signal.SIGTERM and self._drain_until is None and not self.should_exit \
+                and self.settings.drain_seconds > 0:
+            self._drain_until = time.monotonic() + self.settings.drain_seconds
+            self._start_draining()
+            return
+        self._start_draining()
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+    def _start_draining(self) -> None:
+        self.connections.draining = True
+        state = getattr(self.app.state, "instanas", None)
+        if state is not None:
+            state.draining = True
+
+    async def on_tick(self, counter: int) -> bool:
+        while self._signals:
+            sig = signal.Signals(self._signals.pop(0)).name
+            if self._drain_until is not None and not self.should_exit:
+                log.info("%s: draining for %g s (readiness 503), then shutting down", sig, self.settings.drain_seconds)
+            else:
+                log.info("%s: shutting down (in-flight requests get %g s)", sig, self.settings.shutdown_timeout)
+        if self._drain_until is not None and time.monotonic() >= self._drain_until:
+            self.should_exit = True
+        if self._reloads and not self.should_exit:
+            self._reloads = 0
+            from service import reload
+
+            task = asyncio.ensure_future(reload.reload_logged(self.app, None, "SIGHUP"))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await super().on_tick(counter)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def serve(app, settings, *, http: str = "httptools", **uvicorn_options) -> None:
+    """Run `app` until a signal stops it (see the module docstring); `http` is uvicorn's HTTP
+    implementation to guard ("httptools" or "h11"), `uvicorn_options` go to uvicorn.Config
+    (host, port, loop, log_level, access_log...)."""
+    metrics = getattr(getattr(app.state, "instanas", None), "metrics", None)
+    limit = connection_limit(settings.max_connections)
+    if limit < settings.max_connections:
+        log.warning("at most %d connections (INSTANAS_MAX_CONNECTIONS=%d, but the open-files limit is %d)",
+                    limit, settings.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    connections = Connections(limit, metrics)
+    config = uvicorn.Config(app, http=protocol_class(http, connections, settings),
+                            h11_max_incomplete_event_size=settings.max_header_bytes,
+                            timeout_keep_alive=settings.keep_alive_timeout,
+                            timeout_graceful_shutdown=settings.shutdown_timeout, **uvicorn_options)
+    InstanasServer(config, app, settings, connections).run()

@@ -1,0 +1,228 @@
+"""Slow, idle and too many connections (service/server.py, service/limits.py), on real servers:
+a body trickled at a byte a second is cut off within the body timeout, headers within the header
+timeout, 300 idle sockets do not stop /healthz/live from answering even when they are more than the
+process may open, keep-alive connections end after their limits, and a connection beyond the limit
+is refused at once when every other one is busy. The same guards with uvicorn's h11 parser."""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests import hostile as h
+from tests.conftest import BIN, Server, free_port
+
+JPEG = h.jpeg()
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    srv = Server(tiny_bundle, tmp_path_factory.mktemp("conn") / "server.log", INSTANAS_BODY_TIMEOUT="3",
+                 INSTANAS_HEADER_TIMEOUT="2", INSTANAS_KEEP_ALIVE_TIMEOUT="1", INSTANAS_KEEP_ALIVE_MAX_REQUESTS="3",
+                 INSTANAS_LOG_FORMAT="text")
+    yield srv
+    srv.stop()
+
+
+def test_a_body_at_one_byte_a_second_is_cut_off_within_the_body_timeout(server):
+    head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(JPEG)}\r\n\r\n")
+    steps: list = [head.encode()]
+    for i in range(20):  # 20 s of trickling, if nobody stopped it
+        steps += [JPEG[i:i + 1], 1.0]
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(steps[0])
+        reply = None
+        for step in steps[1:]:
+            if isinstance(step, float):
+                sock.settimeout(step)
+                try:
+                    data = sock.recv(65536, socket.MSG_PEEK)
+                except TimeoutError:
+                    continue
+                sock.settimeout(10)
+                if data is not None:
+                    reply = h.read_reply(sock, t0)
+                    break
+            else:
+                sock.sendall(step)
+    elapsed = time.monotonic() - t0
+    assert reply is not None and reply.status == 408, reply
+    assert reply.json()["error"]["code"] == "request_timeout"
+    assert reply.headers.get("connection") == "close"
+    assert 2.5 <= elapsed <= 5.0, elapsed  # INSTANAS_BODY_TIMEOUT=3
+
+
+def test_headers_must_arrive_within_the_header_timeout(server):
+    reply = h.raw_exchange(server.port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n"], timeout=10)
+    assert reply.status == 408 and reply.json()["error"]["code"] == "request_timeout"
+    assert 1.5 <= reply.seconds <= 4, reply.seconds
+    silent = h.raw_exchange(server.port, [], timeout=10)  # connects and sends nothing: closed, no answer
+    assert silent.status is None and 1.5 <= silent.seconds <= 4, silent
+
+
+def test_keep_alive_limits(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        answers = []
+        for _ in range(3):
+            sock.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            answers.append(h.read_reply(sock, time.monotonic()))
+        assert [a.status for a in answers] == [200, 200, 200]
+        assert [a.headers.get("connection") for a in answers] == [None, None, "close"]  # 3 requests at most
+        assert sock.recv(1) == b""  # and closed
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert h.read_reply(sock, time.monotonic()).status == 200
+        t0 = time.monotonic()
+        assert sock.recv(1) == b""  # idle: closed after INSTANAS_KEEP_ALIVE_TIMEOUT=1
+        assert time.monotonic() - t0 < 3
+
+
+def _low_open_files_limit():
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+def test_three_hundred_idle_sockets_do_not_stop_liveness(tiny_bundle, tmp_path):
+    """The server may open 256 files; 300 clients connect and send nothing. The connection limit
+    (256 - 64 reserved) closes the longest-idle ones for new connections, so /healthz/live answers."""
+    srv = Server(tiny_bundle, tmp_path / "server.log", preexec_fn=_low_open_files_limit,
+                 INSTANAS_HEADER_TIMEOUT="60", INSTANAS_LOG_FORMAT="text")
+    sockets = []
+    try:
+        assert "at most 192 connections" in srv.log.read_text()
+        for _ in range(300):
+            sockets.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+        time.sleep(0.5)
+        for _ in range(5):
+            t0 = time.monotonic()
+            live = httpx.get(srv.url + "/healthz/live", timeout=10)
+            assert live.status_code == 200 and time.monotonic() - t0 < 2
+        assert httpx.post(srv.url + "/classify", content=JPEG, headers={"content-type": "image/jpeg"},
+                          timeout=10).status_code == 200
+        assert metric(srv.url, 'instanas_connections_closed_total{reason="evicted"}') >= 300 - 192
+        assert metric(srv.url, "instanas_open_connections") <= 192
+        assert srv.process.poll() is None
+    finally:
+        for sock in sockets:
+            sock.close()
+        srv.stop()
+
+
+PLAIN_UVICORN = """
+import sys, uvicorn
+from service.app import create_app
+from service.settings import Settings
+
+settings = Settings(model=sys.argv[1])
+uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
+"""
+
+
+def test_plain_uvicorn_loses_to_the_same_idle_sockets(tiny_bundle, tmp_path):
+    """The reproduction, so the test above cannot pass by luck: the same app under plain uvicorn
+    (no connection limit) and the same open-files limit stops answering /healthz/live."""
+    port = free_port()
+    with open(tmp_path / "plain.log", "w") as log:
+        process = subprocess.Popen([str(BIN / "python"), "-c", PLAIN_UVICORN, str(tiny_bundle), str(port)],
+                                   stdout=log, stderr=subprocess.STDOUT, preexec_fn=_low_open_files_limit)
+    sockets = []
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz/live", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        for _ in range(300):
+            sockets.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        time.sleep(0.5)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz/live", timeout=3)
+    finally:
+        for sock in sockets:
+            sock.close()
+        process.kill()
+        process.wait(20)
+
+
+def test_a_connection_beyond_the_limit_is_refused_when_all_are_busy(tiny_bundle, tmp_path):
+    srv = Server(tiny_bundle, tmp_path / "server.log", INSTANAS_MAX_CONNECTIONS="2", INSTANAS_BODY_TIMEOUT="10",
+                 INSTANAS_LOG_FORMAT="text")
+    busy = []
+    try:
+        for _ in range(2):  # two connections with a request in progress (bodies still arriving)
+            sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n\r\nab")
+            busy.append(sock)
+        time.sleep(0.3)
+        reply = h.raw_exchange(srv.port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n"])
+        assert reply.status == 503 and reply.json()["error"]["code"] == "overloaded"
+        assert reply.headers["retry-after"] == "1" and reply.seconds < 1
+    finally:
+        for sock in busy:
+            sock.close()
+        time.sleep(0.3)
+    try:  # once they are gone, served again
+        assert httpx.get(srv.url + "/healthz/live", timeout=10).status_code == 200
+        assert metric(srv.url, 'instanas_connections_closed_total{reason="refused"}') >= 1
+    finally:
+        srv.stop()
+
+
+H11_SERVER = """
+import sys
+from service import server
+from service.app import create_app
+from service.settings import Settings
+
+settings = Settings(model=sys.argv[1], port=int(sys.argv[2]), header_timeout=1, body_timeout=1.5)
+server.serve(create_app(settings), settings, http="h11", host="127.0.0.1", port=settings.port, log_level="warning")
+"""
+
+
+def test_the_same_guards_with_h11(tiny_bundle, tmp_path):
+    port = free_port()
+    with open(tmp_path / "h11.log", "w") as log:
+        process = subprocess.Popen([str(BIN / "python"), "-c", H11_SERVER, str(tiny_bundle), str(port)], stdout=log,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "INSTANAS_DRAIN_SECONDS": "0"})
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.time() < deadline, (tmp_path / "h11.log").read_text()
+            time.sleep(0.2)
+        both = h.raw_exchange(port, [b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                     b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+        assert both.status == 400 and both.json()["error"]["code"] == "bad_request"
+        slow = h.raw_exchange(port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n"])
+        assert slow.status == 408 and slow.json()["error"]["code"] == "request_timeout"
+        body = h.raw_exchange(port, [b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                                     b"Content-Length: 50\r\n\r\nabc"])
+        assert body.status == 408 and body.seconds < 4
+        big = h.raw_exchange(port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"])
+        assert big.status == 431 and big.json()["error"]["code"] == "headers_too_large", big
+        ok = httpx.post(f"http://127.0.0.1:{port}/classify", content=JPEG, headers={"content-type": "image/jpeg"})
+        assert ok.status_code == 200
+    finally:
+        process.terminate()
+        process.wait(20)
