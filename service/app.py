@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import errors
+from service import errors, limits, logs, security, warmup
 from service.bundle import Bundle, load_bundle
 from service.metrics import Metrics
-from service.routes import classify, health, model, monitoring
+from service.routes import classify, health, model, monitoring, v2
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -52,22 +52,40 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     settings = settings or Settings()
     bundle = bundle or load_bundle(settings.model, intra_op_threads=settings.intra_op_threads)
     state = ServiceState(settings, bundle)
+    # Every graph runs once and the fused warm-up is done before anything is served (BundleError otherwise).
+    warmup.prepare(state)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        state.start()
-        state.ready = True
+        # The state in app.state.instanas, not `state`: a reload (service/reload.py) swaps it.
+        _app.state.instanas.start()
+        _app.state.instanas.ready = True
         try:
             yield
         finally:
-            state.ready = False
-            state.stop()
+            current = _app.state.instanas
+            current.ready = False
+            current.stop()
 
     app = FastAPI(title="instanas", version="0.1.0", lifespan=lifespan,
                   description="Instance-aware NAS: each image runs the architecture its controller picks.")
     app.state.instanas = state
     errors.install(app, lambda code: state.metrics.rejections.labels(code).inc())
     app.add_middleware(RequestMetrics, metrics=state.metrics)
-    for router in (classify.router, health.router, model.router, monitoring.router):
+    # Body bytes held, body size and body time, for every route (service/limits.py).
+    app.add_middleware(limits.RequestBodies, max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,
+                       max_header_bytes=settings.max_header_bytes,
+                       budget=limits.ByteBudget(settings.max_buffered_bytes, on_change=state.metrics.bodies_held))
+    security.install_cors(app, settings)  # off unless INSTANAS_CORS_ORIGINS is set
+    # Outermost: request ids and the access log line (service/logs.py) cover every response.
+    app.add_middleware(logs.AccessLog, enabled=settings.access_log)
+    for router in (classify.router, health.router, model.router, monitoring.router, v2.router):
         app.include_router(router)
+    from service.routes import demo  # the live demo page at GET / (service/static/)
+
+    app.include_router(demo.router)
+    from service.routes import admin  # POST /admin/reload
+
+    app.include_router(admin.router)
+    limits.document_limits(app)
     return app

@@ -9,6 +9,9 @@ after its oldest job was queued: a request to an idle server runs at once.
 
 Each job learns how long it waited: `queue_s` while every worker was busy, `batch_s` while a
 worker was free but the batch was held to gather more jobs.
+
+A job may carry several images (`size`, a multi-image request): `max_batch_size` counts images,
+and a job is never split, so a job larger than `max_batch_size` runs as one batch of its own.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ class Job:
     """One request's work; `payload` is whatever the process function needs."""
 
     payload: Any
+    size: int = 1  # images (rows) it carries
     t_submit: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
     batch_s: float = 0.0
-    batch_size: int = 0
+    batch_size: int = 0  # images in the batch it ran in
     future: asyncio.Future | None = None
     result: Any = None
 
@@ -46,11 +50,17 @@ class Batcher:
 
     def __init__(self, process: Callable[[list[Job]], list[Any]], *, workers: int, max_batch_size: int,
                  max_batch_delay_s: float, on_dispatch: Callable[[int], None] | None = None,
-                 on_done: Callable[[int], None] | None = None, on_queue: Callable[[int], None] | None = None):
+                 on_done: Callable[[int], None] | None = None, on_queue: Callable[[int], None] | None = None,
+                 max_queue: int | None = None):
+        """`max_queue`: with this many jobs queued, a batch is no longer held for requests still
+        arriving, so the queue stays within the limit admission control enforces
+        (service.classification.admit)."""
         self.process = process
+        self.max_queue = max_queue
         self.workers, self.max_batch_size, self.max_batch_delay_s = workers, max(1, max_batch_size), max_batch_delay_s
         self._on_dispatch, self._on_done, self._on_queue = on_dispatch, on_done, on_queue
         self._queue: deque[Job] = deque()
+        self._queued_rows = 0  # images of the queued jobs
         self._free = workers
         self._free_since = 0.0  # when a worker last became free after all were busy
         self._arriving = 0  # admitted requests not yet submitted (reading their body)
@@ -70,6 +80,21 @@ class Batcher:
         """Every worker is running a batch."""
         return self._free == 0
 
+    @property
+    def free(self) -> int:
+        """Workers not running a batch."""
+        return self._free
+
+    @property
+    def arriving(self) -> int:
+        """Admitted requests (`expect`) that have not submitted their job yet."""
+        return self._arriving
+
+    @property
+    def idle(self) -> bool:
+        """Nothing admitted, queued or running."""
+        return not self._queue and self._arriving == 0 and self._free == self.workers
+
     # --- the request side (event loop) ----------------------------------------------------------------
 
     def expect(self) -> None:
@@ -82,16 +107,17 @@ class Batcher:
         self._arriving -= 1
         self._dispatch()
 
-    async def run(self, payload: Any, *, expected: bool = True) -> Job:
-        """Queue a job and wait for its outcome; returns the finished job, whose `result`
-        attribute holds the outcome. `expected`: this request called `expect()` before."""
+    async def run(self, payload: Any, *, expected: bool = True, size: int = 1) -> Job:
+        """Queue a job of `size` images and wait for its outcome; returns the finished job, whose
+        `result` attribute holds the outcome. `expected`: this request called `expect()` before."""
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
-        job = Job(payload)
+        job = Job(payload, size=max(1, size))
         job.future = loop.create_future()
         if expected:
             self._arriving -= 1
         self._queue.append(job)
+        self._queued_rows += job.size
         if self._on_queue:
             self._on_queue(1)
         self._dispatch()
@@ -101,7 +127,8 @@ class Batcher:
     def _dispatch(self) -> None:
         while self._queue and self._free > 0:
             now = time.perf_counter()
-            if len(self._queue) < self.max_batch_size and self._arriving > 0 and self.max_batch_delay_s > 0:
+            if self._queued_rows < self.max_batch_size and self._arriving > 0 and self.max_batch_delay_s > 0 \
+                    and (self.max_queue is None or len(self._queue) < self.max_queue):
                 wait = self._queue[0].t_submit + self.max_batch_delay_s - now
                 if wait > 0:
                     if self._timer is None:
@@ -110,12 +137,16 @@ class Batcher:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
+            batch, rows = [], 0
+            while self._queue and (not batch or rows + self._queue[0].size <= self.max_batch_size):
+                batch.append(self._queue.popleft())
+                rows += batch[-1].size
+            self._queued_rows -= rows
             for job in batch:
                 waited = now - job.t_submit
                 job.batch_s = max(0.0, now - max(job.t_submit, self._free_since))
                 job.queue_s = max(0.0, waited - job.batch_s)
-                job.batch_size = len(batch)
+                job.batch_size = rows
             self._free -= 1
             if self._on_queue:
                 self._on_queue(-len(batch))

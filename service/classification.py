@@ -7,12 +7,18 @@ A request's job goes to the app's `Batcher` (service/batching.py). A worker thre
 batch of jobs and, in that one thread hop, decodes every image, runs the executor once on
 the batch (each controller once on the rows that asked for it, each fused architecture or
 block once on the rows that ran it) and renders every response to JSON bytes.
+
+A request may carry several images (`Request.images`: encoded bytes, or inputs already in the
+bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are): they ride
+as one job, so they run in one executor batch, and a `render` function other than the
+default JSON may shape the answer (service/routes/v2.py renders tensors).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,21 +42,37 @@ except ImportError:  # pragma: no cover - orjson is in the serve extra
 class Request:
     """What a worker needs to answer one request."""
 
-    body: bytes
+    body: bytes | None  # the image, when there is one (else `images`)
     choice: Choice
     top_k: int
     t_start: float  # perf_counter when the handler started
+    # Several images, each encoded bytes or a prepared (3, H, W) float32 input: one result each, one batch.
+    images: tuple = ()
+    # (state, result, rows, request, stages, batch_s, batch_size, codes) -> the job's outcome; None: `render_json`
+    render: Callable | None = None
+    # Filled by the worker for the access log (service/logs.py): architectures, operating point, model version.
+    notes: dict | None = None
+
+    @property
+    def items(self) -> tuple:
+        return self.images if self.images else (self.body,)
 
 
 def admit(state) -> None:
-    """Refuse at once, before reading the body, when the queue is full."""
+    """Refuse at once, before reading the body, when admitting could take the queue past
+    `INSTANAS_MAX_QUEUE`. Requests admitted and still sending their body (`arriving`) count as
+    queued already, since each will queue a job, and only a free worker takes one off: a request
+    is admitted while queued + arriving - free workers < max_queue, which keeps the queue within
+    the limit in whatever order the bodies arrive (a held batch never passes it either,
+    service/batching.py). Call `state.batcher.expect()` right after, with no await between."""
     batcher = state.batcher
-    if batcher.queued >= state.settings.max_queue and batcher.busy:
+    if batcher.queued + batcher.arriving - batcher.free >= state.settings.max_queue:
         raise ApiError(503, "overloaded", "the server is at capacity; retry later", {"Retry-After": "1"})
 
 
-def image_error(exc: imaging.ImageError) -> ApiError:
-    return ApiError(exc.status, exc.code, str(exc))
+def image_error(exc: imaging.ImageError, index: int | None = None) -> ApiError:
+    """The refusal of an image; `index` (counted from 0) names it in a multi-image request."""
+    return ApiError(exc.status, exc.code, str(exc) if index is None else f"image {index}: {exc}")
 
 
 def prepare(state, body: bytes) -> np.ndarray:
@@ -71,42 +93,94 @@ def make_batcher(state) -> Batcher:
 
     return Batcher(lambda jobs: process(state, jobs), workers=settings.max_concurrency,
                    max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1e3,
-                   on_dispatch=on_dispatch, on_done=on_done, on_queue=metrics.queue_depth.inc)
+                   on_dispatch=on_dispatch, on_done=on_done, on_queue=metrics.queue_moved, max_queue=settings.max_queue)
 
 
-async def classify(state, body: bytes, choice: Choice, top_k: int, t_start: float, *, expected: bool = False) -> bytes:
-    """Classify one image (batched with concurrent ones); its response as JSON bytes.
-    `expected`: the caller announced the request with `state.batcher.expect()` after admission."""
-    job = await state.batcher.run(Request(body, choice, top_k, t_start), expected=expected)
+async def classify(state, body: bytes | None, choice: Choice, top_k: int, t_start: float, *, expected: bool = False,
+                   images: Sequence = (), notes: dict | None = None) -> bytes:
+    """Classify one image (batched with concurrent ones); its response as JSON bytes. With
+    `images` (more than one), all of them as one batch: `{"results": [one response each, in order]}`.
+    `expected`: the caller announced the request with `state.batcher.expect()` after admission.
+    `notes`: a dict the worker fills for the access log."""
+    if len(images) == 1:
+        body, images = images[0], ()
+    return await submit(state, Request(body, choice, top_k, t_start, images=tuple(images), notes=notes),
+                        expected=expected)
+
+
+async def submit(state, request: Request, *, expected: bool = False):
+    """Run a request's images as one job of the batcher (so in one executor batch); its outcome,
+    what its render function returned."""
+    job = await state.batcher.run(request, expected=expected, size=len(request.items))
     return job.result
 
 
+def prepare_items(state, request: Request) -> list[np.ndarray]:
+    """Every image of a request as a (3, H, W) float32 input; an undecodable one refuses the whole
+    request, naming its index when there are several."""
+    items = request.items
+    inputs = []
+    for index, item in enumerate(items):
+        if isinstance(item, np.ndarray):
+            inputs.append(item)
+            continue
+        try:
+            inputs.append(prepare(state, item))
+        except imaging.ImageError as exc:
+            raise image_error(exc, index if len(items) > 1 else None) from None
+    return inputs
+
+
+def render_json(state, result, rows: Sequence[int], request: Request, stages: dict[str, float], batch_s: float,
+                batch_size: int, codes: Sequence[str]) -> bytes:
+    """/classify's body: one image's response, or `{"results": [...]}` for several."""
+    if len(rows) == 1 and not request.images:
+        return dumps(respond(state, result, rows[0], request, stages, batch_s, batch_size, codes[rows[0]]))
+    return dumps({"results": [respond(state, result, row, request, stages, batch_s, batch_size, codes[row])
+                              for row in rows]})
+
+
 def process(state, jobs: list[Job]) -> list:
-    """A worker's batch: decode, run, render. One outcome per job: JSON bytes or an ApiError."""
+    """A worker's batch: decode, run, render. One outcome per job: what its render function returns
+    (JSON bytes by default) or an ApiError. All images of all jobs run as one executor batch."""
     t0 = time.perf_counter()
     outcomes: list = [None] * len(jobs)
-    inputs, rows = [], []
+    inputs, spans = [], []  # spans: (job index, the job's rows of the batch)
     for i, job in enumerate(jobs):
         try:
-            inputs.append(prepare(state, job.payload.body))
-            rows.append(i)
-        except imaging.ImageError as exc:
-            outcomes[i] = image_error(exc)
-    if not rows:
+            prepared = prepare_items(state, job.payload)
+        except ApiError as exc:
+            outcomes[i] = exc
+            continue
+        spans.append((i, range(len(inputs), len(inputs) + len(prepared))))
+        inputs.extend(prepared)
+    if not spans:
         return outcomes
     t1 = time.perf_counter()
-    requests = [jobs[i].payload for i in rows]
-    result = state.executor.run_batch(np.stack(inputs), [r.choice.operating_point for r in requests],
-                                      [r.choice.executed for r in requests])
+    points, given = [], []
+    for i, rows in spans:
+        choice = jobs[i].payload.choice
+        points += [choice.operating_point] * len(rows)
+        given += [choice.executed] * len(rows)
+    result = state.executor.run_batch(np.stack(inputs), points, given)
     metrics = state.metrics
-    metrics.batch_size.observe(len(rows))
+    metrics.batch_size.observe(len(inputs))
     decode_s = t1 - t0
     codes = architecture.encode_many(result.executed)
-    for row, i in enumerate(rows):
+    for i, rows in spans:
         job = jobs[i]
+        request = job.payload
         stages = {"decode": decode_s, "queue": job.queue_s, **result.seconds}
         metrics.batch_wait.observe(job.batch_s)
-        outcomes[i] = dumps(respond(state, result, row, job.payload, stages, job.batch_s, len(rows), codes[row]))
+        state.governor.observe(job.queue_s)
+        try:
+            outcomes[i] = (request.render or render_json)(state, result, rows, request, stages, job.batch_s,
+                                                          len(inputs), codes)
+        except ApiError as exc:
+            outcomes[i] = exc
+        if request.notes is not None:
+            request.notes.update(architecture=[codes[row] for row in rows], operating_point=result.point(rows[0]),
+                                 model_version=state.manifest.version)
     return outcomes
 
 
@@ -114,16 +188,10 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
             batch_size: int, code: str | None = None) -> dict:
     """One image's response body (service.schemas.ClassifyResponse as plain JSON data) from row
     `row` of an executor result; observes its metrics."""
-    metrics, costs = state.metrics, state.costs
+    costs = state.costs
     choice = request.choice
     executed = result.executed[row]
-    point = result.point(row)
-    latency_ms = float(costs.latency_ms(executed[None], point)[0])
-    mflops = float(costs.mflops(executed[None], point)[0])
-    metrics.observe_architecture(executed, latency_ms, mflops)
-    metrics.operating_points.labels(choice.operating_point or "", choice.reason).inc()
-    for stage, seconds in stages.items():
-        metrics.stage_duration.labels(stage).observe(seconds)
+    latency_ms, mflops = observe(state, result, row, choice, stages)
     classes = state.manifest.classes
     probs = result.probabilities[row]
     order = np.argsort(-probs, kind="stable")[: request.top_k]
@@ -149,3 +217,18 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
         "operating_point": {"name": choice.operating_point, "reason": choice.reason},
         "latency_ms": latency,
     }
+
+
+def observe(state, result, row: int, choice: Choice, stages: dict[str, float]) -> tuple[float, float]:
+    """Observe one image's metrics (architecture, operating point, stages); its estimated latency
+    (ms) and MFLOPs."""
+    metrics, costs = state.metrics, state.costs
+    executed = result.executed[row]
+    point = result.point(row)
+    latency_ms = float(costs.latency_ms(executed[None], point)[0])
+    mflops = float(costs.mflops(executed[None], point)[0])
+    metrics.observe_architecture(executed, latency_ms, mflops)
+    metrics.operating_points.labels(choice.operating_point or "", choice.reason).inc()
+    for stage, seconds in stages.items():
+        metrics.stage_duration.labels(stage).observe(seconds)
+    return latency_ms, mflops

@@ -9,6 +9,7 @@ import sys
 
 from pydantic import ValidationError
 
+from service import logs
 from service.bundle import BundleError
 from service.settings import Settings
 
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
     parser.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per graph run")
     parser.add_argument("--max-concurrency", type=int, help="executor threads (batches classified at the same time)")
-    parser.add_argument("--log-level", help="uvicorn log level")
+    parser.add_argument("--log-level", help="log level (debug, info, warning, error)")
+    parser.add_argument("--log-format", choices=["json", "text"], help="json (default): one JSON object a line; text")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
@@ -36,10 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"instanas-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format, settings.log_level)  # uvicorn's loggers included (log_config=None below)
 
-    import uvicorn
-
+    from service import server  # uvicorn, with the limits it lacks and a draining shutdown
     from service.app import create_app
 
     try:
@@ -51,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("instanas.service").info(
         "serving %s %s (manifest sha256 %s) on http://%s:%d", state.manifest.name, state.manifest.version,
         state.bundle.sha256, settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, **fast_server())
+    # The access log is service.logs.AccessLog's (INSTANAS_ACCESS_LOG), not uvicorn's.
+    server.serve(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level,
+                 access_log=False, log_config=None, **fast_server())
     return 0
 
 

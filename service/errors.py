@@ -13,7 +13,7 @@ from service.schemas import ErrorResponse
 
 log = logging.getLogger("instanas.service")
 
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 503)}
 
 
 class ApiError(Exception):

@@ -308,6 +308,11 @@ class FusedCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def peek(self, code: str) -> FusedGraph | None:
+        """The compiled graph of `code`, if any, counting neither a hit nor a sighting (warm-up checks)."""
+        with self._cond:
+            return self._graphs.get(code)
+
     def codes(self) -> list[str]:
         with self._cond:
             return list(self._graphs)

@@ -52,6 +52,21 @@ class Metrics:
                                        "Fused graphs dropped from the cache (least recently used).", registry=r)
         self.in_flight = Gauge("instanas_in_flight_requests", "Classifications being executed now.", registry=r)
         self.queue_depth = Gauge("instanas_queue_depth", "Classifications waiting for an executor.", registry=r)
+        self.queue_depth_peak = Gauge("instanas_queue_depth_peak",
+                                      "The highest instanas_queue_depth since the process started.", registry=r)
+        self._queued = self._queue_peak = self._bodies_peak = 0
+        self.buffered_bytes = Gauge("instanas_buffered_body_bytes",
+                                    "Request body bytes held now (reserved by requests being read or classified).",
+                                    registry=r)
+        self.buffered_bytes_peak = Gauge("instanas_buffered_body_bytes_peak",
+                                         "The highest instanas_buffered_body_bytes since the process started.",
+                                         registry=r)
+        self.open_connections = Gauge("instanas_open_connections", "Client connections open now.", registry=r)
+        self.connections_closed = Counter("instanas_connections_closed_total",
+                                          "Connections closed by the connection limit: evicted (the longest idle, "
+                                          "for a new one) or refused (503, every other connection busy).",
+                                          ["reason"], registry=r)
+        self.reloads = Counter("instanas_reloads_total", "Bundle reloads, by result (ok, error).", ["result"], registry=r)
         self.operating_points = Counter("instanas_operating_point_total",
                                         "Images by the operating point that chose their architecture, and why.",
                                         ["operating_point", "reason"], registry=r)
@@ -63,11 +78,38 @@ class Metrics:
                             for c in range(num_cells)]
         for result in ("ok", "error"):
             self.fused_builds.labels(result)
+            self.reloads.labels(result)
+        for reason in ("evicted", "refused"):
+            self.connections_closed.labels(reason)
+
+    def queue_moved(self, delta: int) -> None:
+        """Jobs entered (+) or left (-) a batcher's queue: the depth and its peak."""
+        self._queued += delta
+        self.queue_depth.set(self._queued)
+        if self._queued > self._queue_peak:
+            self._queue_peak = self._queued
+            self.queue_depth_peak.set(self._queued)
+
+    def bodies_held(self, used: int) -> None:
+        """Request body bytes reserved now (service.limits.ByteBudget): the gauge and its peak."""
+        self.buffered_bytes.set(used)
+        if used > self._bodies_peak:
+            self._bodies_peak = used
+            self.buffered_bytes_peak.set(used)
 
     def observe_architecture(self, executed: np.ndarray, latency_ms: float, mflops: float) -> None:
         """One image's architecture: (cells, modules) boolean of what ran."""
         for c, m in zip(*np.nonzero(executed)):
-            self._executions[c][m].inc()
+            self._execution(c, m).inc()
         self.architecture_latency.observe(latency_ms / 1e3)
         self.architecture_mflops.observe(mflops)
         self.architecture_modules.observe(int(executed.sum()))
+
+    def _execution(self, c: int, m: int):
+        """The counter child of block (c, m), made when a reloaded bundle has more cells or modules."""
+        while c >= len(self._executions):
+            self._executions.append([])
+        row = self._executions[c]
+        while m >= len(row):
+            row.append(self.module_executions.labels(str(c), str(len(row))))
+        return row[m]

@@ -24,7 +24,7 @@ class Choice:
     """What runs for a request: a controller's choice (`operating_point`), or a given `executed` matrix."""
 
     operating_point: str | None
-    reason: str  # default | requested | budget | over_budget | architecture | static
+    reason: str  # default | load | requested | budget | over_budget | architecture | static
     executed: np.ndarray | None = None  # (cells, modules) when the architecture is given
 
 
@@ -49,8 +49,9 @@ def by_budget(manifest: Manifest, max_latency_ms: float) -> tuple[str, str]:
 
 
 def choose(manifest: Manifest, *, operating_point: str | None = None, max_latency_ms: float | None = None,
-           architecture_code: str | None = None) -> Choice:
-    """Resolve a request's options; raises ApiError (422) for options that do not fit the bundle."""
+           architecture_code: str | None = None, governor=None) -> Choice:
+    """Resolve a request's options; raises ApiError (422) for options that do not fit the bundle.
+    With none of them, the bundle's default answers, or `governor`'s (service.governor) under load."""
     space = manifest.search_space
     names = [c.name for c in manifest.controllers]
     given = architecture_code not in (None, "", AUTO)
@@ -83,4 +84,6 @@ def choose(manifest: Manifest, *, operating_point: str | None = None, max_latenc
         return Choice(operating_point, "requested")
     if max_latency_ms is not None:
         return Choice(*by_budget(manifest, max_latency_ms))
+    if governor is not None:
+        return Choice(*governor.current())
     return Choice(manifest.default_controller, "default")

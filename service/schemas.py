@@ -43,7 +43,7 @@ class Latency(BaseModel):
 
 class OperatingPointChoice(BaseModel):
     name: str | None = Field(description="The controller that chose the architecture; null when none ran.")
-    reason: str = Field(description="default, requested, budget (the most accurate point within max_latency_ms), "
+    reason: str = Field(description="default, load (a faster point while requests queue), requested, budget (the most accurate point within max_latency_ms), "
                         "over_budget (none fits: the fastest), architecture (given by the request) or static.")
 
 

@@ -10,6 +10,7 @@ from service import architecture, classification
 from service.bundle import Bundle
 from service.executor import Executor
 from service.fused import FusedCache
+from service.governor import LoadGovernor
 from service.metrics import Metrics
 from service.schemas import ModelRef
 from service.settings import Settings
@@ -18,19 +19,22 @@ from service.settings import Settings
 class ServiceState:
     """Bundle, executor (with its fused-graph cache), costs, metrics and the batcher of one app."""
 
-    def __init__(self, settings: Settings, bundle: Bundle):
+    def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics | None = None):
+        """`metrics`: the app's, when this state replaces another (a reload, service/reload.py)."""
         self.settings = settings
         self.bundle = bundle
         self.manifest = bundle.manifest
         space = bundle.manifest.search_space
-        self.metrics = Metrics(space.num_cells, space.num_modules)
+        self.metrics = metrics or Metrics(space.num_cells, space.num_modules)
         self.fused = FusedCache(bundle, size=settings.fused_cache_size, min_count=settings.fused_min_count,
                                 builds_per_minute=settings.fused_builds_per_minute,
                                 intra_op_threads=settings.intra_op_threads, metrics=self.metrics)
         self.executor = Executor(bundle, fused=self.fused)
         self.costs = architecture.CostTable.of_manifest(bundle.manifest)
+        self.governor = LoadGovernor(self.manifest, settings.queue_target_ms, cooldown_s=settings.load_cooldown_s)
         self.batcher = classification.make_batcher(self)
         self.ready = False
+        self.draining = False  # SIGTERM received: readiness says 503 while requests are still served (service/server.py)
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
         self.model_json = self.model_ref.model_dump()  # as responses carry it
         self.module_names = [[m.name for m in cell.modules] for cell in space.cells]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -77,14 +78,17 @@ def free_port() -> int:
 class Server:
     """A real `instanas-serve` process on a loopback port."""
 
-    def __init__(self, bundle: Path, log: Path, **env: str):
+    def __init__(self, bundle: Path, log: Path, preexec_fn=None, **env: str):
+        """`env`: INSTANAS_* settings; the drain on SIGTERM is off unless set (INSTANAS_DRAIN_SECONDS).
+        `preexec_fn`: run in the child before it starts (e.g. to lower its open-files limit)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._log_file = open(log, "w")
         self.process = subprocess.Popen(
             [str(BIN / "instanas-serve"), "--model", str(bundle), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ, **env})
+            stdout=self._log_file, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+            env={**os.environ, "INSTANAS_DRAIN_SECONDS": "0", **env})
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -113,6 +117,22 @@ def server(smoke_bundle, tmp_path_factory):
     srv = Server(smoke_bundle, tmp_path_factory.mktemp("server") / "server.log")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A tiny-space bundle with two operating points (A, the default, and B), random weights:
+    seconds to export, for tests of the server rather than of the model."""
+    from tests.helpers import export_test_bundle, random_controller
+    from training.searchspace import build_tiny_space
+
+    space = build_tiny_space()
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    export_test_bundle(out, space, controllers={"A": random_controller(space, 1), "B": random_controller(space, 2)})
+    data = json.loads((out / "manifest.json").read_text())
+    data["default_controller"] = "A"
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out
 
 
 @pytest.fixture

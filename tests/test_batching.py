@@ -153,6 +153,33 @@ def test_jobs_queued_behind_a_busy_worker_form_batches_of_at_most_max_size():
     assert all(j.batch_s < 0.04 for j in jobs)
 
 
+def test_jobs_of_several_images_fill_batches_by_images_and_are_never_split():
+    gate = threading.Event()
+    batches: list[list[str]] = []
+
+    def process(jobs):
+        gate.wait(10)
+        batches.append([j.payload for j in jobs])
+        return [j.payload for j in jobs]
+
+    async def main():
+        batcher = _batcher(process, max_batch_size=4)
+        first = asyncio.ensure_future(batcher.run("busy", expected=False))
+        await asyncio.sleep(0.05)
+        sizes = {"a": 2, "b": 1, "c": 2, "big": 6, "d": 1, "e": 3}
+        rest = [asyncio.ensure_future(batcher.run(name, expected=False, size=n)) for name, n in sizes.items()]
+        await asyncio.sleep(0.05)
+        gate.set()
+        jobs = await asyncio.gather(first, *rest)
+        batcher.close()
+        return jobs
+
+    jobs = asyncio.run(main())
+    # 2 + 1 fit in 4, then 2 (+ 6 would pass it), the 6-image job alone, then 1 + 3
+    assert batches == [["busy"], ["a", "b"], ["c"], ["big"], ["d", "e"]]
+    assert [j.batch_size for j in jobs] == [1, 3, 3, 2, 6, 4, 4]  # images in the batch each ran in
+
+
 def test_a_batch_waits_for_arriving_requests_but_never_past_the_delay():
     async def main():
         batcher = _batcher(lambda jobs: [len(jobs)] * len(jobs), max_batch_delay_s=0.3)

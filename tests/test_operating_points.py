@@ -143,3 +143,53 @@ def test_a_static_bundle_has_no_operating_points(tmp_path, test_jpegs):
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_operating_point"
     finally:
         srv.stop()
+
+
+def test_governor_steps_to_faster_points_under_load_and_back(multi):
+    from service.governor import LoadGovernor
+
+    manifest, _ = read_manifest(multi[0])  # default B (2 ms); C (1 ms) is faster; A (3 ms) is not on the ladder
+    now = [0.0]
+    governor = LoadGovernor(manifest, target_ms=10, cooldown_s=1.0, clock=lambda: now[0])
+    assert governor.ladder == ["B", "C"] and governor.current() == ("B", "default")
+    for _ in range(20):  # requests wait 50 ms for an executor
+        governor.observe(0.050)
+    assert governor.current() == ("C", "load")
+    assert choose(manifest, governor=governor).reason == "load"
+    assert choose(manifest, operating_point="A", governor=governor).operating_point == "A"  # asked for: kept
+    for _ in range(50):  # the queue empties, but the cooldown holds the level
+        governor.observe(0.0)
+    assert governor.current() == ("C", "load")
+    now[0] = 5.0
+    governor.observe(0.0)
+    assert governor.current() == ("B", "default")
+    for _ in range(20):  # loaded again, then quiet for 10 s: the first quiet request resets the average
+        now[0] += 1.0
+        governor.observe(0.050)
+    assert governor.current() == ("C", "load")
+    now[0] += 10.0
+    governor.observe(0.0)
+    assert governor.queue_s < 1e-5 and governor.current() == ("B", "default")
+    assert not LoadGovernor(manifest, target_ms=0).enabled
+
+
+def test_http_moves_to_a_faster_point_while_requests_queue(multi, tmp_path, test_jpegs):
+    import concurrent.futures
+
+    srv = Server(multi[0], tmp_path / "server.log", INSTANAS_QUEUE_TARGET_MS="1", INSTANAS_LOAD_COOLDOWN_S="0",
+                 INSTANAS_MAX_CONCURRENCY="1", INSTANAS_MAX_BATCH_SIZE="1")
+    try:
+        jpegs = [j for _, j in test_jpegs] * 3
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            bodies = list(pool.map(lambda j: _post(srv, j).json(), jpegs))
+        reasons = {(b["operating_point"]["name"], b["operating_point"]["reason"]) for b in bodies}
+        assert ("C", "load") in reasons  # queued requests were answered by the faster point
+        assert all(r in {("B", "default"), ("C", "load")} for r in reasons)
+        import time
+
+        time.sleep(8)  # a quiet spell (8 averaging horizons) empties the average; one at a time, nothing queues
+        answers = [_post(srv, jpegs[0]).json()["operating_point"] for _ in range(3)]
+        assert answers[-1] == {"name": "B", "reason": "default"}
+        assert 'reason="load"' in httpx.get(srv.url + "/metrics").text
+    finally:
+        srv.stop()

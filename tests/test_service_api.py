@@ -120,7 +120,7 @@ def test_same_image_same_answer_by_any_route(server, test_jpegs):
 BAD_INPUTS = {
     "empty body": (b"", "image/jpeg", 400, "empty_body"),
     "not an image": (b"definitely not an image" * 10, "image/jpeg", 400, "not_an_image"),
-    "unsupported content type": (b"{}", "application/json", 415, "unsupported_media_type"),
+    "unsupported content type": (b"{}", "text/plain", 415, "unsupported_media_type"),
     "no content type": (b"abc", "", 415, "unsupported_media_type"),
     "multipart without file": (b"--b\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--b--\r\n",
                                "multipart/form-data; boundary=b", 400, "missing_file"),

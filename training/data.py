@@ -64,8 +64,13 @@ class ImageSet:
                 ImageSet(self.images[held_idx], self.labels[held_idx], self.classes, self.source + ":val"))
 
 
-class ChecksumError(RuntimeError):
-    pass
+class ChecksumError(ValueError, RuntimeError):
+    """A data file does not match its SHA256SUMS line (a ValueError, so the CLI reports it)."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on (unreadable or undecodable images, an empty class);
+    the message names the files. Raised while loading, before any training step."""
 
 
 def verify_checksum(path: Path) -> str:
@@ -89,31 +94,63 @@ def _cache_dir() -> Path:
     return root
 
 
-def _decode_all(items: list[tuple[str, bytes]], size: int, desc: str) -> ImageSet:
-    """items: (class name, image bytes); classes are numbered in sorted order."""
-    classes = sorted({c for c, _ in items})
+def _decode_all(items: list[tuple[str, str, bytes]], size: int, desc: str) -> ImageSet:
+    """items: (class name, file name, image bytes); classes are numbered in sorted order. Every
+    image is decoded before DataError lists those that could not be."""
+    classes = sorted({c for c, *_ in items})
     index = {c: i for i, c in enumerate(classes)}
     images = np.empty((len(items), size, size, 3), np.uint8)
     labels = np.empty(len(items), np.int64)
-    for i, (cls, data) in enumerate(tqdm(items, desc=f"decode {desc}", unit="img", mininterval=2)):
-        images[i] = imaging.to_pixels(imaging.decode(data), size)
+    bad = []
+    for i, (cls, name, data) in enumerate(tqdm(items, desc=f"decode {desc}", unit="img", mininterval=2)):
+        try:
+            images[i] = imaging.to_pixels(imaging.decode(data), size)
+        except imaging.ImageError as exc:
+            bad.append(f"{name}: {exc}")
         labels[i] = index[cls]
+    if bad:
+        shown = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise DataError(f"{desc}: {len(bad)} of {len(items)} images cannot be decoded:\n  {shown}")
     return ImageSet(images, labels, classes, desc)
 
 
-def _read_archive(path: Path) -> list[tuple[str, bytes]]:
-    items = []
-    with tarfile.open(path, "r:*") as tar:
-        for member in tar:
-            p = Path(member.name)
-            if member.isfile() and p.suffix.lower() in _IMAGE_SUFFIXES and len(p.parts) >= 2:
-                items.append((p.parent.name, tar.extractfile(member).read()))
+def _check_classes(desc: str, folders: set[str], filled: set[str]) -> None:
+    """Every class folder (`folders`) must be among those holding an image (`filled`)."""
+    empty = sorted(folders - filled)
+    if empty:
+        raise DataError(f"{desc}: class folder{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                        f"{'have' if len(empty) > 1 else 'has'} no images (.jpg, .jpeg, .png, .bmp, .webp)")
+
+
+def _read_archive(path: Path) -> list[tuple[str, str, bytes]]:
+    items, folders = [], set()
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                p = Path(member.name)
+                if member.isdir() and len(p.parts) >= 2:
+                    folders.add(p.name)  # <split>/<class>/
+                if member.isfile() and p.suffix.lower() in _IMAGE_SUFFIXES and len(p.parts) >= 2:
+                    items.append((p.parent.name, member.name, tar.extractfile(member).read()))
+    except Exception as exc:  # noqa: BLE001 - TarError, EOFError, zlib.error... from a damaged archive
+        raise DataError(f"{path}: the archive cannot be read ({type(exc).__name__}: {exc})") from None
+    _check_classes(str(path), folders, {c for c, *_ in items})
     return sorted(items, key=lambda it: it[0])
 
 
-def _read_folder(path: Path) -> list[tuple[str, bytes]]:
+def _read_folder(path: Path) -> list[tuple[str, str, bytes]]:
     files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
-    return [(f.parent.name, f.read_bytes()) for f in files]
+    items, unreadable = [], []
+    for f in files:
+        try:
+            items.append((f.parent.name, str(f.relative_to(path)), f.read_bytes()))
+        except OSError as exc:
+            unreadable.append(f"{f}: {exc.strerror or exc}")
+    if unreadable:
+        raise DataError(f"{path}: {len(unreadable)} images cannot be read:\n  " + "\n  ".join(unreadable[:10]))
+    folders = {d.name for d in path.iterdir() if d.is_dir()}
+    _check_classes(str(path), folders, {f.relative_to(path).parts[0] for f in files})
+    return items
 
 
 def _read_cifar_pickles(path: Path, split: str) -> ImageSet:
@@ -160,8 +197,11 @@ def load(source: str | Path, *, split: str = "train", size: int = 32) -> ImageSe
         reader = _read_folder
     cache = _cache_dir() / f"{key[:16]}-{size}.npz"
     if cache.exists():
-        with np.load(cache) as z:
-            return ImageSet(z["images"], z["labels"], [str(c) for c in z["classes"]], str(path))
+        try:
+            with np.load(cache) as z:
+                return ImageSet(z["images"], z["labels"], [str(c) for c in z["classes"]], str(path))
+        except Exception:  # noqa: BLE001 - a damaged cache file is decoded again
+            cache.unlink(missing_ok=True)
     items = reader(path)
     if not items:
         raise FileNotFoundError(f"no {split} images at {source}: expected <class>/<image> files, "

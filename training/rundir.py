@@ -14,7 +14,8 @@ from training.config import RunConfig, from_dict
 
 
 class RunError(RuntimeError):
-    """The run folder lacks what a phase needs (an earlier phase, a config)."""
+    """The run folder lacks what a phase needs (an earlier phase, a config), or holds a checkpoint
+    that cannot be used (corrupted, or written by another phase or another config)."""
 
 
 # The phases whose results depend on each config section; a section not listed (space, data,
@@ -24,6 +25,9 @@ _SECTION_PHASES = {"baseline": ("baseline",), "pretrain": ("pretrain",), "search
                    "device": (), "threads": (), "checkpoint_steps": ()}
 PHASE_FILES = {"baseline": "baseline.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
                "search": "search.pt", "finetune": "finetune.pt"}
+# Sections whose change makes a checkpoint's tensors another shape: refused even with --reconfigure.
+_STRUCTURAL = ("space",)
+STAMP = "_run"  # a checkpoint's own record of the phase and config that wrote it
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -51,6 +55,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, config: RunConfig | None = None, *, reconfigure: bool = False):
         self.path = Path(path)
+        self.reconfigure = reconfigure
         config_file = self.path / "config.json"
         if config is not None:
             if config_file.exists():
@@ -104,6 +109,7 @@ class RunDir:
         if not self.main:
             return
         tmp = self.checkpoint(phase).with_suffix(".pt.tmp")
+        state = {**state, STAMP: {"phase": phase, "config": json.loads(json.dumps(self.config.to_dict()))}}
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -111,8 +117,39 @@ class RunDir:
         os.replace(tmp, self.checkpoint(phase))
 
     def load(self, phase: str) -> dict | None:
+        """The phase's checkpoint (None when there is none); RunError when it cannot be read, or
+        was written by another phase or by a run with another config."""
         path = self.checkpoint(phase)
-        return torch.load(path, map_location="cpu", weights_only=False) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, wrong file type...
+            raise RunError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}): it is "
+                           f"truncated or corrupted; restore it, or delete it to run phase {phase!r} again") from None
+        if not isinstance(state, dict):
+            raise RunError(f"{path} holds a {type(state).__name__}, not a checkpoint of phase {phase!r}")
+        self._check_stamp(path, phase, state.get(STAMP))
+        return state
+
+    def _check_stamp(self, path: Path, phase: str, stamp) -> None:
+        """A checkpoint written by this code says which phase and config wrote it (older ones do not)."""
+        if stamp is None:
+            return
+        if stamp.get("phase") != phase:
+            raise RunError(f"{path} was written by phase {stamp.get('phase')!r}, not {phase!r}: a file was copied "
+                           "or renamed into this run folder")
+        current = json.loads(json.dumps(self.config.to_dict()))
+        changes = config_changes(stamp.get("config", {}), current)
+        blocking = {}
+        for key, change in changes.items():
+            section = key.split(".")[0]
+            if section in _STRUCTURAL or (not self.reconfigure and phase in _SECTION_PHASES.get(section, PHASE_FILES)):
+                blocking[key] = change
+        if blocking:
+            lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} in this run" for k, (a, b) in blocking.items())
+            raise RunError(f"{path} was written by a run with another config and cannot resume this one:\n{lines}\n"
+                           "use the checkpoint's run folder, or delete the file to run the phase again")
 
     def require(self, phase: str) -> dict:
         state = self.load(phase)

@@ -1,4 +1,5 @@
-"""`POST /classify`: one image in the body (raw or multipart), its class and the architecture that ran."""
+"""`POST /classify`: one image in the body (raw, multipart or JSON base64), or several (multipart `file` parts,
+JSON `images`) classified as one batch; their classes and the architectures that ran."""
 
 from __future__ import annotations
 
@@ -6,18 +7,17 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.datastructures import Headers, UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from service import classification, imaging, operating_points
+from service import classification, imaging, inputs, logs, operating_points
 from service.errors import ERROR_RESPONSES, ApiError
 from service.schemas import ClassifyResponse
 from service.state import State
 
 MULTIPART = "multipart/form-data"
 OCTET_STREAM = "application/octet-stream"
-ACCEPTED_MEDIA_TYPES = sorted(imaging.SUPPORTED_MEDIA_TYPES | {MULTIPART, OCTET_STREAM})
+JSON = "application/json"
+ACCEPTED_MEDIA_TYPES = sorted(imaging.SUPPORTED_MEDIA_TYPES | {MULTIPART, OCTET_STREAM, JSON})
 
 router = APIRouter()
 
@@ -39,28 +39,16 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def file_from_multipart(headers: Headers, body: bytes) -> bytes:
-    async def stream():
-        yield body
-
-    try:
-        form = await MultiPartParser(headers, stream(), max_files=1, max_fields=16).parse()
-    except MultiPartException as exc:
-        raise ApiError(400, "invalid_multipart", f"the multipart body could not be parsed: {exc.message}") from None
-    try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(400, "missing_file", "the multipart body has no file field named 'file'")
-        return await upload.read()
-    finally:
-        await form.close()
-
-
 _BODY = {"requestBody": {"required": True, "content": {
     **{t: {"schema": {"type": "string", "format": "binary"}} for t in sorted(imaging.SUPPORTED_MEDIA_TYPES)},
     OCTET_STREAM: {"schema": {"type": "string", "format": "binary"}},
-    MULTIPART: {"schema": {"type": "object", "required": ["file"],
-                           "properties": {"file": {"type": "string", "format": "binary"}}}}}}}
+    MULTIPART: {"schema": {"type": "object", "required": ["file"], "properties": {"file": {
+        "description": "One image, or several (one `file` part each): then the response is {results: [...]}.",
+        "oneOf": [{"type": "string", "format": "binary"}, {"type": "array", "items": {"type": "string", "format": "binary"}}]}}}},
+    JSON: {"schema": {"type": "object", "description": "One image (`image`) or several (`images`), base64; several "
+                      "give {results: [...]}.", "properties": {
+        "image": {"type": "string", "format": "byte"},
+        "images": {"type": "array", "items": {"type": "string", "format": "byte"}}}}}}}}
 
 
 @router.post("/classify", response_model=ClassifyResponse, responses=ERROR_RESPONSES, openapi_extra=_BODY,
@@ -85,18 +73,25 @@ async def classify(
     if k > len(classes):
         raise ApiError(422, "invalid_request", f"top_k is {k}, but the model has {len(classes)} classes")
     choice = operating_points.choose(state.manifest, operating_point=operating_point, max_latency_ms=max_latency_ms,
-                                     architecture_code=architecture)
+                                     architecture_code=architecture, governor=state.governor)
     # Admission first: a full server refuses before reading or decoding anything.
     classification.admit(state)
     # Announced to the batcher: while this body is read, a batch that is not full may wait for it.
     state.batcher.expect()
     try:
         body = await read_body(request, state.settings.max_body_bytes)
+        limit = state.settings.max_images_per_request
         if media_type == MULTIPART:
-            body = await file_from_multipart(request.headers, body)
+            images = await inputs.files_from_multipart(request.headers, body, limit)
+        elif media_type == JSON:
+            images = inputs.images_from_json(body, limit)
+        else:
+            images = [body]
     except BaseException:
         state.batcher.cancel()
         raise
-    # The body is JSON rendered by the worker (service.classification.respond, the ClassifyResponse schema).
-    return Response(await classification.classify(state, body, choice, k, t_start, expected=True),
+    # The body is JSON rendered by the worker (service.classification.respond, the ClassifyResponse schema;
+    # {"results": [...]} of them for several images).
+    return Response(await classification.classify(state, None, choice, k, t_start, expected=True, images=images,
+                                                  notes=logs.notes(request.scope)),
                     media_type="application/json")

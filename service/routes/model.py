@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from service.schemas import ErrorResponse
+from service.security import require_token
 from service.state import State
 
-router = APIRouter()
+# Behind INSTANAS_API_TOKEN when it is set (service/security.py).
+router = APIRouter(dependencies=[Depends(require_token)],
+                   responses={401: {"model": ErrorResponse}})
 
 
 @router.get("/model", summary="The served bundle's manifest")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.schemas import ErrorResponse
+from service.security import require_token
 from service.state import State
 
-router = APIRouter()
+# Behind INSTANAS_API_TOKEN when it is set (service/security.py).
+router = APIRouter(dependencies=[Depends(require_token)],
+                   responses={401: {"model": ErrorResponse}})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

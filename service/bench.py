@@ -1,0 +1,315 @@
+"""`instanas-bench`: serving speed of a bundle against a static MobileNetV2, in one run.
+
+    instanas-bench --model models/cifar10-default --data ../shared/data/cifar10-jpeg/test.tar.gz
+
+(a) In-process batch-1 latency (p50, p99, mean) of `Executor.run` on real test images: the
+    InstaNAS bundle (its default operating point, controller included) per block and with a
+    warm fused-graph cache; the static MobileNetV2 bundle of the same width (`--baseline`, or,
+    when none is given, a static view of the bundle's own module-0 blocks: the same graphs,
+    so the same speed) through the same executor; and that MobileNetV2 as one fused graph
+    run bare in onnxruntime.
+(b) A real server (`instanas-serve` in a subprocess, loopback) under HTTP at concurrency
+    1, 8 and 32 with real JPEGs: throughput, p50, p99, errors.
+(c) The executor's overhead over the bare fused graph of the same architectures, and the
+    fused cache's hit rate over the test images in the order they come.
+(d) A table on stdout and every figure as JSON (`--json`); ratios, not absolute times, are
+    what compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service import architecture, imaging
+from service.bundle import load_bundle
+from service.executor import Executor
+from service.fused import FusedCache, GraphLibrary, build
+
+
+def _progress(iterable, total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit="img", mininterval=1, file=sys.stderr)
+    except ImportError:  # tqdm is a training dependency; the bench runs without it
+        return iterable
+
+
+def read_jpegs(path: Path, limit: int | None) -> list[bytes]:
+    """Test images from a tar(.gz) of <class>/<image> files, or a folder of them, in a fixed order."""
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        data = [f.read_bytes() for f in files]
+    else:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar if m.isfile() and m.name.lower().endswith((".jpg", ".jpeg", ".png"))),
+                             key=lambda m: m.name)
+            data = [tar.extractfile(m).read() for m in members]
+    if limit:
+        order = np.random.default_rng(0).permutation(len(data))[:limit]
+        data = [data[i] for i in sorted(order)]
+    return data
+
+
+def static_view(bundle_dir: Path, out: Path) -> Path:
+    """A static bundle of the module-0 path (MobileNetV2) of `bundle_dir`: the same stem, head and
+    module-0 block files, a one-module search space and a fixed architecture."""
+    manifest = load_bundle(bundle_dir).manifest
+    space = manifest.search_space
+    cells = [c.model_copy(update={"modules": c.modules[:1]}) for c in space.cells]
+    static = manifest.model_copy(update={
+        "name": manifest.name + "-mobilenet_v2-view", "search_space": space.model_copy(update={"cells": cells}),
+        "blocks": [b for b in manifest.blocks if b.module == 0], "controllers": [], "default_controller": None,
+        "fixed_architecture": "1" * space.num_cells, "frequent_architectures": [], "evaluation": None})
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in static.files():
+        (out / entry.file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(bundle_dir / entry.file, out / entry.file)
+    (out / "manifest.json").write_text(static.model_dump_json(indent=2))
+    return out
+
+
+def _stats(ms: np.ndarray) -> dict:
+    return {"p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def time_calls(fn, inputs: list[np.ndarray], desc: str, warmup: int = 30) -> dict:
+    for x in inputs[:warmup]:
+        fn(x)
+    ms = np.empty(len(inputs))
+    for i, x in enumerate(_progress(inputs, len(inputs), desc)):
+        t0 = time.perf_counter()
+        fn(x)
+        ms[i] = (time.perf_counter() - t0) * 1e3
+    return _stats(ms)
+
+
+def in_process(model: Path, baseline: Path, inputs: list[np.ndarray]) -> dict:
+    bundle = load_bundle(model)
+    per_block = Executor(bundle)
+    cache = FusedCache(bundle, size=32, min_count=3, builds_per_minute=1e9)
+    cache.start()
+    cache.warm([a.code for a in bundle.manifest.frequent_architectures])
+    fused = Executor(bundle, fused=cache)
+    for x in inputs:  # a warm server: its most frequent architectures are compiled
+        fused.run(x[None])
+    cache.wait_idle(600)
+    cache.stop()  # no builds while timing: a warm server compiles nothing new
+
+    static_bundle = load_bundle(baseline)
+    static = Executor(static_bundle)
+    static_cache = FusedCache(static_bundle, size=1, min_count=1, builds_per_minute=1e9)
+    static_cache.start()
+    static_cache.warm([static_bundle.manifest.fixed_architecture])
+    static_cache.wait_idle(600)
+    static_cache.stop()
+    static_fused = Executor(static_bundle, fused=static_cache)
+    space = static_bundle.manifest.search_space
+    one_graph = build(GraphLibrary(static_bundle), space, np.ones((space.num_cells, 1), bool))
+    out = {
+        "instanas_per_block": time_calls(lambda x: per_block.run(x[None]), inputs, "instanas per-block"),
+        "instanas_fused_cache": time_calls(lambda x: fused.run(x[None]), inputs, "instanas fused cache"),
+        "mobilenet_v2_per_block": time_calls(lambda x: static.run(x[None]), inputs, "mobilenet_v2 per-block"),
+        "mobilenet_v2_fused_cache": time_calls(lambda x: static_fused.run(x[None]), inputs, "mobilenet_v2 fused"),
+        "mobilenet_v2_one_graph": time_calls(lambda x: one_graph(x[None]), inputs, "mobilenet_v2 one graph"),
+    }
+    # (c) the executor over the bare fused graph of the same architectures, and the hit rate
+    cold = FusedCache(bundle, size=32, min_count=3, builds_per_minute=30)
+    cold.start()
+    cold_executor = Executor(bundle, fused=cold)
+    for x in inputs:  # the cache fills as a server's would, from what it sees
+        cold_executor.run(x[None])
+    hits, misses = cold.stats.hits, cold.stats.misses
+    cold.stop()
+    graphs = {code: cache.get(code) for code in cache.codes()}
+    chosen = [per_block.run(x[None]).executed[0] for x in inputs[:500]]
+    given = [(x, m) for x, m in zip(inputs[:500], chosen) if architecture.encode(m) in graphs]
+    if given:
+        executor_ms = time_calls(lambda xm: fused.run(xm[0][None], xm[1][None]), given, "executor, cached arch")
+        bare_ms = time_calls(lambda xm: graphs[architecture.encode(xm[1])](xm[0][None]), given, "bare fused graph")
+        out["executor_over_fused_graph"] = executor_ms["mean_ms"] / bare_ms["mean_ms"]
+        out["executor_cached_architectures"] = executor_ms
+        out["bare_fused_graphs"] = bare_ms
+    out["fused_cache_hit_rate"] = hits / max(hits + misses, 1)
+    for c in (cache, static_cache):
+        c.stop()
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 1.0) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status
+
+
+class _Server:
+    def __init__(self, model: Path, env: dict):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        serve = Path(sys.executable).with_name("instanas-serve")
+        self.process = subprocess.Popen([str(serve), "--model", str(model), "--host", "127.0.0.1", "--port",
+                                         str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        env={**os.environ, "INSTANAS_ACCESS_LOG": "false", **env})
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"instanas-serve exited with {self.process.returncode}")
+            try:
+                if _get(self.url + "/healthz/ready") == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError("instanas-serve did not become ready")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _load(port: int, jpegs: list[bytes], concurrency: int, requests: int) -> dict:
+    """`requests` POST /classify over `concurrency` kept-alive connections (one thread each)."""
+    import http.client
+    import itertools
+    import threading
+
+    latencies, errors = [], [0]
+    counter = itertools.count()
+    lock = threading.Lock()
+
+    def worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while (i := next(counter)) < requests:
+            t0 = time.perf_counter()
+            try:
+                conn.request("POST", "/classify", body=jpegs[i % len(jpegs)], headers={"content-type": "image/jpeg"})
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            with lock:
+                latencies.append((time.perf_counter() - t0) * 1e3)
+                errors[0] += not ok
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"concurrency": concurrency, "requests": requests, "errors": errors[0],
+            "throughput_rps": requests / wall, **_stats(np.array(latencies))}
+
+
+def over_http(model: Path, jpegs: list[bytes], levels: tuple[int, ...], requests: int) -> list[dict]:
+    server = _Server(model, {})
+    try:
+        _load(server.port, jpegs, 4, min(300, requests))  # warm-up: fills the fused cache
+        out = []
+        for c in levels:
+            result = _load(server.port, jpegs, c, requests)
+            print(f"HTTP concurrency {c}: {result['throughput_rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+                  f"p99 {result['p99_ms']:.2f} ms, {result['errors']} errors", file=sys.stderr, flush=True)
+            out.append(result)
+        return out
+    finally:
+        server.stop()
+
+
+def table(result: dict) -> str:
+    ip = result["in_process"]
+    rows = [("in-process, batch 1", "p50 ms", "p99 ms", "mean ms")]
+    for key in ("instanas_per_block", "instanas_fused_cache", "mobilenet_v2_per_block", "mobilenet_v2_fused_cache",
+                "mobilenet_v2_one_graph"):
+        s = ip[key]
+        rows.append((key, f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['mean_ms']:.3f}"))
+    lines = [f"{a:<28} {b:>8} {c:>8} {d:>8}" for a, b, c, d in rows]
+    lines.append(f"instanas / mobilenet_v2 (mean, fused cache both): "
+                 f"{ip['instanas_fused_cache']['mean_ms'] / ip['mobilenet_v2_fused_cache']['mean_ms']:.2f}x")
+    lines.append(f"instanas / mobilenet_v2 (mean, per block both): "
+                 f"{ip['instanas_per_block']['mean_ms'] / ip['mobilenet_v2_per_block']['mean_ms']:.2f}x")
+    if "executor_over_fused_graph" in ip:
+        lines.append(f"Executor.run over the bare fused graph, cached architectures: {ip['executor_over_fused_graph']:.3f}x")
+    lines.append(f"fused cache hit rate over the images in order: {ip['fused_cache_hit_rate']:.3f}")
+    if result.get("http"):
+        lines.append("")
+        lines.append(f"{'HTTP concurrency':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+        for h in result["http"]:
+            lines.append(f"{h['concurrency']:<18} {h['throughput_rps']:>8.0f} {h['p50_ms']:>8.2f} {h['p99_ms']:>8.2f} "
+                         f"{h['errors']:>7}")
+        first, last = result["http"][0], result["http"][-1]
+        lines.append(f"throughput at {last['concurrency']} / at {first['concurrency']}: "
+                     f"{last['throughput_rps'] / first['throughput_rps']:.2f}x; p99/p50 at {last['concurrency']}: "
+                     f"{last['p99_ms'] / last['p50_ms']:.2f}; HTTP p50 at {first['concurrency']} minus in-process "
+                     f"p50 (fused cache): {first['p50_ms'] - ip['instanas_fused_cache']['p50_ms']:.2f} ms")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="instanas-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="models/cifar10-default", type=Path)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="static MobileNetV2 bundle of the same width (default: <model>-mobilenet_v2 if it "
+                             "exists, else a static view of the bundle's module-0 blocks)")
+    parser.add_argument("--data", type=Path, required=True, help="test images: a tar(.gz) of <class>/<image> or a folder")
+    parser.add_argument("--images", type=int, default=2000, help="images for the in-process figures")
+    parser.add_argument("--requests", type=int, default=2000, help="HTTP requests per concurrency level")
+    parser.add_argument("--concurrency", default="1,8,32", help="HTTP concurrency levels, comma-separated")
+    parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = parser.parse_args(argv)
+
+    jpegs = read_jpegs(args.data, None)
+    manifest = load_bundle(args.model).manifest
+    pre = manifest.preprocessing
+    sample = [jpegs[i] for i in sorted(np.random.default_rng(0).permutation(len(jpegs))[: args.images])]
+    inputs = [imaging.to_input(imaging.to_pixels(imaging.decode(b), pre.input_size), pre) for b in sample]
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = args.baseline
+        sibling = args.model.with_name(args.model.name + "-mobilenet_v2")
+        if baseline is None:
+            baseline = sibling if (sibling / "manifest.json").exists() else static_view(args.model, Path(tmp) / "static")
+        result = {"model": str(args.model), "baseline": str(args.baseline or baseline),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+                  "images": len(inputs), "in_process": in_process(args.model, baseline, inputs)}
+    if not args.no_http:
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+        result["http"] = over_http(args.model, jpegs, levels, args.requests)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
