@@ -1,6 +1,9 @@
 """Print a training run's log.jsonl as Markdown tables (the figures in docs/RESULTS.md).
 
-    .venv/bin/python scripts/run_report.py runs/cifar10-default
+    .venv/bin/python scripts/run_report.py docs/runs/cifar10-default
+
+One table per phase: its epochs (baseline, pretrain, finetune), or its finished operating points
+(search), with every figure the log holds for them.
 """
 
 from __future__ import annotations
@@ -9,23 +12,26 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = {
-    "pretrain": ["epoch", "loss", "train_top1", "top1_all", "top1_mobilenet_v2", "top1_cheapest", "seconds"],
-    "search": ["epoch", "upper_ms", "mean_reward", "test_top1", "test_latency_ms", "test_mflops", "test_modules", "seconds"],
-    "finetune": ["epoch", "test_top1", "test_latency_ms", "test_mflops", "test_modules", "seconds"],
-}
+_SKIP = {"time", "phase", "status"}
 
 
 def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _rows(records: list[dict], phase: str) -> list[dict]:
+    if phase == "search":
+        return [r for r in records if r["phase"] == phase and r.get("status") == "variant done"]
+    return [r for r in records if r["phase"] == phase and "epoch" in r]
+
+
 def main(run: str) -> int:
     records = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
-    for phase, columns in COLUMNS.items():
-        rows = [r for r in records if r["phase"] == phase and "epoch" in r]
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        rows = _rows(records, phase)
         if not rows:
             continue
+        columns = list(dict.fromkeys(k for r in rows for k in r if k not in _SKIP))
         print(f"\n{phase}\n")
         print("| " + " | ".join(columns) + " |")
         print("|" + " --- |" * len(columns))
@@ -38,4 +44,4 @@ def main(run: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "runs/cifar10-default"))
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "docs/runs/cifar10-default"))

@@ -41,8 +41,15 @@ def random_controller(space, seed: int, bias: float = 0.0) -> Controller:
     return controller
 
 
+def three_points(space) -> dict:
+    """Operating points A (many modules), B, C (few) over `space`: controllers whose choices differ."""
+    return {"A": random_controller(space, 1, bias=2.0), "B": random_controller(space, 2),
+            "C": random_controller(space, 3, bias=-2.0)}
+
+
 def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: int = 0,
-                       controllers: dict | None = None, evaluations: dict | None = None):
+                       controllers: dict | None = None, evaluations: dict | None = None,
+                       default_controller: str | None = None):
     """(metagraph, controller, manifest) for a randomly initialised model written to `out`;
     `controllers` (name -> controller) makes a bundle of several operating points."""
     torch.manual_seed(seed)
@@ -52,7 +59,8 @@ def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: 
         controller = random_controller(space, seed)
         controllers = {"default": controller}
     manifest = write_bundle(
-        out, metagraph, controllers or {}, unit_table(space), evaluations=evaluations, name="test", version="0", dataset="none",
+        out, metagraph, controllers or {}, unit_table(space), evaluations=evaluations,
+        default_controller=default_controller, name="test", version="0", dataset="none",
         classes=[f"class{i}" for i in range(space.num_classes)],
         preprocessing=Preprocessing(input_size=space.input_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         fixed_architecture=None if with_controller else "1" * space.num_cells,

@@ -4,7 +4,6 @@ gather under load, hold only for arriving requests), and no request ever gets an
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from service.batching import Batcher
 from service.bundle import load_bundle
 from service.executor import Executor
 from tests.conftest import Server
-from tests.helpers import export_test_bundle, random_controller
+from tests.helpers import export_test_bundle, three_points
 from training.searchspace import build_search_space, build_tiny_space
 
 TOLERANCE = 1e-5
@@ -29,12 +28,7 @@ def multi(tmp_path_factory):
     """A tiny-space bundle with three operating points A (many modules), B (the default), C (few)."""
     space = build_tiny_space()
     out = tmp_path_factory.mktemp("multi")
-    controllers = {"A": random_controller(space, 1, bias=2.0), "B": random_controller(space, 2),
-                   "C": random_controller(space, 3, bias=-2.0)}
-    export_test_bundle(out, space, controllers=controllers)
-    data = json.loads((out / "manifest.json").read_text())
-    data["default_controller"] = "B"
-    (out / "manifest.json").write_text(json.dumps(data))
+    export_test_bundle(out, space, controllers=three_points(space), default_controller="B")
     return out
 
 

@@ -16,7 +16,7 @@ from service.executor import Executor
 from service.manifest import Evaluation
 from service.operating_points import choose
 from tests.conftest import Server
-from tests.helpers import export_test_bundle, random_controller
+from tests.helpers import export_test_bundle, three_points
 from training.searchspace import build_tiny_space
 
 TOLERANCE = 1e-4
@@ -32,13 +32,10 @@ def multi(tmp_path_factory):
     """Three operating points A (slow, accurate) .. C (fast), B the default."""
     space = build_tiny_space()
     out = tmp_path_factory.mktemp("multi")
-    controllers = {"A": random_controller(space, 1, bias=2.0), "B": random_controller(space, 2),
-                   "C": random_controller(space, 3, bias=-2.0)}
+    controllers = three_points(space)
     evaluations = {"A": _evaluation(0.90, 3.0), "B": _evaluation(0.85, 2.0), "C": _evaluation(0.70, 1.0)}
-    metagraph, _, manifest = export_test_bundle(out, space, controllers=controllers, evaluations=evaluations)
-    data = json.loads((out / "manifest.json").read_text())
-    data["default_controller"] = "B"
-    (out / "manifest.json").write_text(json.dumps(data))
+    metagraph, _, _ = export_test_bundle(out, space, controllers=controllers, evaluations=evaluations,
+                                         default_controller="B")
     return out, metagraph, controllers
 
 
