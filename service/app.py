@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         # The state in app.state.instanas, not `state`: a reload (service/reload.py) swaps it.
-        _app.state.instanas.start()
+        # (warmup.prepare started it: its fused builder is running.)
         _app.state.instanas.ready = True
         try:
             yield

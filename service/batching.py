@@ -24,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.errors import ApiError
+
 
 @dataclass(eq=False)
 class Job:
@@ -66,6 +68,7 @@ class Batcher:
         self._arriving = 0  # admitted requests not yet submitted (reading their body)
         self._timer: asyncio.TimerHandle | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- state for admission control ---------------------------------------------------------------
@@ -125,6 +128,16 @@ class Batcher:
         return job
 
     def _dispatch(self) -> None:
+        if self._closed:  # a retired batcher starts no new threads: what is still queued is refused
+            while self._queue:
+                job = self._queue.popleft()
+                self._queued_rows -= job.size
+                if self._on_queue:
+                    self._on_queue(-1)
+                if not job.future.done():
+                    job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down or reloading; "
+                                                      "retry", {"Retry-After": "1"}))
+            return
         while self._queue and self._free > 0:
             now = time.perf_counter()
             if self._queued_rows < self.max_batch_size and self._arriving > 0 and self.max_batch_delay_s > 0 \
@@ -183,7 +196,8 @@ class Batcher:
         self._dispatch()
 
     def close(self) -> None:
-        """Stop the worker threads once their batches end (at shutdown)."""
+        """Stop the worker threads once their batches end (at shutdown); later batches are refused."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -17,6 +17,7 @@ default JSON may shape the answer (service/routes/v2.py renders tensors).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from service import architecture, imaging
 from service.batching import Batcher, Job
 from service.errors import ApiError
 from service.operating_points import Choice
+
+log = logging.getLogger("instanas.service")
 
 try:
     import orjson
@@ -177,6 +180,9 @@ def process(state, jobs: list[Job]) -> list:
             outcomes[i] = (request.render or render_json)(state, result, rows, request, stages, job.batch_s,
                                                           len(inputs), codes)
         except ApiError as exc:
+            outcomes[i] = exc
+        except Exception as exc:  # noqa: BLE001 - one request's renderer failing fails that request only
+            log.exception("rendering a response failed")
             outcomes[i] = exc
         if request.notes is not None:
             request.notes.update(architecture=[codes[row] for row in rows], operating_point=result.point(rows[0]),

@@ -28,6 +28,14 @@ def setup(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def all_finite(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every rank (so that all raise together, none waits forever)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

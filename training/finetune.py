@@ -43,7 +43,7 @@ def run(ctx: Context) -> dict:
     search = ctx.run.require("search")
     points = controllers(ctx, search)
     metagraph = ctx.new_metagraph()
-    if ctx.run.load("finetune") is None:
+    if not ctx.run.checkpoint("finetune").exists():
         start = search.get("metagraph") or ctx.run.require("pretrain")["model"]
         metagraph.load_state_dict(start)
     optimizer = sgd(decay_groups(metagraph, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -70,6 +70,6 @@ def run(ctx: Context) -> dict:
         ctx.run.log("finetune", variant=name, bn_images=used, **{f"val_{k}": v for k, v in f.items()})
         print(f"finetune {name}: " + ", ".join(f"val_{k}={v:.4g}" for k, v in f.items()), flush=True)
     state.update(model=metagraph.state_dict(), figures=figures,
-                 controllers={name: v["controller"] for name, v in zip(points, search["variants"])})
+                 controllers={v["name"]: v["controller"] for v in search["variants"]})
     ctx.run.save("finetune", state)
     return state

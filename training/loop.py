@@ -43,10 +43,12 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     steps_per_epoch = len(batches)
     total = epochs * steps_per_epoch
     epoch, first, elapsed, curve = 0, 0, 0.0, []
+    sums = (0, 0.0, 0)  # images, loss sum, correct of the epoch in progress
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         epoch, first, elapsed, curve = state["epoch"], state["step"], state["elapsed"], state["curve"]
+        sums = state.get("sums", (0, 0.0, 0))
         print(f"{phase}: resuming at epoch {epoch + 1}, step {first}", flush=True)
     every = max(1, ctx.config.checkpoint_steps)
     forward = distributed.wrap(model)
@@ -54,11 +56,12 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     def save(done: bool = False, **extra) -> None:
         ctx.run.save(phase, {"model": model.state_dict(), "optimizer": None if done else optimizer.state_dict(),
                              "epoch": epoch, "step": first, "elapsed": elapsed, "curve": curve, "done": done,
-                             "steps_per_epoch": steps_per_epoch, **extra})
+                             "steps_per_epoch": steps_per_epoch, "sums": sums, **extra})
 
     while epoch < epochs:
         model.train()
-        t0, seen, loss_sum, correct = time.time(), 0, 0.0, 0
+        t0 = time.time()
+        seen, loss_sum, correct = sums
         bar = tqdm(batches.epoch(epoch, first), total=steps_per_epoch, initial=first, disable=not ctx.run.main,
                    desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", mininterval=5)
         for x, y in bar:
@@ -67,13 +70,14 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, seed, epoch, first))
             x, y = ctx.to_device(x), y.to(ctx.device)
             loss, logits = step(x, y, generator, global_step, forward)
+            if not distributed.all_finite(loss):  # before any update, on every rank at once
+                raise FloatingPointError(f"{phase}: loss is not finite (here {loss.item()}) at epoch {epoch + 1}, "
+                                         f"step {first}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{phase}: loss is {loss.item()} at epoch {epoch + 1}, step {first}")
             first += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
@@ -82,9 +86,10 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
             if first % every == 0 and first < steps_per_epoch:
                 elapsed += time.time() - t0
                 t0 = time.time()
+                sums = (seen, loss_sum, correct)
                 save()
         elapsed += time.time() - t0
-        epoch, first = epoch + 1, 0
+        epoch, first, sums = epoch + 1, 0, (0, 0.0, 0)
         figures = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
                    **validate(), "elapsed_s": round(elapsed, 1)}

@@ -70,7 +70,7 @@ def run(ctx: Context) -> dict:
     cfg = ctx.config.pretrain
     space = ctx.space
     metagraph = ctx.new_metagraph()
-    if cfg.warm_start and ctx.run.load("pretrain") is None:
+    if cfg.warm_start and not ctx.run.checkpoint("pretrain").exists():
         from training import baseline
 
         warm_start(metagraph, baseline.load(ctx).state_dict())

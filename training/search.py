@@ -90,7 +90,7 @@ def _variants(ctx: Context) -> dict:
     metagraph.eval().requires_grad_(False)
     rewarder = Rewarder(ctx, metagraph, load_table(ctx.run))
     reference = rewarder.cost.baseline_ms  # static MobileNetV2, no controller
-    lowest = float(rewarder.latency(torch.from_numpy(cheapest(space))[None])[0])
+    lowest = float(rewarder.latency(torch.from_numpy(cheapest(space))[None].to(ctx.device))[0])
     state = ctx.run.load("search") or {"mode": "variants", "variants": [], "current": None, "done": False}
     if state.get("done"):
         return state
