@@ -96,4 +96,6 @@ def session_options(intra_op_threads: int = 1) -> ort.SessionOptions:
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if intra_op_threads > 1:  # spinning pool threads fight the server's own for the cores (measured)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options

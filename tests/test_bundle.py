@@ -42,3 +42,13 @@ def test_broken_bundles_fail_with_a_clear_message(bundle_copy, damage, message):
         manifest.unlink()
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle_copy)
+
+
+def test_onnxruntime_threads_never_spin_against_the_server():
+    """With more than one thread a graph, idle pool threads must sleep, not spin: spinning took
+    throughput from 665 to 25 requests/s on 2 cores (docs/RESULTS.md, process and thread model)."""
+    from service.bundle import session_options
+
+    assert session_options(2).get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    one = session_options(1)
+    assert one.intra_op_num_threads == 1 and one.inter_op_num_threads == 1
