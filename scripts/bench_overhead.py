@@ -23,7 +23,6 @@ import platform
 import re
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -45,13 +44,9 @@ NEW = ["fused.py", "batching.py"]
 
 
 def median_us(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e6
+    from scripts.bench_fused import median_ms  # one timing loop for both scripts
+
+    return median_ms(fn, repeats) * 1e3
 
 
 def a_jpeg(data_dir: Path) -> bytes:
