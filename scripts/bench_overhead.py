@@ -119,7 +119,8 @@ def in_process(model: str, jpeg: bytes) -> None:
         pass
 
     state = FakeState()
-    state.metrics = __import__("service.metrics", fromlist=["Metrics"]).Metrics(space.num_cells, space.num_modules)
+    state.metrics = __import__("service.metrics", fromlist=["Metrics"]).Metrics().model(manifest.name, space.num_cells,
+                                                                                         space.num_modules)
     state.costs, state.manifest = costs, manifest
     state.model_ref = ModelRef(name=manifest.name, version=manifest.version, sha256=bundle.sha256)
     state.model_json = state.model_ref.model_dump()

@@ -1,9 +1,11 @@
 """The app factory: settings and a verified bundle in, a FastAPI app with its routers out.
 
-`create_app(settings)` loads and verifies the bundle before anything is served, so a
-broken bundle fails at start-up, not on the first request. Routes live in
-`service/routes/`, one file per resource; they reach the bundle, executor and metrics
-through the `State` dependency (`service/state.py`).
+`create_app(settings)` loads and verifies every bundle of `INSTANAS_MODEL` (one bundle, or a
+model repository: service/repository.py) before anything is served, so a broken bundle fails
+at start-up, not on the first request. Routes live in `service/routes/`, one file per
+resource; they reach a model (bundle, executor, its metrics) through the `Models`
+dependency (by name) or `State` (the default model). `app.state` holds the settings, the
+process's metrics and the repository (`models`, which a reload swaps).
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import errors, limits, logs, security, warmup
-from service.bundle import Bundle, load_bundle
+from service.bundle import Bundle
 from service.metrics import Metrics
+from service.repository import Repository, load_repository
 from service.routes import classify, health, model, monitoring, v2
 from service.settings import Settings
 from service.state import ServiceState
@@ -49,33 +52,38 @@ class RequestMetrics:
 
 
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
+    """`bundle`: one bundle already loaded, served alone (tests and benchmarks); default: `settings.model`."""
     settings = settings or Settings()
-    bundle = bundle or load_bundle(settings.model, intra_op_threads=settings.intra_op_threads)
-    state = ServiceState(settings, bundle)
-    # Every graph runs once and the fused warm-up is done before anything is served (BundleError otherwise).
-    warmup.prepare(state)
+    metrics = Metrics()
+    if bundle is None:
+        # Every graph runs once and the fused warm-up is done before anything is served (BundleError otherwise).
+        models = load_repository(settings, metrics)
+    else:
+        state = ServiceState(settings, bundle, metrics)
+        warmup.prepare(state)
+        models = Repository(bundle.path, {state.name: state}, state.name)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        # The state in app.state.instanas, not `state`: a reload (service/reload.py) swaps it.
-        # (warmup.prepare started it: its fused builder is running.)
-        _app.state.instanas.ready = True
+        # app.state.models, not `models`: a reload (service/reload.py) swaps it.
+        # (warmup.prepare started each model: its fused builder is running.)
+        _app.state.models.ready = True
         try:
             yield
         finally:
-            current = _app.state.instanas
+            current = _app.state.models
             current.ready = False
             current.stop()
 
     app = FastAPI(title="instanas", version="0.1.0", lifespan=lifespan,
                   description="Instance-aware NAS: each image runs the architecture its controller picks.")
-    app.state.instanas = state
-    errors.install(app, lambda code: state.metrics.rejections.labels(code).inc())
-    app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
+    errors.install(app, lambda code: metrics.rejections.labels(code).inc())
+    app.add_middleware(RequestMetrics, metrics=metrics)
     # Body bytes held, body size and body time, for every route (service/limits.py).
     app.add_middleware(limits.RequestBodies, max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,
                        max_header_bytes=settings.max_header_bytes,
-                       budget=limits.ByteBudget(settings.max_buffered_bytes, on_change=state.metrics.bodies_held))
+                       budget=limits.ByteBudget(settings.max_buffered_bytes, on_change=metrics.bodies_held))
     security.install_cors(app, settings)  # off unless INSTANAS_CORS_ORIGINS is set
     # Outermost: request ids and the access log line (service/logs.py) cover every response.
     app.add_middleware(logs.AccessLog, enabled=settings.access_log)

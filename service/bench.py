@@ -64,14 +64,15 @@ def read_jpegs(path: Path, limit: int | None) -> list[bytes]:
     return data
 
 
-def static_view(bundle_dir: Path, out: Path) -> Path:
+def static_view(bundle_dir: Path, out: Path, name: str | None = None) -> Path:
     """A static bundle of the module-0 path (MobileNetV2) of `bundle_dir`: the same stem, head and
-    module-0 block files, a one-module search space and a fixed architecture."""
+    module-0 block files, a one-module search space and a fixed architecture; named `name`
+    (default: the bundle's name + "-mobilenet_v2-view")."""
     manifest = load_bundle(bundle_dir).manifest
     space = manifest.search_space
     cells = [c.model_copy(update={"modules": c.modules[:1]}) for c in space.cells]
     static = manifest.model_copy(update={
-        "name": manifest.name + "-mobilenet_v2-view", "search_space": space.model_copy(update={"cells": cells}),
+        "name": name or manifest.name + "-mobilenet_v2-view", "search_space": space.model_copy(update={"cells": cells}),
         "blocks": [b for b in manifest.blocks if b.module == 0], "controllers": [], "default_controller": None,
         "fixed_architecture": "1" * space.num_cells, "frequent_architectures": [], "evaluation": None})
     out.mkdir(parents=True, exist_ok=True)

@@ -186,7 +186,7 @@ def process(state, jobs: list[Job]) -> list:
             outcomes[i] = exc
         if request.notes is not None:
             request.notes.update(architecture=[codes[row] for row in rows], operating_point=result.point(rows[0]),
-                                 model_version=state.manifest.version)
+                                 model=state.name, model_version=state.manifest.version)
     return outcomes
 
 

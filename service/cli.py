@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         print(f"instanas-serve: cannot serve the bundle: {exc}", file=sys.stderr)
         return 2
-    state = app.state.instanas
-    logging.getLogger("instanas.service").info(
-        "serving %s %s (manifest sha256 %s) on http://%s:%d", state.manifest.name, state.manifest.version,
-        state.bundle.sha256, settings.host, settings.port)
+    models = app.state.models
+    for state in models.states.values():
+        logging.getLogger("instanas.service").info(
+            "serving %s %s (manifest sha256 %s%s) on http://%s:%d", state.manifest.name, state.manifest.version,
+            state.bundle.sha256, ", the default" if state.name == models.default else "", settings.host, settings.port)
     # The access log is service.logs.AccessLog's (INSTANAS_ACCESS_LOG), not uvicorn's.
     server.serve(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level,
                  access_log=False, log_config=None, **fast_server())

@@ -180,7 +180,7 @@ def document_limits(app) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            classes = len(app.state.instanas.manifest.classes)
+            classes = len(app.state.models.get().manifest.classes)
             for path, operations in schema.get("paths", {}).items():
                 for operation in operations.values():
                     if not isinstance(operation, dict):

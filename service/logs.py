@@ -51,7 +51,7 @@ def current_request_id() -> str | None:
 
 def notes(scope) -> dict:
     """The dict in which a handler notes what the access log line should say about its request
-    (keys: architecture, operating_point, model_version); a throwaway one without the middleware."""
+    (keys: architecture, operating_point, model, model_version); a throwaway one without the middleware."""
     return scope.setdefault(NOTES_KEY, {})
 
 
@@ -136,10 +136,12 @@ class AccessLog:
 
     def _line(self, scope, rid: str, status: int, duration_ms: float) -> None:
         noted = scope.get(NOTES_KEY) or {}
-        version = noted.get("model_version")
-        if version is None:  # the bundle being served, for requests that classified nothing
-            state = getattr(getattr(scope.get("app"), "state", None), "instanas", None)
-            version = getattr(getattr(state, "manifest", None), "version", None)
+        model, version = noted.get("model"), noted.get("model_version")
+        if version is None:  # the default model, for requests that classified nothing
+            models = getattr(getattr(scope.get("app"), "state", None), "models", None)
+            if models is not None:
+                default = models.get()
+                model, version = default.name, default.manifest.version
         client = scope.get("client")
         fields = {
             "request_id": rid,
@@ -151,6 +153,7 @@ class AccessLog:
             "client": client[0] if client else None,
             "architecture": noted.get("architecture"),
             "operating_point": noted.get("operating_point"),
+            "model": model,
             "model_version": version,
         }
         target = fields["path"] + (f"?{fields['query']}" if fields["query"] else "")
@@ -158,7 +161,7 @@ class AccessLog:
                 f"request_id={rid}")
         if fields["architecture"]:
             text += f" architecture={','.join(fields['architecture'])} operating_point={fields['operating_point'] or '-'}"
-        text += f" model_version={version or '-'}"
+        text += f" model={model or '-'} model_version={version or '-'}"
         self.log.info(text, extra=fields)
 
 

@@ -1,15 +1,20 @@
-"""Hot reload: a bundle verified and warmed up off the request path, then swapped in at once.
+"""Hot reload: bundles verified and warmed up off the request path, then swapped in at once.
 
-`POST /admin/reload` (body `{"path": "<bundle folder>"}`, or none for the folder served now)
-and SIGHUP (the folder served now, read again) build a whole new `ServiceState` in a worker
-thread (load_bundle: manifest and sha256 of every file; service/warmup.py: every graph run
-and checked, fused graphs compiled) while the old one serves. The swap is one assignment of
-`app.state.instanas`: a request resolves its state once, when it starts, so requests in
-flight finish on the old bundle and later ones get the new; each response's `model` says
-which answered. The old state is stopped once its batcher is idle (or after
-`INSTANAS_SHUTDOWN_TIMEOUT`). A bundle that fails any check leaves the old one serving, and
-the reload answers 422 `invalid_bundle` with the reason; 409 `reload_in_progress` while
-another runs, 503 `draining` during a shutdown.
+`POST /admin/reload` (body `{"path": "<bundle or repository folder>"}`, or none for the folder
+served now) and SIGHUP (the folder served now, read again) build a whole new repository
+(service/repository.py: every bundle's manifest and sha256 of every file; service/warmup.py:
+every graph run and checked, fused graphs compiled) in a worker thread while the old one
+serves. The swap is one assignment of `app.state.models`: a request resolves its model once,
+when it starts, so requests in flight finish on the old bundle and later ones get the new;
+each response's `model` says which answered. Models added to the folder are served from the
+swap, models removed from it answer 404 from then on. Each old model is stopped once its
+batcher is idle (or after `INSTANAS_SHUTDOWN_TIMEOUT`). A bundle that fails any check leaves
+the old repository serving, and the reload answers 422 `invalid_bundle` with the reason; 409
+`reload_in_progress` while another runs, 503 `draining` during a shutdown.
+
+With several worker processes (service/workers.py) a reload is made global: the worker that
+took it tells the supervisor, which sends SIGHUP to every other worker, and each reloads the
+same folder (`INSTANAS_RELOAD_PATH_FILE`).
 """
 
 from __future__ import annotations
@@ -19,26 +24,14 @@ import logging
 import time
 from pathlib import Path
 
-from service import warmup
-from service.bundle import BundleError, load_bundle
+from service.bundle import BundleError
 from service.errors import ApiError
+from service.repository import Repository, load_repository
 from service.state import ServiceState
 
 log = logging.getLogger("instanas.service")
 
 RETIRE_GRACE_S = 1.0  # after the old batcher is idle, for requests that resolved the old state just before the swap
-
-
-def _build(current: ServiceState, path: Path) -> ServiceState:
-    settings = current.settings
-    bundle = load_bundle(path, intra_op_threads=settings.intra_op_threads)
-    state = ServiceState(settings, bundle, metrics=current.metrics)
-    try:
-        warmup.prepare(state)
-    except BaseException:
-        state.stop()
-        raise
-    return state
 
 
 def _lock(app) -> asyncio.Lock:
@@ -48,44 +41,48 @@ def _lock(app) -> asyncio.Lock:
     return lock
 
 
+def _refs(models: Repository) -> list[dict]:
+    return [s.model_json for s in models.states.values()]
+
+
 async def reload(app, path: str | None = None) -> dict:
-    """Load, verify and warm up the bundle at `path` (default: the one served), then swap it in.
-    Returns {"model", "previous", "seconds"}; ApiError when nothing changed."""
-    current: ServiceState = app.state.instanas
-    if getattr(current, "draining", False):
+    """Load, verify and warm up the bundle or repository at `path` (default: the folder served),
+    then swap it in. Returns {"model" (the default model), "previous" (the default before),
+    "models", "seconds"}; ApiError when nothing changed."""
+    current: Repository = app.state.models
+    if current.draining:
         raise ApiError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
     lock = _lock(app)
     if lock.locked():
         raise ApiError(409, "reload_in_progress", "another reload is running; retry when it has finished")
     async with lock:
-        current = app.state.instanas
-        target = Path(path).expanduser() if path else current.bundle.path
+        current = app.state.models
+        target = Path(path).expanduser() if path else current.path
         t0 = time.perf_counter()
-        metrics = current.metrics
+        metrics = app.state.metrics
         try:
-            new = await asyncio.to_thread(_build, current, target)
+            new = await asyncio.to_thread(load_repository, app.state.settings, metrics, target)
         except BundleError as exc:
             metrics.reloads.labels("error").inc()
-            log.error("reload refused, still serving %s: %s", current.bundle.path, exc)
+            log.error("reload refused, still serving %s: %s", current.path, exc)
             raise ApiError(422, "invalid_bundle", f"the bundle was not loaded, the old one still serves: {exc}") from None
         new.ready = True
-        app.state.instanas = new  # the swap: requests from now on resolve the new state
+        app.state.models = new  # the swap: requests from now on resolve the new models
         app.openapi_schema = None  # the document quotes the bundle's classes
-        old_ref = current.model_ref
-        if (old_ref.name, old_ref.version, old_ref.sha256) != (new.model_ref.name, new.model_ref.version,
-                                                               new.model_ref.sha256):
-            try:
-                metrics.model_info.remove(old_ref.name, old_ref.version, old_ref.sha256)
-            except KeyError:
-                pass
+        kept = {(r["name"], r["version"], r["sha256"]) for r in _refs(new)}
+        for ref in _refs(current):
+            if (ref["name"], ref["version"], ref["sha256"]) not in kept:
+                metrics.unserved(ref["name"], ref["version"], ref["sha256"])
         metrics.reloads.labels("ok").inc()
         seconds = time.perf_counter() - t0
-        log.info("reloaded: now serving %s %s from %s (%.2f s)", new.manifest.name, new.manifest.version,
-                 new.bundle.path, seconds)
-        task = asyncio.ensure_future(_retire(current, current.settings.shutdown_timeout))
-        _background(app).add(task)
-        task.add_done_callback(_background(app).discard)
-        return {"model": new.model_json, "previous": current.model_json, "seconds": round(seconds, 3)}
+        log.info("reloaded: now serving %s from %s (%.2f s)",
+                 ", ".join(f"{s.name} {s.manifest.version}" for s in new.states.values()), new.path, seconds)
+        for old in current.states.values():
+            task = asyncio.ensure_future(_retire(old, app.state.settings.shutdown_timeout))
+            _background(app).add(task)
+            task.add_done_callback(_background(app).discard)
+        return {"model": new.get().model_json, "previous": current.get().model_json, "models": _refs(new),
+                "seconds": round(seconds, 3)}
 
 
 def _background(app) -> set:

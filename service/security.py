@@ -23,7 +23,7 @@ CHALLENGE = {"WWW-Authenticate": 'Bearer realm="instanas"'}
 
 def require_token(request: Request) -> None:
     """A route dependency: passes when no token is configured or the request carries it."""
-    token = request.app.state.instanas.settings.api_token
+    token = request.app.state.settings.api_token
     if token is None:
         return
     scheme, _, credentials = request.headers.get("authorization", "").partition(" ")

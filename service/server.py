@@ -305,9 +305,9 @@ class InstanasServer(uvicorn.Server):
 
     def _start_draining(self) -> None:
         self.connections.draining = True
-        state = getattr(self.app.state, "instanas", None)
-        if state is not None:
-            state.draining = True
+        models = getattr(self.app.state, "models", None)
+        if models is not None:
+            models.draining = True
 
     async def on_tick(self, counter: int) -> bool:
         while self._signals:
@@ -338,7 +338,7 @@ def serve(app, settings, *, http: str = "httptools", **uvicorn_options) -> None:
     """Run `app` until a signal stops it (see the module docstring); `http` is uvicorn's HTTP
     implementation to guard ("httptools" or "h11"), `uvicorn_options` go to uvicorn.Config
     (host, port, loop, log_level, access_log...)."""
-    metrics = getattr(getattr(app.state, "instanas", None), "metrics", None)
+    metrics = getattr(app.state, "metrics", None)
     limit = connection_limit(settings.max_connections)
     if limit < settings.max_connections:
         log.warning("at most %d connections (INSTANAS_MAX_CONNECTIONS=%d, but the open-files limit is %d)",

@@ -14,7 +14,11 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cifar10-def
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INSTANAS_", frozen=True)
 
-    model: Path = Field(default=DEFAULT_MODEL, description="Model bundle folder.")
+    model: Path = Field(default=DEFAULT_MODEL, description=(
+        "A model bundle folder, or a model repository: a folder of bundle folders, each named as its model, "
+        "all served at once (service/repository.py)."))
+    default_model: str | None = Field(default=None, description=(
+        "In a model repository, the model of requests that name none; default: the first name in sorted order."))
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime threads per graph run.")

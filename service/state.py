@@ -17,15 +17,16 @@ from service.settings import Settings
 
 
 class ServiceState:
-    """Bundle, executor (with its fused-graph cache), costs, metrics and the batcher of one app."""
+    """One served model: bundle, executor (with its fused-graph cache), costs, metrics, batcher."""
 
     def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics | None = None):
-        """`metrics`: the app's, when this state replaces another (a reload, service/reload.py)."""
+        """`metrics`: the process's (service/metrics.py); this model's are those labelled with its name."""
         self.settings = settings
         self.bundle = bundle
         self.manifest = bundle.manifest
+        self.name = bundle.manifest.name  # as requests name it (service/repository.py)
         space = bundle.manifest.search_space
-        self.metrics = metrics or Metrics(space.num_cells, space.num_modules)
+        self.metrics = (metrics or Metrics()).model(self.name, space.num_cells, space.num_modules)
         self.fused = FusedCache(bundle, size=settings.fused_cache_size, min_count=settings.fused_min_count,
                                 builds_per_minute=settings.fused_builds_per_minute,
                                 intra_op_threads=settings.intra_op_threads, metrics=self.metrics)
@@ -38,7 +39,7 @@ class ServiceState:
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
         self.model_json = self.model_ref.model_dump()  # as responses carry it
         self.module_names = [[m.name for m in cell.modules] for cell in space.cells]
-        self.metrics.model_info.labels(self.manifest.name, self.manifest.version, bundle.sha256).set(1)
+        self.metrics.served(self.manifest.name, self.manifest.version, bundle.sha256)
 
     def start(self) -> None:
         """Start the fused-graph builder and queue the manifest's frequent architectures (warm-up)."""
@@ -52,7 +53,8 @@ class ServiceState:
 
 
 def get_state(request: Request) -> ServiceState:
-    return request.app.state.instanas
+    """The default model of the repository served now (routes that take a model name use `Models`)."""
+    return request.app.state.models.get()
 
 
 State = Annotated[ServiceState, Depends(get_state)]

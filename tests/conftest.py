@@ -79,7 +79,9 @@ class Server:
     """A real `instanas-serve` process on a loopback port."""
 
     def __init__(self, bundle: Path, log: Path, preexec_fn=None, **env: str):
-        """`env`: INSTANAS_* settings; the drain on SIGTERM is off unless set (INSTANAS_DRAIN_SECONDS).
+        """`env`: INSTANAS_* settings; the drain on SIGTERM is off unless set (INSTANAS_DRAIN_SECONDS), and so
+        is the load governor (INSTANAS_QUEUE_TARGET_MS), so that which operating point answers does not
+        depend on how busy the test machine is.
         `preexec_fn`: run in the child before it starts (e.g. to lower its open-files limit)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -88,7 +90,7 @@ class Server:
         self.process = subprocess.Popen(
             [str(BIN / "instanas-serve"), "--model", str(bundle), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log_file, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
-            env={**os.environ, "INSTANAS_DRAIN_SECONDS": "0", **env})
+            env={**os.environ, "INSTANAS_DRAIN_SECONDS": "0", "INSTANAS_QUEUE_TARGET_MS": "0", **env})
         deadline = time.time() + 60
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -202,6 +204,14 @@ def prometheus(server, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def metric(url: str, name: str, /, **labels: str) -> float:
+    """A sample of the service's /metrics at `url` (a counter's `..._total`, a histogram's `..._count`),
+    summed over the series whose labels include `labels` (e.g. every model's); 0 when there is none."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def service_values(server, name: str, labels: tuple[str, ...]) -> dict[tuple, float]:

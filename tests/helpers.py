@@ -49,7 +49,7 @@ def three_points(space) -> dict:
 
 def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: int = 0,
                        controllers: dict | None = None, evaluations: dict | None = None,
-                       default_controller: str | None = None):
+                       default_controller: str | None = None, name: str = "test"):
     """(metagraph, controller, manifest) for a randomly initialised model written to `out`;
     `controllers` (name -> controller) makes a bundle of several operating points."""
     torch.manual_seed(seed)
@@ -60,7 +60,7 @@ def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: 
         controllers = {"default": controller}
     manifest = write_bundle(
         out, metagraph, controllers or {}, unit_table(space), evaluations=evaluations,
-        default_controller=default_controller, name="test", version="0", dataset="none",
+        default_controller=default_controller, name=name, version="0", dataset="none",
         classes=[f"class{i}" for i in range(space.num_classes)],
         preprocessing=Preprocessing(input_size=space.input_size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
         fixed_architecture=None if with_controller else "1" * space.num_cells,

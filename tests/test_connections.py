@@ -16,16 +16,11 @@ import httpx
 import pytest
 
 from tests import hostile as h
-from tests.conftest import BIN, Server, free_port
+from tests.conftest import BIN, Server, free_port, metric
 
 JPEG = h.jpeg()
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise KeyError(name)
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +107,7 @@ def test_three_hundred_idle_sockets_do_not_stop_liveness(tiny_bundle, tmp_path):
             assert live.status_code == 200 and time.monotonic() - t0 < 2
         assert httpx.post(srv.url + "/classify", content=JPEG, headers={"content-type": "image/jpeg"},
                           timeout=10).status_code == 200
-        assert metric(srv.url, 'instanas_connections_closed_total{reason="evicted"}') >= 300 - 192
+        assert metric(srv.url, "instanas_connections_closed_total", reason="evicted") >= 300 - 192
         assert metric(srv.url, "instanas_open_connections") <= 192
         assert srv.process.poll() is None
     finally:
@@ -180,7 +175,7 @@ def test_a_connection_beyond_the_limit_is_refused_when_all_are_busy(tiny_bundle,
         time.sleep(0.3)
     try:  # once they are gone, served again
         assert httpx.get(srv.url + "/healthz/live", timeout=10).status_code == 200
-        assert metric(srv.url, 'instanas_connections_closed_total{reason="refused"}') >= 1
+        assert metric(srv.url, "instanas_connections_closed_total", reason="refused") >= 1
     finally:
         srv.stop()
 

@@ -15,7 +15,7 @@ from service import architecture, fused
 from service.bundle import load_bundle
 from service.executor import Executor
 from service.metrics import Metrics
-from tests.conftest import Server
+from tests.conftest import Server, metric
 from tests.helpers import export_test_bundle
 from training.searchspace import build_search_space, build_tiny_space
 
@@ -175,7 +175,7 @@ def _wait(predicate, timeout: float = 30.0) -> None:
 def test_cache_admits_after_min_count_rate_limits_and_evicts(tiny_bundle):
     space = tiny_bundle.manifest.search_space
     clock = Clock()
-    metrics = Metrics(space.num_cells, space.num_modules)
+    metrics = Metrics().model("tiny", space.num_cells, space.num_modules)
     cache = fused.FusedCache(tiny_bundle, size=2, min_count=3, builds_per_minute=2, metrics=metrics, clock=clock)
     a, b, c = _codes(space, 3)
     cache.start()
@@ -227,11 +227,6 @@ def test_cache_warm_up_is_not_rate_limited_and_size_zero_disables(tiny_bundle):
     assert executor.run(x).fused_rows == 0
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not exported")
 
 
 def test_served_fused_path_agrees_and_the_hit_counter_rises(tmp_path, test_jpegs):
@@ -252,27 +247,27 @@ def test_served_fused_path_agrees_and_the_hit_counter_rises(tmp_path, test_jpegs
             assert response.status_code == 200, response.text
             return response.json()
 
-        _wait(lambda: _metric(srv.url, "instanas_fused_cache_size") >= 1)  # the warm-up
-        hits = _metric(srv.url, "instanas_fused_cache_hits_total")
+        _wait(lambda: metric(srv.url, "instanas_fused_cache_size") >= 1)  # the warm-up
+        hits = metric(srv.url, "instanas_fused_cache_hits_total")
         jpeg = test_jpegs[0][1]
         body = post(jpeg, warm)
         assert body["architecture"]["code"] == warm
-        assert _metric(srv.url, "instanas_fused_cache_hits_total") == hits + 1
+        assert metric(srv.url, "instanas_fused_cache_hits_total") == hits + 1
 
         code = "1111"  # MobileNetV2: not warmed up; per-block until seen twice, then built in the background
-        misses = _metric(srv.url, "instanas_fused_cache_misses_total")
+        misses = metric(srv.url, "instanas_fused_cache_misses_total")
         per_block = [post(data, code) for _, data in test_jpegs[:2]]
-        assert _metric(srv.url, "instanas_fused_cache_misses_total") == misses + 2
-        _wait(lambda: _metric(srv.url, "instanas_fused_cache_size") >= 2)
-        assert _metric(srv.url, 'instanas_fused_builds_total{result="ok"}') == 2
-        hits = _metric(srv.url, "instanas_fused_cache_hits_total")
+        assert metric(srv.url, "instanas_fused_cache_misses_total") == misses + 2
+        _wait(lambda: metric(srv.url, "instanas_fused_cache_size") >= 2)
+        assert metric(srv.url, "instanas_fused_builds_total", result="ok") == 2
+        hits = metric(srv.url, "instanas_fused_cache_hits_total")
         fused_bodies = [post(data, code) for _, data in test_jpegs[:2]]
-        assert _metric(srv.url, "instanas_fused_cache_hits_total") == hits + 2
+        assert metric(srv.url, "instanas_fused_cache_hits_total") == hits + 2
         for a, b in zip(per_block, fused_bodies):
             assert a["architecture"] == b["architecture"]
             pa = {s["index"]: s["probability"] for s in a["top_k"]}
             pb = {s["index"]: s["probability"] for s in b["top_k"]}
             assert pa.keys() == pb.keys() and max(abs(pa[k] - pb[k]) for k in pa) < TOLERANCE
-        assert _metric(srv.url, "instanas_fused_build_duration_seconds_count") == 2
+        assert metric(srv.url, "instanas_fused_build_duration_seconds_count") == 2
     finally:
         srv.stop()

@@ -15,7 +15,7 @@ from service.bundle import load_bundle, read_manifest
 from service.executor import Executor
 from service.manifest import Evaluation
 from service.operating_points import choose
-from tests.conftest import Server
+from tests.conftest import Server, metric
 from tests.helpers import export_test_bundle, three_points
 from training.searchspace import build_tiny_space
 
@@ -112,9 +112,9 @@ def test_http_selects_operating_points_and_overrides(multi_server, test_jpegs):
     assert explicit["architecture"]["code"] == "1131"  # cell 1 cannot be skipped: its first module runs
     # the estimate of a given architecture has no controller in it
     assert explicit["architecture"]["estimated_latency_ms"] < body["architecture"]["estimated_latency_ms"] + 1
-    metrics = httpx.get(multi_server.url + "/metrics").text
-    assert 'instanas_operating_point_total{operating_point="A",reason="requested"} 1.0' in metrics
-    assert 'instanas_operating_point_total{operating_point="",reason="architecture"} 3.0' in metrics
+    points = "instanas_operating_point_total"
+    assert metric(multi_server.url, points, model="test", operating_point="A", reason="requested") == 1
+    assert metric(multi_server.url, points, model="test", operating_point="", reason="architecture") == 3
 
 
 @pytest.mark.parametrize("params,code", [

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, Server, metric
 from tests.hostile import memory_kib
 
 MiB = 1 << 20
@@ -28,11 +28,6 @@ def _overload_module():
     return module
 
 
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise KeyError(name)
 
 
 def crowd(url: str, n: int, body: bytes, content_type: str = "image/jpeg", params: dict | None = None):

@@ -124,7 +124,7 @@ def test_the_fused_warm_up_runs_and_is_checked_before_ready(tiny_bundle, tmp_pat
     assert len(set(codes)) == 2
     data["frequent_architectures"] = [{"code": code, "share": 0.4} for code in codes]
     (bundle / "manifest.json").write_text(json.dumps(data))
-    state = create_app(Settings(model=bundle)).state.instanas
+    state = create_app(Settings(model=bundle)).state.models.get()
     assert sorted(state.fused.codes()) == sorted(architecture.encode(architecture.apply_empty_cell_rule(
         architecture.decode(c, space.num_cells, space.num_modules)[None], space)[0]) for c in codes)
     assert state.fused.stats.hits == 0 and state.fused.stats.misses == 0  # the checks count no traffic

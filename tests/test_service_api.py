@@ -4,31 +4,25 @@ from __future__ import annotations
 
 import io
 import json
-import re
 
 import httpx
 import jsonschema
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from service import architecture
 from service.manifest import Manifest
 from service.schemas import ClassifyResponse, ErrorResponse
-
-_SAMPLE = re.compile(r'^(instanas_module_executions_total)\{cell="(\d+)",module="(\d+)"\} ([0-9.e+]+)$', re.M)
+from tests.conftest import metric
 
 
 def executions(url: str) -> dict[tuple[int, int], float]:
+    """instanas_module_executions_total by (cell, module), for the one model served."""
     text = httpx.get(url + "/metrics").text
-    return {(int(c), int(m)): float(v) for _, c, m, v in _SAMPLE.findall(text)}
-
-
-def metric(url: str, line_prefix: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(line_prefix + " "):
-            return float(line.split()[-1])
-    return 0.0
+    return {(int(s.labels["cell"]), int(s.labels["module"])): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "instanas_module_executions_total"}
 
 
 def post_jpeg(url: str, data: bytes, content_type: str = "image/jpeg", **params) -> httpx.Response:
@@ -139,13 +133,13 @@ def test_bad_input_gets_a_clear_4xx_and_the_server_keeps_answering(server, test_
         data, ctype, status, code, params = jpeg, "image/jpeg", 422, "invalid_request", {"top_k": 0}
     else:
         data, ctype, status, code = BAD_INPUTS[name]
-    rejected_before = metric(server.url, f'instanas_rejections_total{{reason="{code}"}}')
+    rejected_before = metric(server.url, "instanas_rejections_total", reason=code)
     response = post_jpeg(server.url, data, ctype, **params)
     assert response.status_code == status, response.text
     body = response.json()
     ErrorResponse.model_validate(body)
     assert body["error"]["code"] == code and body["error"]["message"]
-    assert metric(server.url, f'instanas_rejections_total{{reason="{code}"}}') == rejected_before + 1
+    assert metric(server.url, "instanas_rejections_total", reason=code) == rejected_before + 1
     # and the server still serves
     assert httpx.get(server.url + "/healthz/ready").status_code == 200
     assert post_jpeg(server.url, jpeg).status_code == 200

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from service import imaging
 from service.manifest import Evaluation, Manifest
-from tests.conftest import Server
+from tests.conftest import Server, metric
 from tests.helpers import export_test_bundle, random_controller
 from training.searchspace import build_tiny_space
 
@@ -201,19 +201,14 @@ def test_outputs_asked_by_name_each_binary_or_json(client, v2_server, hundred_jp
     assert len(result.as_numpy("label")) == 3 and result.as_numpy("index").shape == (3,)
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_an_infer_request_runs_as_one_batch(client, v2_server, hundred_jpegs):
     server = v2_server[0]
-    count, total = _metric(server.url, "instanas_batch_size_count"), _metric(server.url, "instanas_batch_size_sum")
+    count, total = metric(server.url, "instanas_batch_size_count"), metric(server.url, "instanas_batch_size_sum")
     _infer_images(client, v2_server[1].name, hundred_jpegs[:20], binary=True)  # more than INSTANAS_MAX_BATCH_SIZE (8)
-    assert _metric(server.url, "instanas_batch_size_count") == count + 1
-    assert _metric(server.url, "instanas_batch_size_sum") == total + 20
+    assert metric(server.url, "instanas_batch_size_count") == count + 1
+    assert metric(server.url, "instanas_batch_size_sum") == total + 20
 
 
 # --- errors: the protocol's {"error": "..."} with proper statuses ----------------------------------------------

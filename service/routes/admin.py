@@ -1,4 +1,4 @@
-"""`POST /admin/reload`: swap in a bundle (the same folder read again, or another) without a restart."""
+"""`POST /admin/reload`: swap in bundles (the same folder read again, or another) without a restart."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_token)])
 
 
 class ReloadRequest(BaseModel):
-    path: str | None = Field(default=None, description="Bundle folder on the server; default: the one served now.")
+    path: str | None = Field(default=None, description=(
+        "Bundle or model repository folder on the server; default: the one served now."))
 
 
 class ReloadResponse(BaseModel):
-    model: ModelRef = Field(description="The bundle that answers from now on.")
-    previous: ModelRef
-    seconds: float = Field(description="Loading, verifying and warming up the new bundle.")
+    model: ModelRef = Field(description="The default model from now on (requests that name no model).")
+    previous: ModelRef = Field(description="The default model before.")
+    models: list[ModelRef] = Field(description="Every model served from now on.")
+    seconds: float = Field(description="Loading, verifying and warming up the new bundles.")
 
 
-@router.post("/reload", response_model=ReloadResponse, summary="Load, verify and warm up a bundle, then swap it in",
+@router.post("/reload", response_model=ReloadResponse, summary="Load, verify and warm up bundles, then swap them in",
              responses={code: {"model": ErrorResponse} for code in (401, 409, 422, 503)})
 async def reload_bundle(request: Request, body: ReloadRequest | None = Body(default=None)):
     return await reload.reload(request.app, body.path if body else None)

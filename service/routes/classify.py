@@ -12,7 +12,7 @@ from starlette.requests import ClientDisconnect
 from service import classification, imaging, inputs, logs, operating_points
 from service.errors import ERROR_RESPONSES, ApiError
 from service.schemas import ClassifyResponse
-from service.state import State
+from service.repository import Models
 
 MULTIPART = "multipart/form-data"
 OCTET_STREAM = "application/octet-stream"
@@ -55,7 +55,8 @@ _BODY = {"requestBody": {"required": True, "content": {
              summary="Classify one image with the architecture the controller picks for it")
 async def classify(
     request: Request,
-    state: State,
+    models: Models,
+    model: str | None = Query(None, description="The model to use, by name (GET /models); default: the default model."),
     top_k: int | None = Query(None, ge=1, description="How many classes to list (at most the model's classes)."),
     operating_point: str | None = Query(None, description="The controller to use (see GET /model); default: the bundle's."),
     max_latency_ms: float | None = Query(None, gt=0, description="Use the most accurate operating point whose measured "
@@ -64,6 +65,7 @@ async def classify(
                               "(module 0 in every cell), all, or an architecture code as /classify returns it."),
 ) -> Response:
     t_start = time.perf_counter()
+    state = models.get(model)
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ACCEPTED_MEDIA_TYPES:
         raise ApiError(415, "unsupported_media_type",

@@ -72,7 +72,7 @@ _static = StaticFiles(directory=STATIC_DIR, check_dir=False)
 def demo_cache(request: Request) -> DemoCache:
     cache = getattr(request.app.state, "instanas_demo", None)
     if cache is None:
-        settings = request.app.state.instanas.settings
+        settings = request.app.state.settings
         cache = DemoCache(settings.demo_gallery, settings.demo_gallery_limit)
         request.app.state.instanas_demo = cache
     return cache

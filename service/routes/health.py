@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service.repository import Models
 from service.schemas import Health
-from service.state import State
 
 router = APIRouter()
 
@@ -17,10 +17,12 @@ async def live():
 
 
 @router.get("/healthz/ready", response_model=Health, responses={503: {"model": Health}},
-            summary="The bundle is loaded, verified and warmed up; requests are served (503 while starting or draining)")
-async def ready(state: State):
-    if state.draining:  # SIGTERM: shutting down after the drain (service/server.py); requests are still served
-        return JSONResponse(Health(status="draining", model=state.model_ref).model_dump(), status_code=503)
-    if not state.ready:
+            summary="Every bundle is loaded, verified and warmed up; requests are served (503 while starting or "
+            "draining); `model` is the default model")
+async def ready(models: Models):
+    default = models.get().model_ref
+    if models.draining:  # SIGTERM: shutting down after the drain (service/server.py); requests are still served
+        return JSONResponse(Health(status="draining", model=default).model_dump(), status_code=503)
+    if not models.ready:
         return JSONResponse(Health(status="starting").model_dump(), status_code=503)
-    return Health(status="ready", model=state.model_ref)
+    return Health(status="ready", model=default)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.metrics import exposition
 from service.schemas import ErrorResponse
 from service.security import require_token
-from service.state import State
 
 # Behind INSTANAS_API_TOKEN when it is set (service/security.py).
 router = APIRouter(dependencies=[Depends(require_token)],
@@ -16,5 +16,6 @@ router = APIRouter(dependencies=[Depends(require_token)],
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def prometheus(state: State):
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def prometheus(request: Request):
+    """Every served model's metrics (label `model`); with several workers, all workers' added up."""
+    return Response(exposition(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

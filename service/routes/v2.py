@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import classification, inputs, logs, operating_points
 from service.errors import ApiError
 from service.routes.classify import read_body
-from service.state import State
+from service.repository import Models
 
 log = logging.getLogger("instanas.service")
 
@@ -91,9 +91,9 @@ class V2Route(APIRoute):
 
 
 def _count(request: Request, code: str) -> None:
-    state = getattr(request.app.state, "instanas", None)
-    if state is not None:
-        state.metrics.rejections.labels(code).inc()
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.rejections.labels(code).inc()
 
 
 router = APIRouter(prefix="/v2", route_class=V2Route, tags=["Open Inference Protocol (v2)"])
@@ -104,7 +104,7 @@ router = APIRouter(prefix="/v2", route_class=V2Route, tags=["Open Inference Prot
 
 @router.get("", summary="Server metadata")
 async def server_metadata(request: Request):
-    return {"name": "instanas", "version": request.app.version, "extensions": [BINARY_EXTENSION]}
+    return {"name": "instanas", "version": request.app.version, "extensions": [BINARY_EXTENSION, "model_repository"]}
 
 
 @router.get("/health/live", summary="The process is up")
@@ -112,25 +112,27 @@ async def live():
     return {"live": True}
 
 
-def _ready(state) -> bool:
-    """Loaded, verified and warmed up, and not draining after SIGTERM (as GET /healthz/ready)."""
-    return bool(state.ready) and not getattr(state, "draining", False)
+def _ready(models, state=None) -> bool:
+    """Loaded, verified and warmed up (every model, or `state`), and not draining after SIGTERM
+    (as GET /healthz/ready)."""
+    return bool((state or models).ready) and not models.draining
 
 
 @router.get("/health/ready", summary="The model is loaded and verified; requests are served (503 while starting "
             "or draining)")
-async def ready(state: State):
-    ok = _ready(state)
+async def ready(models: Models):
+    ok = _ready(models)
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-def _check_model(state, name: str, version: str | None) -> None:
+def _model(models, name: str, version: str | None):
+    """The served model `name` (at `version`, when given); 404 otherwise."""
+    state = models.get(name)
     manifest = state.manifest
-    if name != manifest.name:
-        raise ApiError(404, "unknown_model", f"unknown model {name!r}; this server serves {manifest.name!r}")
     if version is not None and version != manifest.version:
         raise ApiError(404, "unknown_model_version", f"model {name!r} has no version {version!r}; "
                        f"it serves version {manifest.version!r}")
+    return state
 
 
 def _metadata(state) -> dict:
@@ -150,44 +152,47 @@ def _metadata(state) -> dict:
 
 
 @router.get("/models/{name}", summary="Model metadata")
-async def model_metadata(name: str, state: State):
-    _check_model(state, name, None)
-    return _metadata(state)
+async def model_metadata(name: str, models: Models):
+    return _metadata(_model(models, name, None))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata (one version)")
-async def model_version_metadata(name: str, version: str, state: State):
-    _check_model(state, name, version)
-    return _metadata(state)
+async def model_version_metadata(name: str, version: str, models: Models):
+    return _metadata(_model(models, name, version))
 
 
-def _model_ready(state, name: str, version: str | None) -> JSONResponse:
-    _check_model(state, name, version)
-    ok = _ready(state)
+def _model_ready(models, name: str, version: str | None) -> JSONResponse:
+    ok = _ready(models, _model(models, name, version))
     return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/models/{name}/ready", summary="The model is ready")
-async def model_ready(name: str, state: State):
-    return _model_ready(state, name, None)
+async def model_ready(name: str, models: Models):
+    return _model_ready(models, name, None)
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="The model is ready (one version)")
-async def model_version_ready(name: str, version: str, state: State):
-    return _model_ready(state, name, version)
+async def model_version_ready(name: str, version: str, models: Models):
+    return _model_ready(models, name, version)
+
+
+@router.post("/repository/index", summary="The served models (Triton's model repository extension)")
+async def repository_index(models: Models):
+    return [{"name": state.name, "version": state.manifest.version,
+             "state": "READY" if _ready(models, state) else "UNAVAILABLE"} for state in models.states.values()]
 
 
 # --- inference ----------------------------------------------------------------------------------------------
 
 
 @router.post("/models/{name}/infer", summary="Classify a batch of images (encoded, or preprocessed tensors)")
-async def infer(name: str, request: Request, state: State):
-    return await _infer(request, state, name, None)
+async def infer(name: str, request: Request, models: Models):
+    return await _infer(request, _model(models, name, None), name)
 
 
 @router.post("/models/{name}/versions/{version}/infer", summary="Classify a batch of images (one version)")
-async def infer_version(name: str, version: str, request: Request, state: State):
-    return await _infer(request, state, name, version)
+async def infer_version(name: str, version: str, request: Request, models: Models):
+    return await _infer(request, _model(models, name, version), name)
 
 
 @dataclass(frozen=True)
@@ -200,9 +205,8 @@ class Wanted:
     model_version: str
 
 
-async def _infer(request: Request, state, name: str, version: str | None) -> Response:
+async def _infer(request: Request, state, name: str) -> Response:
     t_start = time.perf_counter()
-    _check_model(state, name, version)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise ApiError(400, "unsupported_encoding", f"compressed requests ({encoding}) are not supported")
