@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="model bundle folder (default: the bundled cifar10-default)")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    parser.add_argument("--workers", type=int, help="server processes on the port (default 1)")
     parser.add_argument("--intra-op-threads", type=int, help="onnxruntime threads per graph run")
     parser.add_argument("--max-concurrency", type=int, help="executor threads (batches classified at the same time)")
     parser.add_argument("--log-level", help="log level (debug, info, warning, error)")
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"instanas-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)  # uvicorn's loggers included (log_config=None below)
+    if settings.workers > 1:
+        from service import workers  # a supervisor and its worker processes, each a whole server
+
+        return workers.serve(settings)
 
     from service import server  # uvicorn, with the limits it lacks and a draining shutdown
     from service.app import create_app

@@ -56,8 +56,9 @@ def notes(scope) -> dict:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a record: time (UTC, ISO 8601), level, logger, message, the record's extra
-    fields, the request id when there is one, and the exception's traceback when there is one."""
+    """One JSON object a record: time (UTC, ISO 8601), level, logger, message, the process id (which
+    worker, with several), the record's extra fields, the request id when there is one, and the
+    exception's traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -65,6 +66,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         for key, value in vars(record).items():
             if key not in _RECORD_ATTRS and not key.startswith("_"):

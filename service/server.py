@@ -322,7 +322,10 @@ class InstanasServer(uvicorn.Server):
             self._reloads = 0
             from service import reload
 
-            task = asyncio.ensure_future(reload.reload_logged(self.app, None, "SIGHUP"))
+            from service.workers import reload_target  # with several workers: the folder the last reload loaded
+
+            path = reload_target(self.app.state.models.path)
+            task = asyncio.ensure_future(reload.reload_logged(self.app, str(path), "SIGHUP"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await super().on_tick(counter)
@@ -334,10 +337,11 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def serve(app, settings, *, http: str = "httptools", **uvicorn_options) -> None:
+def serve(app, settings, *, http: str = "httptools", sockets: list | None = None, **uvicorn_options) -> None:
     """Run `app` until a signal stops it (see the module docstring); `http` is uvicorn's HTTP
-    implementation to guard ("httptools" or "h11"), `uvicorn_options` go to uvicorn.Config
-    (host, port, loop, log_level, access_log...)."""
+    implementation to guard ("httptools" or "h11"), `sockets` listening sockets already bound
+    (a worker's, service/workers.py), `uvicorn_options` go to uvicorn.Config (host, port, loop,
+    log_level, access_log...)."""
     metrics = getattr(app.state, "metrics", None)
     limit = connection_limit(settings.max_connections)
     if limit < settings.max_connections:
@@ -348,4 +352,4 @@ def serve(app, settings, *, http: str = "httptools", **uvicorn_options) -> None:
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_keep_alive=settings.keep_alive_timeout,
                             timeout_graceful_shutdown=settings.shutdown_timeout, **uvicorn_options)
-    InstanasServer(config, app, settings, connections).run()
+    InstanasServer(config, app, settings, connections).run(sockets=sockets)

@@ -21,6 +21,12 @@ class Settings(BaseSettings):
         "In a model repository, the model of requests that name none; default: the first name in sorted order."))
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, description=(
+        "Server processes on the port (service/workers.py): about one core each; metrics add up across them, "
+        "reloads reach all, limits hold per process."))
+    metrics_dir: Path | None = Field(default=None, description=(
+        "With several workers, the folder of their metric files (emptied at start); default: a new folder on "
+        "/dev/shm (a tmpfs), removed at exit."))
     intra_op_threads: int = Field(default=1, ge=1, description="onnxruntime threads per graph run.")
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Larger requests get 413.")
     max_pixels: int = Field(default=40_000_000, ge=1, description="Larger decoded images get 413.")

@@ -1,0 +1,139 @@
+"""Several worker processes on one port (`INSTANAS_WORKERS`): every worker serves, `/metrics`
+adds up across them whichever answers, a crashed worker is replaced without losing counts,
+a reload reaches every worker, and SIGTERM stops them all."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BIN, Server, metric
+from tests.helpers import export_test_bundle
+from training.searchspace import build_tiny_space
+
+WORKERS = 2
+
+
+def worker_pids(server: Server) -> set[int]:
+    out = subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()} - {_resource_tracker(server)}
+
+
+def _resource_tracker(server: Server) -> int | None:
+    """multiprocessing's resource tracker, the supervisor's other child (not a worker)."""
+    out = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "resource_tracker"], capture_output=True,
+                         text=True).stdout.split()
+    return int(out[0]) if out else None
+
+
+def wait_started(server: Server, count: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while server.log.read_text().count("started (pid") < count:
+        assert time.time() < deadline, server.log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def access_pids(server: Server, path: str) -> list[int]:
+    pids = []
+    for line in server.log.read_text().splitlines():
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("path") == path and "status" in record:
+                pids.append(record["pid"])
+    return pids
+
+
+def classify(url: str, jpeg: bytes) -> httpx.Response:
+    # a new connection each time, so the kernel spreads them across the workers
+    return httpx.post(url + "/classify", content=jpeg, headers={"content-type": "image/jpeg", "connection": "close"},
+                      timeout=30)
+
+
+@pytest.fixture()
+def workers_server(tiny_bundle, tmp_path):
+    srv = Server(tiny_bundle, tmp_path / "server.log", INSTANAS_WORKERS=str(WORKERS),
+                 INSTANAS_METRICS_DIR=str(tmp_path / "metrics"))
+    wait_started(srv, WORKERS)
+    yield srv
+    srv.stop()
+
+
+def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test_jpegs):
+    srv = workers_server
+    assert len(worker_pids(srv)) == WORKERS
+    codes = []
+    for i in range(40):
+        response = classify(srv.url, test_jpegs[i % len(test_jpegs)][1])
+        assert response.status_code == 200, response.text
+        codes.append(response.json()["architecture"]["code"])
+    assert len(set(access_pids(srv, "/classify"))) == WORKERS  # the kernel gave both workers connections
+    executed = sum(c != "0" for code in codes for c in code)  # cells that ran at least one module
+    for _ in range(6):  # each scrape may be answered by either worker: all say the same totals
+        assert metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 40
+        assert metric(srv.url, "instanas_architecture_modules_count") == 40
+        assert metric(srv.url, "instanas_module_executions_total") >= executed
+        assert metric(srv.url, "instanas_model_info") == 1  # one bundle, served by both: the highest, not the sum
+        assert metric(srv.url, "instanas_in_flight_requests") == 0
+    # a crashed worker is replaced; what it counted stays counted
+    victim = sorted(worker_pids(srv))[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_started(srv, WORKERS + 1)
+    assert len(worker_pids(srv)) == WORKERS and victim not in worker_pids(srv)
+    for _ in range(6):
+        assert classify(srv.url, test_jpegs[0][1]).status_code == 200
+    assert metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 46
+
+
+def test_a_reload_reaches_every_worker(workers_server, tmp_path, test_jpegs):
+    srv = workers_server
+    other = tmp_path / "other"
+    export_test_bundle(other, build_tiny_space(), seed=9, name="test")
+    before = classify(srv.url, test_jpegs[0][1]).json()["model"]["sha256"]
+    reloaded = httpx.post(srv.url + "/admin/reload", json={"path": str(other)}, timeout=120)
+    assert reloaded.status_code == 200, reloaded.text
+    after = reloaded.json()["model"]["sha256"]
+    assert after != before
+    deadline = time.time() + 60  # the other worker reloads on the supervisor's SIGHUP, just after
+    while True:
+        answers = {classify(srv.url, test_jpegs[0][1]).json()["model"]["sha256"] for _ in range(12)}
+        if answers == {after}:
+            break
+        assert time.time() < deadline, answers
+        time.sleep(0.5)
+    assert metric(srv.url, "instanas_model_info", sha256=before) == 0
+    # a worker started after the reload serves the reloaded folder too
+    os.kill(sorted(worker_pids(srv))[0], signal.SIGKILL)
+    wait_started(srv, WORKERS + 1)
+    assert {classify(srv.url, test_jpegs[0][1]).json()["model"]["sha256"] for _ in range(12)} == {after}
+
+
+def test_sigterm_stops_every_worker_and_removes_the_metrics_folder(tiny_bundle, tmp_path):
+    srv = Server(tiny_bundle, tmp_path / "server.log", INSTANAS_WORKERS=str(WORKERS))
+    wait_started(srv, WORKERS)
+    pids = worker_pids(srv)
+    folder = Path(next(line for line in srv.log.read_text().splitlines() if "metrics in" in line)
+                  .split("metrics in ")[1].split('"')[0])
+    assert folder.is_dir() and str(folder).startswith("/dev/shm/")
+    srv.process.send_signal(signal.SIGTERM)
+    assert srv.process.wait(60) == 0
+    srv.stop()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    assert not folder.exists()
+
+
+def test_a_bundle_that_fails_stops_the_supervisor_with_status_2(tiny_bundle, tmp_path):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(tiny_bundle), str(broken)], check=True)
+    (broken / json.loads((broken / "manifest.json").read_text())["head"]["file"]).write_bytes(b"changed")
+    done = subprocess.run([str(BIN / "instanas-serve"), "--model", str(broken), "--port", "0", "--workers", "2"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "sha256" in done.stderr and "did not start" in done.stderr
