@@ -25,8 +25,9 @@ from service.state import ServiceState
 
 
 class RequestMetrics:
-    """Counts every request by route and status, and times it: a plain ASGI middleware
-    (Starlette's BaseHTTPMiddleware adds a task and a stream per request)."""
+    """Counts every request by route and status, times it, and keeps the number being handled
+    (`Metrics.active_requests`): a plain ASGI middleware (Starlette's BaseHTTPMiddleware adds a
+    task and a stream per request)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -36,6 +37,7 @@ class RequestMetrics:
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
         status = 500
+        self.metrics.active_requests += 1
 
         async def send_status(message):
             nonlocal status
@@ -46,6 +48,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_status)
         finally:
+            self.metrics.active_requests -= 1
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)

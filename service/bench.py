@@ -168,21 +168,31 @@ class _Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         serve = Path(sys.executable).with_name("instanas-serve")
+        env = {**os.environ, "INSTANAS_ACCESS_LOG": "false", **env}
         self.process = subprocess.Popen([str(serve), "--model", str(model), "--host", "127.0.0.1", "--port",
-                                         str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        env={**os.environ, "INSTANAS_ACCESS_LOG": "false", **env})
+                                         str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"instanas-serve exited with {self.process.returncode}")
             try:
-                if _get(self.url + "/healthz/ready") == 200:
+                if _get(self.url + "/healthz/ready") == 200 and self._workers() >= int(env.get("INSTANAS_WORKERS", 1)):
                     return
             except OSError:
                 pass
             time.sleep(0.2)
         self.stop()
         raise RuntimeError("instanas-serve did not become ready")
+
+    def _workers(self) -> int:
+        """Worker processes serving (instanas_workers): with several, each starts on its own."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("instanas_workers "):
+                    return int(float(line.split()[1]))
+        return 0
 
     def stop(self) -> None:
         self.process.terminate()

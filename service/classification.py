@@ -94,9 +94,15 @@ def make_batcher(state) -> Batcher:
     def on_done(n: int) -> None:
         metrics.in_flight.dec(n)
 
+    def inline(job) -> bool:
+        """Run on the loop's thread: the only request the server is handling, and a small one."""
+        return metrics.requests_in_progress() <= 1 and \
+            sum(len(x) if isinstance(x, bytes) else x.nbytes for x in job.payload.items) <= settings.inline_max_bytes
+
     return Batcher(lambda jobs: process(state, jobs), workers=settings.max_concurrency,
                    max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1e3,
-                   on_dispatch=on_dispatch, on_done=on_done, on_queue=metrics.queue_moved, max_queue=settings.max_queue)
+                   on_dispatch=on_dispatch, on_done=on_done, on_queue=metrics.queue_moved, max_queue=settings.max_queue,
+                   inline=inline if settings.inline_max_bytes > 0 else None)
 
 
 async def classify(state, body: bytes | None, choice: Choice, top_k: int, t_start: float, *, expected: bool = False,

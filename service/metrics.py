@@ -40,6 +40,9 @@ class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
         # --- the process ---------------------------------------------------------------------------------
+        self.workers = Gauge("instanas_workers", "Server processes serving: 1 each (INSTANAS_WORKERS).", registry=r,
+                             multiprocess_mode="livesum")
+        self.workers.set(1)
         self.requests = Counter("instanas_requests_total", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=r)
         self.request_duration = Histogram("instanas_request_duration_seconds", "Request handling time.",
@@ -53,6 +56,11 @@ class Metrics:
                                       "(with several workers: the highest of one worker).", registry=r,
                                       multiprocess_mode="livemax")
         self._queued = self._queue_peak = self._bodies_peak = 0
+        self.active_requests = 0  # HTTP requests in the app now (app.RequestMetrics)
+        # Requests in progress, for the inline path (service/classification.py): the server replaces this with
+        # its count of connections whose request is parsed (service/server.py), which also sees requests whose
+        # handler has not started yet.
+        self.requests_in_progress = lambda: self.active_requests
         self.buffered_bytes = Gauge("instanas_buffered_body_bytes",
                                     "Request body bytes held now (reserved by requests being read or classified).",
                                     registry=r, multiprocess_mode="livesum")

@@ -21,7 +21,7 @@ from service.errors import ApiError
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="instanas"'}
 
 
-def require_token(request: Request) -> None:
+async def require_token(request: Request) -> None:
     """A route dependency: passes when no token is configured or the request carries it."""
     token = request.app.state.settings.api_token
     if token is None:

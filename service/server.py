@@ -100,6 +100,11 @@ class Connections:
         self._gauge()
         return True
 
+    def in_progress(self) -> int:
+        """Requests whose headers are in and whose response is not finished (their handler may not
+        have started yet)."""
+        return len(self.open) - len(self.idle)
+
     def busy(self, conn) -> None:
         self.idle.pop(conn, None)
 
@@ -348,6 +353,8 @@ def serve(app, settings, *, http: str = "httptools", sockets: list | None = None
         log.warning("at most %d connections (INSTANAS_MAX_CONNECTIONS=%d, but the open-files limit is %d)",
                     limit, settings.max_connections, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     connections = Connections(limit, metrics)
+    if metrics is not None:  # what service/batching.py's inline path checks: the server's count, parsed requests included
+        metrics.requests_in_progress = connections.in_progress
     config = uvicorn.Config(app, http=protocol_class(http, connections, settings),
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_keep_alive=settings.keep_alive_timeout,

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
         "Images classified together in one executor run; a request's images are never split."))
     max_batch_delay_ms: float = Field(default=2.0, ge=0, description=(
         "Longest a batch that is not full waits for requests still arriving; an idle server never waits."))
+    inline_max_bytes: int = Field(default=64 * 1024, ge=0, description=(
+        "An idle server classifies a request whose images total at most this many bytes on the event loop's "
+        "thread, without the two thread hand-offs (service/batching.py); 0: always on the executor threads."))
     fused_cache_size: int = Field(default=32, ge=0, description=(
         "Fused whole-architecture graphs kept (least recently used dropped); 0 disables fusion."))
     fused_min_count: int = Field(default=3, ge=1, description="Images of an architecture seen before it is fused.")

@@ -52,7 +52,7 @@ class ServiceState:
         self.batcher.close()
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     """The default model of the repository served now (routes that take a model name use `Models`)."""
     return request.app.state.models.get()
 

@@ -118,6 +118,41 @@ def test_an_idle_server_runs_at_once_even_with_a_long_delay():
     assert elapsed < 1.0 and job.batch_s < 0.5
 
 
+def test_an_idle_batcher_runs_an_accepted_job_on_the_loop_and_a_busy_one_on_its_threads():
+    gate = threading.Event()
+    ran_on: dict[int, str] = {}
+
+    def process(jobs):
+        for j in jobs:
+            ran_on[j.payload] = threading.current_thread().name
+            if j.payload == 1:
+                gate.wait(10)
+            if j.payload == 9:
+                raise ValueError("boom")
+        return [j.payload for j in jobs]
+
+    async def main():
+        batcher = _batcher(process, workers=2, inline=lambda job: job.payload != 1)
+        assert (await batcher.run(0, expected=False)).result == 0  # idle: on the loop's thread
+        busy = asyncio.ensure_future(batcher.run(1, expected=False))  # not accepted: a worker thread
+        await asyncio.sleep(0.05)
+        second = await batcher.run(2, expected=False)  # a worker is busy: the other thread
+        gate.set()
+        await busy
+        assert batcher.idle
+        with pytest.raises(ValueError, match="boom"):  # an inline crash reaches its request, as from a thread
+            await batcher.run(9, expected=False)
+        assert batcher.idle and batcher.free == 2
+        batcher.close()
+        return second
+
+    loop_thread = threading.current_thread().name
+    second = asyncio.run(main())
+    assert second.result == 2
+    assert ran_on[0] == loop_thread and ran_on[9] == loop_thread
+    assert ran_on[1].startswith("instanas-executor") and ran_on[2].startswith("instanas-executor")
+
+
 def test_jobs_queued_behind_a_busy_worker_form_batches_of_at_most_max_size():
     gate = threading.Event()
     batches: list[list[int]] = []

@@ -81,6 +81,7 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
         assert metric(srv.url, "instanas_module_executions_total") >= executed
         assert metric(srv.url, "instanas_model_info") == 1  # one bundle, served by both: the highest, not the sum
         assert metric(srv.url, "instanas_in_flight_requests") == 0
+        assert metric(srv.url, "instanas_workers") == WORKERS
     # a crashed worker is replaced; what it counted stays counted
     victim = sorted(worker_pids(srv))[0]
     os.kill(victim, signal.SIGKILL)
@@ -89,6 +90,7 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
     for _ in range(6):
         assert classify(srv.url, test_jpegs[0][1]).status_code == 200
     assert metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 46
+    assert metric(srv.url, "instanas_workers") == WORKERS  # the dead worker's 1 was dropped, the new one's added
 
 
 def test_a_reload_reaches_every_worker(workers_server, tmp_path, test_jpegs):
