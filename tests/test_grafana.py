@@ -31,8 +31,9 @@ GRAFANA = ROOT / "docker" / "grafana"
 DASHBOARD_PATH = GRAFANA / "dashboards" / "instanas.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "instanas.yml"
-# What Grafana would put in for its interval variables; 1m covers every scrape of the test's traffic.
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m"}
+# What Grafana would put in for its interval variables (1m covers every scrape of the test's traffic) and for
+# the dashboard's model variable set to "All".
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$model": ".+"}
 STAGES = {"decode", "queue", "controller", "backbone"}
 # PromQL words that are neither metrics nor functions (functions are told by the "(" after them).
 KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or", "unless",

@@ -5,8 +5,9 @@
 
 The JSON is committed (Grafana reads it as provisioned in provisioning/dashboards/instanas.yml);
 tests/test_grafana.py checks that it is what this script makes, and runs every query below through a
-real Prometheus scraping a real server. Every expression uses only metrics of service/metrics.py and
-Grafana's own `$__rate_interval` / `$__interval`, nothing else, so the test can run it as it stands.
+real Prometheus scraping a real server. Every expression uses only metrics of service/metrics.py,
+Grafana's own `$__rate_interval` / `$__interval` and the dashboard's `$model` (the served models,
+a regular expression: ".+" for all), nothing else, so the test can run it as it stands.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from grafanalib.core import (
     Stat,
     Table,
     Target,
+    Template,
+    Templating,
     Time,
     TimeSeries,
 )
@@ -102,14 +105,15 @@ def totals(title: str, expr: str, legend: str, description: str) -> Stat:
 def module_matrix() -> Table:
     """Cells (rows) x modules (columns): images per second that ran each block, coloured as a heatmap."""
     # label_replace pads single-digit cells ("3" -> "03") so that the rows sort in cell order.
-    expr = ('sum by (cell, module) (label_replace(rate(instanas_module_executions_total[$__rate_interval]), '
-            '"cell", "0$1", "cell", "([0-9])"))')
+    expr = ('sum by (cell, module) (label_replace(rate(instanas_module_executions_total{model=~"$model"}'
+            '[$__rate_interval]), "cell", "0$1", "cell", "([0-9])"))')
     return Table(
         title="Module executions by cell x module (images/s)",
         description="Each cell of the table is one block of the meta-graph: cell (row) and module index (column, "
                     "the order of the bundle's search space; GET /model names them). The value is how many "
-                    "images per second ran that block, over all instances; an empty row is a cell the "
-                    "controller skips.",
+                    "images per second ran that block, over all instances, for the models chosen above (pick "
+                    "one: models of other search spaces would add up); an empty row is a cell the controller "
+                    "skips.",
         dataSource=DATASOURCE, targets=[target(expr, instant=True, fmt="table")], unit="short",
         transformations=[
             {"id": "groupingToMatrix", "options": {"rowField": "cell", "columnField": "module", "valueField": "Value",
@@ -247,6 +251,9 @@ def dashboard() -> Dashboard:
         title="instanas", uid="instanas", tags=["instanas"], timezone="browser", refresh="10s",
         description="InstaNAS image classification service: traffic, latency, architectures chosen per image.",
         time=Time("now-1h", "now"), schemaVersion=39, editable=False, graphTooltip=1,
+        templating=Templating(list=[Template(
+            name="model", label="Model", query="label_values(instanas_model_info, name)", dataSource=DATASOURCE,
+            includeAll=True, allValue=".+", default="$__all", refresh=2)]),
         panels=layout()).auto_panel_ids()
 
 
