@@ -5,7 +5,7 @@ folder with one bundle per subfolder, laid out as Triton and KServe lay out thei
 Triton, a bundle's folder is named as the model it holds (its manifest's `name`); a
 mismatch, two bundles of one name, or a repository with no bundle refuses to start, naming
 the folder. Subfolders without a manifest are ignored (and logged), so a repository may hold
-other files.
+other files; so are hidden ones and `*.partial` (an export being written: training/export.py).
 
 Each model gets its own `ServiceState` (executor, fused cache, batcher, operating points,
 metrics labelled with its name) and is chosen by name: `/v2/models/{name}/...`,
@@ -42,6 +42,8 @@ def bundle_folders(path: Path) -> dict[str, Path]:
         raise BundleError(f"{path}: neither a model bundle (no manifest.json) nor a model repository folder")
     found: dict[str, Path] = {}
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        if sub.name.startswith(".") or sub.name.endswith(".partial"):  # hidden, or an export still being written
+            continue
         if not (sub / "manifest.json").is_file():
             log.info("model repository %s: %s holds no manifest.json, not served", path, sub.name)
             continue

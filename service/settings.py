@@ -8,13 +8,14 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "cifar10-default"
+MODELS = Path(__file__).resolve().parent.parent / "models"  # the repository of bundles that ships with the code
+DEFAULT_MODEL = MODELS / "cifar10-default"
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INSTANAS_", frozen=True)
 
-    model: Path = Field(default=DEFAULT_MODEL, description=(
+    model: Path = Field(default=MODELS, description=(
         "A model bundle folder, or a model repository: a folder of bundle folders, each named as its model, "
         "all served at once (service/repository.py)."))
     default_model: str | None = Field(default=None, description=(
