@@ -31,6 +31,8 @@ from service.operating_points import Choice
 
 log = logging.getLogger("instanas.service")
 
+INLINE_MAX_PIXELS = 1 << 20  # decoded pixels of a request run on the loop's thread (INSTANAS_INLINE_MAX_BYTES)
+
 try:
     import orjson
 
@@ -95,9 +97,13 @@ def make_batcher(state) -> Batcher:
         metrics.in_flight.dec(n)
 
     def inline(job) -> bool:
-        """Run on the loop's thread: the only request the server is handling, and a small one."""
-        return metrics.requests_in_progress() <= 1 and \
-            sum(len(x) if isinstance(x, bytes) else x.nbytes for x in job.payload.items) <= settings.inline_max_bytes
+        """Run on the loop's thread: the only request the server is handling, and a small one, in
+        bytes and in decoded pixels (a small PNG of one colour may hold a very large picture)."""
+        items = job.payload.items
+        if metrics.requests_in_progress() > 1 or \
+                sum(len(x) if isinstance(x, bytes) else x.nbytes for x in items) > settings.inline_max_bytes:
+            return False
+        return all((imaging.header_pixels(x) or 0) <= INLINE_MAX_PIXELS for x in items if isinstance(x, bytes))
 
     return Batcher(lambda jobs: process(state, jobs), workers=settings.max_concurrency,
                    max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1e3,

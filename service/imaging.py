@@ -70,6 +70,15 @@ class ImageError(ValueError):
         return STATUS_BY_CODE.get(self.code, 400)
 
 
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header (nothing decoded); None when it cannot be read."""
+    try:
+        width, height = Image.open(io.BytesIO(data)).size
+    except Exception:  # noqa: BLE001 - whatever the bytes are, decode() says what is wrong with them
+        return None
+    return width * height
+
+
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
            target_size: int | None = None) -> Image.Image:
     """Decode and fully load an image, upright, in the mode Pillow gives it (see `to_rgb`).

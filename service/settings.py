@@ -40,8 +40,9 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(default=2.0, ge=0, description=(
         "Longest a batch that is not full waits for requests still arriving; an idle server never waits."))
     inline_max_bytes: int = Field(default=64 * 1024, ge=0, description=(
-        "An idle server classifies a request whose images total at most this many bytes on the event loop's "
-        "thread, without the two thread hand-offs (service/batching.py); 0: always on the executor threads."))
+        "A server handling one request only classifies it on the event loop's thread, without the two thread "
+        "hand-offs (service/batching.py), when its images total at most this many bytes and 1 Mpixel each; "
+        "0: always on the executor threads."))
     fused_cache_size: int = Field(default=32, ge=0, description=(
         "Fused whole-architecture graphs kept (least recently used dropped); 0 disables fusion."))
     fused_min_count: int = Field(default=3, ge=1, description="Images of an architecture seen before it is fused.")

@@ -347,3 +347,36 @@ def test_a_full_server_refuses_with_503_and_keeps_serving(multi, test_jpegs, tmp
         assert httpx.post(srv.url + "/classify", content=jpeg, headers={"content-type": "image/jpeg"}).status_code == 200
     finally:
         srv.stop()
+
+
+def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, test_jpegs):
+    import io
+
+    from PIL import Image
+
+    from service import classification
+    from service.batching import Job
+    from service.operating_points import Choice
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    state = ServiceState(Settings(model=tiny_bundle), load_bundle(tiny_bundle))
+    inline = state.batcher.inline
+
+    def job(*images) -> Job:
+        return Job(classification.Request(None, Choice(None, "default"), 1, 0.0, images=images))
+
+    flat = io.BytesIO()
+    Image.new("RGB", (2000, 2000), (20, 40, 60)).save(flat, "PNG")  # 4 Mpixel in a few KiB
+    assert len(flat.getvalue()) < 64 * 1024
+    jpeg = test_jpegs[0][1]
+    assert inline(job(jpeg)) and inline(job(b"not an image"))  # the decoder refuses it at once
+    assert inline(job(np.zeros((3, 32, 32), np.float32)))
+    assert not inline(job(flat.getvalue()))  # small in bytes, not in pixels
+    assert not inline(job(jpeg + bytes(64 * 1024)))  # over INSTANAS_INLINE_MAX_BYTES
+    state.metrics.requests_in_progress = lambda: 2
+    assert not inline(job(jpeg))  # another request in progress: the threads
+    off = ServiceState(Settings(model=tiny_bundle, inline_max_bytes=0), load_bundle(tiny_bundle))
+    assert off.batcher.inline is None
+    state.stop()
+    off.stop()
