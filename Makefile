@@ -20,7 +20,7 @@ install-dev: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 
 serve: install-serve
-	$(BIN)/instanas-serve --model models --host $(HOST) --port $(PORT)
+	$(BIN)/instanas-serve --model models --default-model cifar10-default --host $(HOST) --port $(PORT)
 
 test: install-dev
 	bash scripts/test-setup.sh

@@ -35,6 +35,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     INSTANAS_MODEL=/app/models \
+    INSTANAS_DEFAULT_MODEL=cifar10-default \
     INSTANAS_HOST=0.0.0.0 \
     INSTANAS_PORT=8000
 RUN groupadd --system --gid 10001 instanas \

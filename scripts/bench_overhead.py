@@ -227,10 +227,9 @@ def ab(url: str, body: Path, n: int, c: int, csv: Path) -> dict[str, float]:
 
 
 def scrape(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return float("nan")
+    from service.metrics import sample  # summed over the `model` label (absent before the repository)
+
+    return sample(httpx.get(url + "/metrics").text, name)
 
 
 def over_http(model: str, jpeg: bytes, ref: str, n1: int, n8: int, rounds: int) -> None:

@@ -36,7 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Server  # noqa: E402 - a real server process on a free loopback port
+from tests.conftest import Server, metric  # noqa: E402 - a real server process on a free loopback port
 from tests.hostile import memory_kib  # noqa: E402
 
 MiB = 1 << 20
@@ -117,13 +117,6 @@ async def phase(url: str, clients: int, seconds: float, bodies: list[bytes]) -> 
 
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1e3, 2)
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise KeyError(name)
 
 
 def run(bundle: Path, settings: dict[str, str] | None = None, phases=PHASES, log: Path | None = None) -> dict:

@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app = FastAPI(title="instanas", version="0.1.0", lifespan=lifespan,
                   description="Instance-aware NAS: each image runs the architecture its controller picks.")
     app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
+    models.mark_served(metrics)
     errors.install(app, lambda code: metrics.rejections.labels(code).inc())
     app.add_middleware(RequestMetrics, metrics=metrics)
     # Body bytes held, body size and body time, for every route (service/limits.py).

@@ -171,7 +171,7 @@ class Batcher:
                 job.queue_s = max(0.0, waited - job.batch_s)
                 job.batch_size = rows
             inline = (len(batch) == 1 and self._free == self.workers and not self._queue and self._arriving == 0
-                      and self.inline is not None and self.inline(batch[0]))
+                      and self._inline_ok(batch[0]))
             self._free -= 1
             if self._on_queue:
                 self._on_queue(-len(batch))
@@ -184,6 +184,14 @@ class Batcher:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="instanas-executor")
             future = self._loop.run_in_executor(self._pool, self.process, batch)
             future.add_done_callback(lambda f, batch=batch: self._finished(batch, f))
+
+    def _inline_ok(self, job: Job) -> bool:
+        if self.inline is None:
+            return False
+        try:
+            return bool(self.inline(job))
+        except Exception:  # noqa: BLE001 - a failing check must not lose the batch: the threads take it
+            return False
 
     def _on_timer(self) -> None:
         self._timer = None

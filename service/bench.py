@@ -176,7 +176,8 @@ class _Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"instanas-serve exited with {self.process.returncode}")
             try:
-                if _get(self.url + "/healthz/ready") == 200 and self._workers() >= int(env.get("INSTANAS_WORKERS", 1)):
+                workers = int(env.get("INSTANAS_WORKERS", 1))
+                if _get(self.url + "/healthz/ready") == 200 and (workers == 1 or self._workers(env) >= workers):
                     return
             except OSError:
                 pass
@@ -184,15 +185,17 @@ class _Server:
         self.stop()
         raise RuntimeError("instanas-serve did not become ready")
 
-    def _workers(self) -> int:
+    def _workers(self, env: dict) -> int:
         """Worker processes serving (instanas_workers): with several, each starts on its own."""
         import urllib.request
 
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("instanas_workers "):
-                    return int(float(line.split()[1]))
-        return 0
+        from service.metrics import sample
+
+        token = env.get("INSTANAS_API_TOKEN")
+        request = urllib.request.Request(self.url + "/metrics",
+                                         headers={"authorization": f"Bearer {token}"} if token else {})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(sample(response.read().decode(), "instanas_workers"))
 
     def stop(self) -> None:
         self.process.terminate()

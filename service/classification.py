@@ -31,7 +31,7 @@ from service.operating_points import Choice
 
 log = logging.getLogger("instanas.service")
 
-INLINE_MAX_PIXELS = 1 << 20  # decoded pixels of a request run on the loop's thread (INSTANAS_INLINE_MAX_BYTES)
+INLINE_MAX_PIXELS = 1 << 20  # decoded pixels, all images together, of a request run on the loop's thread
 
 try:
     import orjson
@@ -103,7 +103,7 @@ def make_batcher(state) -> Batcher:
         if metrics.requests_in_progress() > 1 or \
                 sum(len(x) if isinstance(x, bytes) else x.nbytes for x in items) > settings.inline_max_bytes:
             return False
-        return all((imaging.header_pixels(x) or 0) <= INLINE_MAX_PIXELS for x in items if isinstance(x, bytes))
+        return sum(imaging.header_pixels(x) or 0 for x in items if isinstance(x, bytes)) <= INLINE_MAX_PIXELS
 
     return Batcher(lambda jobs: process(state, jobs), workers=settings.max_concurrency,
                    max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1e3,

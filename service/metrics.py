@@ -36,6 +36,15 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
+def sample(text: str, name: str, /, **labels: str) -> float:
+    """The value of `name` (a counter's `..._total`, a histogram's `..._count`) in exposition `text`,
+    summed over the series whose labels include `labels` (e.g. every model's); 0 when there is none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
 class Metrics:
     def __init__(self):
         self.registry = r = CollectorRegistry()
@@ -74,7 +83,8 @@ class Metrics:
                                           "Connections closed by the connection limit: evicted (the longest idle, "
                                           "for a new one) or refused (503, every other connection busy).",
                                           ["reason"], registry=r)
-        self.reloads = Counter("instanas_reloads_total", "Model repository reloads, by result (ok, error).",
+        self.reloads = Counter("instanas_reloads_total", "Model repository reloads, by result (ok, error); with "
+                               "several workers, each worker's reload counts.",
                                ["result"], registry=r)
         self.rejections = Counter("instanas_rejections_total", "Requests refused, by reason.", ["reason"], registry=r)
         self.model_info = Gauge("instanas_model_info", "The served bundles (value 1), one series each.",
@@ -152,6 +162,8 @@ class Metrics:
     def unserved(self, name: str, version: str, sha256: str) -> None:
         """A bundle no longer served (a reload replaced or dropped it)."""
         self.model_info.labels(name, version, sha256).set(0)  # multiprocess files keep a removed series' last value
+        if multiprocess_dir():
+            return  # prometheus_client cannot remove a series there (and warns); 0 is what it reports
         try:
             self.model_info.remove(name, version, sha256)
         except KeyError:

@@ -14,7 +14,7 @@ the old repository serving, and the reload answers 422 `invalid_bundle` with the
 
 With several worker processes (service/workers.py) a reload is made global: the worker that
 took it tells the supervisor, which sends SIGHUP to every other worker, and each reloads the
-same folder (`INSTANAS_RELOAD_PATH_FILE`).
+same folder (service/workers.py, its reload file).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ def _lock(app) -> asyncio.Lock:
     return lock
 
 
-def _refs(models: Repository) -> list[dict]:
-    return [s.model_json for s in models.states.values()]
+def in_progress(app) -> bool:
+    """A reload is running (another would be refused with 409)."""
+    return _lock(app).locked()
 
 
 async def reload(app, path: str | None = None) -> dict:
@@ -67,12 +68,14 @@ async def reload(app, path: str | None = None) -> dict:
             log.error("reload refused, still serving %s: %s", current.path, exc)
             raise ApiError(422, "invalid_bundle", f"the bundle was not loaded, the old one still serves: {exc}") from None
         new.ready = True
+        new.draining = current.draining  # a SIGTERM that came while the new models loaded
         app.state.models = new  # the swap: requests from now on resolve the new models
         app.openapi_schema = None  # the document quotes the bundle's classes
-        kept = {(r["name"], r["version"], r["sha256"]) for r in _refs(new)}
-        for ref in _refs(current):
+        kept = {(r["name"], r["version"], r["sha256"]) for r in new.refs()}
+        for ref in current.refs():
             if (ref["name"], ref["version"], ref["sha256"]) not in kept:
                 metrics.unserved(ref["name"], ref["version"], ref["sha256"])
+        new.mark_served(metrics)
         metrics.reloads.labels("ok").inc()
         seconds = time.perf_counter() - t0
         log.info("reloaded: now serving %s from %s (%.2f s)",
@@ -81,7 +84,7 @@ async def reload(app, path: str | None = None) -> dict:
             task = asyncio.ensure_future(_retire(old, app.state.settings.shutdown_timeout))
             _background(app).add(task)
             task.add_done_callback(_background(app).discard)
-        return {"model": new.get().model_json, "previous": current.get().model_json, "models": _refs(new),
+        return {"model": new.get().model_json, "previous": current.get().model_json, "models": new.refs(),
                 "seconds": round(seconds, 3)}
 
 

@@ -62,10 +62,6 @@ class Repository:
         self.draining = False  # SIGTERM received (service/server.py): readiness 503 while requests are still served
 
     @property
-    def names(self) -> list[str]:
-        return list(self.states)
-
-    @property
     def ready(self) -> bool:
         return all(s.ready for s in self.states.values())
 
@@ -74,6 +70,20 @@ class Repository:
         for s in self.states.values():
             s.ready = value
 
+    @property
+    def serving(self) -> bool:
+        """Ready and not draining: what readiness probes answer (GET /healthz/ready, /v2/health/ready)."""
+        return self.ready and not self.draining
+
+    def refs(self) -> list[dict]:
+        """Every served model's reference (name, version, sha256), as responses carry it."""
+        return [s.model_json for s in self.states.values()]
+
+    def mark_served(self, metrics: Metrics) -> None:
+        """instanas_model_info for these models: called once they answer requests (not before a reload's swap)."""
+        for s in self.states.values():
+            metrics.served(s.manifest.name, s.manifest.version, s.bundle.sha256)
+
     def get(self, name: str | None = None) -> ServiceState:
         """The model named `name` (the default for None); 404 `unknown_model` otherwise."""
         state = self.states.get(self.default if name is None else name)
@@ -81,10 +91,6 @@ class Repository:
             raise ApiError(404, "unknown_model", f"unknown model {name!r}; this server serves "
                            f"{', '.join(repr(n) for n in self.states)}")
         return state
-
-    def start(self) -> None:
-        for s in self.states.values():
-            s.start()
 
     def stop(self) -> None:
         for s in self.states.values():

@@ -41,6 +41,9 @@ from collections import OrderedDict
 
 import uvicorn
 
+from service import reload
+from service.workers import reload_target
+
 log = logging.getLogger("instanas.service")
 
 # Descriptors kept for everything but client connections: the listening socket, logs, the
@@ -273,9 +276,9 @@ def protocol_class(http: str, connections: Connections, settings) -> type:
 class InstanasServer(uvicorn.Server):
     """uvicorn's server; SIGTERM drains first, SIGHUP reloads the bundle (see the module docstring)."""
 
-    def __init__(self, config: uvicorn.Config, app, settings, connections: Connections):
+    def __init__(self, config: uvicorn.Config, app, settings, connections: Connections, on_serving=None):
         super().__init__(config)
-        self.app, self.settings, self.connections = app, settings, connections
+        self.app, self.settings, self.connections, self.on_serving = app, settings, connections, on_serving
         self._drain_until: float | None = None
         self._signals: list[int] = []  # seen by the handler, logged on the loop
         self._reloads = 0  # SIGHUPs not yet acted on
@@ -290,6 +293,11 @@ class InstanasServer(uvicorn.Server):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGHUP, previous)
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.on_serving is not None and self.started:  # accepting, and its signal handlers in place
+            self.on_serving()
 
     def _hangup(self, sig, frame) -> None:
         self._reloads += 1
@@ -323,13 +331,9 @@ class InstanasServer(uvicorn.Server):
                 log.info("%s: shutting down (in-flight requests get %g s)", sig, self.settings.shutdown_timeout)
         if self._drain_until is not None and time.monotonic() >= self._drain_until:
             self.should_exit = True
-        if self._reloads and not self.should_exit:
+        if self._reloads and not self.should_exit and not reload.in_progress(self.app):  # else: after that one
             self._reloads = 0
-            from service import reload
-
-            from service.workers import reload_target  # with several workers: the folder the last reload loaded
-
-            path = reload_target(self.app.state.models.path)
+            path = reload_target(self.app.state.models.path)  # with several workers: the folder last reloaded
             task = asyncio.ensure_future(reload.reload_logged(self.app, str(path), "SIGHUP"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -342,11 +346,12 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def serve(app, settings, *, http: str = "httptools", sockets: list | None = None, **uvicorn_options) -> None:
+def serve(app, settings, *, http: str = "httptools", sockets: list | None = None, on_serving=None,
+          **uvicorn_options) -> None:
     """Run `app` until a signal stops it (see the module docstring); `http` is uvicorn's HTTP
     implementation to guard ("httptools" or "h11"), `sockets` listening sockets already bound
-    (a worker's, service/workers.py), `uvicorn_options` go to uvicorn.Config (host, port, loop,
-    log_level, access_log...)."""
+    (a worker's, service/workers.py), `on_serving()` is called once it accepts requests,
+    `uvicorn_options` go to uvicorn.Config (host, port, loop, log_level, access_log...)."""
     metrics = getattr(app.state, "metrics", None)
     limit = connection_limit(settings.max_connections)
     if limit < settings.max_connections:
@@ -359,4 +364,4 @@ def serve(app, settings, *, http: str = "httptools", sockets: list | None = None
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_keep_alive=settings.keep_alive_timeout,
                             timeout_graceful_shutdown=settings.shutdown_timeout, **uvicorn_options)
-    InstanasServer(config, app, settings, connections).run(sockets=sockets)
+    InstanasServer(config, app, settings, connections, on_serving).run(sockets=sockets)

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
         "Longest a batch that is not full waits for requests still arriving; an idle server never waits."))
     inline_max_bytes: int = Field(default=64 * 1024, ge=0, description=(
         "A server handling one request only classifies it on the event loop's thread, without the two thread "
-        "hand-offs (service/batching.py), when its images total at most this many bytes and 1 Mpixel each; "
+        "hand-offs (service/batching.py), when its images total at most this many bytes and 1 Mpixel; "
         "0: always on the executor threads."))
     fused_cache_size: int = Field(default=32, ge=0, description=(
         "Fused whole-architecture graphs kept (least recently used dropped); 0 disables fusion."))

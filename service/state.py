@@ -35,11 +35,9 @@ class ServiceState:
         self.governor = LoadGovernor(self.manifest, settings.queue_target_ms, cooldown_s=settings.load_cooldown_s)
         self.batcher = classification.make_batcher(self)
         self.ready = False
-        self.draining = False  # SIGTERM received: readiness says 503 while requests are still served (service/server.py)
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
         self.model_json = self.model_ref.model_dump()  # as responses carry it
         self.module_names = [[m.name for m in cell.modules] for cell in space.cells]
-        self.metrics.served(self.manifest.name, self.manifest.version, bundle.sha256)
 
     def start(self) -> None:
         """Start the fused-graph builder and queue the manifest's frequent architectures (warm-up)."""

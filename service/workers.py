@@ -24,9 +24,14 @@ What is global and what is per worker:
   process, so the server as a whole admits up to N times each, and holds N copies of the
   bundles in memory.
 - Signals: SIGTERM to the supervisor is passed to every worker (each drains, then finishes
-  its requests, service/server.py) and the supervisor exits once they have; SIGINT likewise.
-  A worker that dies after it started is restarted; a worker that cannot start (a bundle
-  that fails its checks: exit status 2) stops them all, and the supervisor exits 2.
+  its requests, service/server.py) and the supervisor exits 0 once they have; SIGINT (Ctrl+C)
+  likewise but without the drain. The workers run in a process group of their own, so a
+  terminal's Ctrl+C reaches them once, through the supervisor; under systemd use
+  `KillMode=mixed` for the same reason (else every worker gets SIGTERM twice: no drain). A
+  worker dies with the supervisor (Linux's parent-death signal). A worker that dies after it
+  started is restarted; a worker that cannot start (a bundle that fails its checks) stops them
+  all, and the supervisor exits 2. A worker still loading its bundles ignores SIGHUP; the
+  supervisor sends it the reloads it missed once it is ready.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from pathlib import Path
 
 log = logging.getLogger("instanas.service")
 
-RELOAD_FILE_ENV = "INSTANAS_RELOAD_FILE"  # set for the workers: where a reload's folder is written
+RELOAD_FILE_ENV = "INSTANAS_RELOAD_FILE"  # set for the workers: where a reload's folder is written (JSON: path, pid)
 RESTART_DELAY_S = 1.0  # before a crashed worker is started again
 START_TIMEOUT_S = 600.0  # for a worker to load its bundles and answer
 
@@ -57,21 +62,31 @@ def metrics_folder(wanted: Path | None) -> Path:
         return Path(tempfile.mkdtemp(prefix="instanas-metrics-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK)
                                      else None))
     wanted.mkdir(parents=True, exist_ok=True)
-    for child in wanted.iterdir():  # values of an earlier run would be added to this one's
-        if child.is_file() and child.suffix == ".db":
+    for child in wanted.iterdir():  # an earlier run's values would be added to this one's, its reload file obeyed
+        if child.is_file() and (child.suffix in (".db", ".tmp") or child.name == RELOAD_FILE):
             child.unlink()
     return wanted
 
 
+RELOAD_FILE = "reload.json"
+
+
+def _read_reload() -> dict | None:
+    """The reload file's {"path", "pid"}: the last reload any worker took; None when there is none."""
+    file = os.environ.get(RELOAD_FILE_ENV)
+    if not file or not Path(file).is_file():
+        return None
+    try:
+        return json.loads(Path(file).read_text())
+    except (ValueError, OSError):
+        log.warning("unreadable reload file %s", file)
+        return None
+
+
 def reload_target(default: Path) -> Path:
     """The folder a worker serves: the last one reloaded by any worker, or `default`."""
-    file = os.environ.get(RELOAD_FILE_ENV)
-    if file and Path(file).is_file():
-        try:
-            return Path(json.loads(Path(file).read_text())["path"])
-        except (ValueError, KeyError, OSError):
-            log.warning("unreadable reload file %s, serving %s", file, default)
-    return default
+    done = _read_reload()
+    return Path(done["path"]) if done and "path" in done else default
 
 
 def announce_reload(path: Path) -> None:
@@ -79,30 +94,35 @@ def announce_reload(path: Path) -> None:
     file = os.environ.get(RELOAD_FILE_ENV)
     if not file:
         return  # a single process: nothing else to tell
-    tmp = Path(file).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"path": str(path), "pid": os.getpid()}))
-    tmp.replace(file)
-    os.kill(os.getppid(), signal.SIGUSR1)
+    try:
+        tmp = Path(file).with_suffix(f".{os.getpid()}.tmp")  # one a worker: two reloads at once do not collide
+        tmp.write_text(json.dumps({"path": str(path), "pid": os.getpid()}))
+        tmp.replace(file)
+        os.kill(os.getppid(), signal.SIGUSR1)
+    except OSError as exc:  # this worker did reload; the others keep what they serve
+        log.error("could not pass the reload on to the other workers: %s", exc)
 
 
 def _worker(settings, sock: socket.socket, ready) -> None:
     """One worker process: a whole server on the supervisor's socket."""
-    from service import logs
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server handles it: a reload now would kill the worker
+    os.setpgrp()  # a terminal's signals reach the supervisor only, which passes them on once
+    _die_with_parent()
+    from service import cli, logs
 
     logs.configure(settings.log_format, settings.log_level)
-    from service import server
-    from service.app import create_app
-    from service.bundle import BundleError
-    from service.cli import fast_server
+    sys.exit(cli.run(settings.model_copy(update={"model": reload_target(settings.model)}), sockets=[sock],
+                     on_serving=ready.release))
 
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when the supervisor dies (Linux prctl PR_SET_PDEATHSIG); elsewhere nothing."""
     try:
-        app = create_app(settings.model_copy(update={"model": reload_target(settings.model)}))
-    except BundleError as exc:
-        print(f"instanas-serve: cannot serve the bundle: {exc}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    ready.release()
-    server.serve(app, settings, sockets=[sock], log_level=settings.log_level, access_log=False, log_config=None,
-                 **fast_server())
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -120,7 +140,11 @@ class Supervisor:
         self.settings = settings
         self.context = multiprocessing.get_context("spawn")
         self.workers: dict[int, multiprocessing.Process] = {}  # slot -> process
+        self.ready: set[int] = set()  # pids of the workers serving (a starting one may not be signalled)
+        self.reloads = 0  # reloads passed on so far
+        self.reloads_seen: dict[int, int] = {}  # pid -> `reloads` when it started
         self.stopping = False
+        self.failed = False  # a worker could not be started again: exit 2
         self.pending: list[int] = []  # signals seen by the handler, acted on by the loop
 
     def run(self) -> int:
@@ -128,7 +152,7 @@ class Supervisor:
         own_folder = settings.metrics_dir is None
         folder = metrics_folder(settings.metrics_dir)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)  # inherited by the spawned workers
-        os.environ[RELOAD_FILE_ENV] = str(folder / "reload.json")
+        os.environ[RELOAD_FILE_ENV] = str(folder / RELOAD_FILE)
         from prometheus_client import multiprocess
 
         self.multiprocess = multiprocess
@@ -148,7 +172,7 @@ class Supervisor:
                 self._act_on_signals()
                 self._reap(sock)
                 time.sleep(0.1)
-            return 0
+            return 2 if self.failed else 0
         finally:
             sock.close()
             if own_folder:
@@ -161,15 +185,20 @@ class Supervisor:
                                        daemon=False)
         process.start()
         self.workers[slot] = process
+        self.reloads_seen[process.pid] = self.reloads
         deadline = time.monotonic() + START_TIMEOUT_S
         while not ready.acquire(timeout=0.2):
             self._act_on_signals()
             if not process.is_alive() or time.monotonic() > deadline or self.stopping:
+                self.reloads_seen.pop(process.pid, None)
                 if not self.stopping:
                     log.error("worker %d (pid %s) did not start (exit status %s)", slot, process.pid,
                               process.exitcode)
                 return False
         log.info("worker %d started (pid %d)", slot, process.pid)
+        self.ready.add(process.pid)
+        if self.reloads_seen.pop(process.pid) != self.reloads:  # reloads taken while it loaded: it reloads now
+            os.kill(process.pid, signal.SIGHUP)
         return True
 
     def _act_on_signals(self) -> None:
@@ -179,18 +208,24 @@ class Supervisor:
                 self.stopping = True
                 self._signal_all(sig)
             elif sig == signal.SIGHUP:
+                self.reloads += 1
                 self._signal_all(signal.SIGHUP)
             elif sig == signal.SIGUSR1:  # a worker reloaded: the others follow
-                try:
-                    sender = json.loads(Path(os.environ[RELOAD_FILE_ENV]).read_text()).get("pid")
-                except (ValueError, OSError):
-                    sender = None
-                self._signal_all(signal.SIGHUP, skip=sender)
+                self.reloads += 1
+                done = _read_reload() or {}
+                self._signal_all(signal.SIGHUP, skip=done.get("pid"))
 
     def _signal_all(self, sig: int, skip: int | None = None) -> None:
+        """`sig` to every worker but `skip`; a reload (SIGHUP) only to those serving (see _start)."""
         for process in self.workers.values():
-            if process.pid != skip and process.is_alive():
+            if process.pid == skip or not process.is_alive():
+                continue
+            if sig == signal.SIGHUP and process.pid not in self.ready:
+                continue
+            try:
                 os.kill(process.pid, sig)
+            except ProcessLookupError:
+                pass
 
     def _reap(self, sock: socket.socket) -> None:
         for slot, process in list(self.workers.items()):
@@ -198,6 +233,7 @@ class Supervisor:
                 continue
             process.join()
             self.multiprocess.mark_process_dead(process.pid, str(self.folder))
+            self.ready.discard(process.pid)
             del self.workers[slot]
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", slot, process.pid)
@@ -207,12 +243,13 @@ class Supervisor:
             time.sleep(RESTART_DELAY_S)
             if not self._start(slot, sock) and not self.stopping:
                 log.error("worker %d could not be started again; stopping", slot)
-                self.stopping = True
+                self.stopping = self.failed = True
                 self._signal_all(signal.SIGTERM)
 
     def _stop_all(self) -> None:
-        self.stopping = True
-        self._signal_all(signal.SIGTERM)
+        if not self.stopping:  # else every worker was sent the signal already
+            self.stopping = True
+            self._signal_all(signal.SIGTERM)
         for process in self.workers.values():
             process.join(30)
             if process.is_alive():

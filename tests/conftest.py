@@ -17,6 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.metrics import sample
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(os.environ.get("INSTANAS_DATA", ROOT.parent / "shared" / "data" / "cifar10-jpeg"))
 BIN = Path(sys.executable).parent
@@ -50,9 +52,10 @@ def test_jpegs(data_root, tmp_path_factory) -> list[tuple[str, bytes]]:
     return sorted(out)
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """One of the project's commands, to its end; `env`: variables set for it."""
     return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
 
 @pytest.fixture(scope="session")
@@ -209,9 +212,7 @@ def prometheus(server, tmp_path_factory):
 def metric(url: str, name: str, /, **labels: str) -> float:
     """A sample of the service's /metrics at `url` (a counter's `..._total`, a histogram's `..._count`),
     summed over the series whose labels include `labels` (e.g. every model's); 0 when there is none."""
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sample(httpx.get(url + "/metrics", timeout=10).text, name, **labels)
 
 
 def service_values(server, name: str, labels: tuple[str, ...]) -> dict[tuple, float]:

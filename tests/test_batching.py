@@ -373,6 +373,9 @@ def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, te
     assert inline(job(jpeg)) and inline(job(b"not an image"))  # the decoder refuses it at once
     assert inline(job(np.zeros((3, 32, 32), np.float32)))
     assert not inline(job(flat.getvalue()))  # small in bytes, not in pixels
+    small = io.BytesIO()
+    Image.new("RGB", (600, 600), (20, 40, 60)).save(small, "PNG")
+    assert inline(job(small.getvalue())) and not inline(job(small.getvalue(), small.getvalue(), small.getvalue()))
     assert not inline(job(jpeg + bytes(64 * 1024)))  # over INSTANAS_INLINE_MAX_BYTES
     state.metrics.requests_in_progress = lambda: 2
     assert not inline(job(jpeg))  # another request in progress: the threads

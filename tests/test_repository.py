@@ -142,8 +142,8 @@ def test_start_up_refuses_a_repository_it_cannot_serve(repository, tmp_path):
     done = run_cli("instanas-serve", "--model", str(empty), "--port", "0", timeout=60)
     assert done.returncode == 2 and "neither a model bundle nor a model repository" in done.stderr, done.stderr
 
-    done = subprocess_with_env(["instanas-serve", "--model", str(repository / "models"), "--port", "0"],
-                               INSTANAS_DEFAULT_MODEL="nope")
+    done = run_cli("instanas-serve", "--model", str(repository / "models"), "--port", "0", timeout=60,
+                   INSTANAS_DEFAULT_MODEL="nope")
     assert done.returncode == 2 and "INSTANAS_DEFAULT_MODEL is 'nope'" in done.stderr, done.stderr
 
     broken = tmp_path / "broken"
@@ -152,13 +152,3 @@ def test_start_up_refuses_a_repository_it_cannot_serve(repository, tmp_path):
     (broken / STATIC / data["head"]["file"]).write_bytes(b"changed")
     done = run_cli("instanas-serve", "--model", str(broken), "--port", "0", timeout=60)
     assert done.returncode == 2 and STATIC in done.stderr and "sha256" in done.stderr, done.stderr
-
-
-def subprocess_with_env(args: list[str], **env: str):
-    import os
-    import subprocess
-
-    from tests.conftest import BIN
-
-    return subprocess.run([str(BIN / args[0]), *args[1:]], capture_output=True, text=True, timeout=60,
-                          env={**os.environ, **env})

@@ -50,6 +50,20 @@ def access_pids(server: Server, path: str) -> list[int]:
     return pids
 
 
+def eventually(check, timeout: float = 30) -> None:
+    """Until `check()` is true: a worker counts a request just after answering it, and a scrape may
+    reach the other worker first."""
+    deadline = time.time() + timeout
+    while not check():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def reloaded_pids(server: Server) -> set[int]:
+    return {json.loads(line)["pid"] for line in server.log.read_text().splitlines()
+            if line.startswith("{") and json.loads(line).get("message", "").startswith("reloaded:")}
+
+
 def classify(url: str, jpeg: bytes) -> httpx.Response:
     # a new connection each time, so the kernel spreads them across the workers
     return httpx.post(url + "/classify", content=jpeg, headers={"content-type": "image/jpeg", "connection": "close"},
@@ -75,6 +89,7 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
         codes.append(response.json()["architecture"]["code"])
     assert len(set(access_pids(srv, "/classify"))) == WORKERS  # the kernel gave both workers connections
     executed = sum(c != "0" for code in codes for c in code)  # cells that ran at least one module
+    eventually(lambda: metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 40)
     for _ in range(6):  # each scrape may be answered by either worker: all say the same totals
         assert metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 40
         assert metric(srv.url, "instanas_architecture_modules_count") == 40
@@ -89,7 +104,7 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
     assert len(worker_pids(srv)) == WORKERS and victim not in worker_pids(srv)
     for _ in range(6):
         assert classify(srv.url, test_jpegs[0][1]).status_code == 200
-    assert metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 46
+    eventually(lambda: metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 46)
     assert metric(srv.url, "instanas_workers") == WORKERS  # the dead worker's 1 was dropped, the new one's added
 
 
@@ -102,14 +117,9 @@ def test_a_reload_reaches_every_worker(workers_server, tmp_path, test_jpegs):
     assert reloaded.status_code == 200, reloaded.text
     after = reloaded.json()["model"]["sha256"]
     assert after != before
-    deadline = time.time() + 60  # the other worker reloads on the supervisor's SIGHUP, just after
-    while True:
-        answers = {classify(srv.url, test_jpegs[0][1]).json()["model"]["sha256"] for _ in range(12)}
-        if answers == {after}:
-            break
-        assert time.time() < deadline, answers
-        time.sleep(0.5)
-    assert metric(srv.url, "instanas_model_info", sha256=before) == 0
+    # the other worker reloads on the supervisor's SIGHUP, just after: then no worker serves `before`
+    eventually(lambda: metric(srv.url, "instanas_model_info", sha256=before) == 0, timeout=60)
+    assert {classify(srv.url, test_jpegs[0][1]).json()["model"]["sha256"] for _ in range(12)} == {after}
     # a worker started after the reload serves the reloaded folder too
     os.kill(sorted(worker_pids(srv))[0], signal.SIGKILL)
     wait_started(srv, WORKERS + 1)
@@ -139,3 +149,32 @@ def test_a_bundle_that_fails_stops_the_supervisor_with_status_2(tiny_bundle, tmp
                           capture_output=True, text=True, timeout=120, env={**os.environ})
     assert done.returncode == 2, done.stderr[-2000:]
     assert "sha256" in done.stderr and "did not start" in done.stderr
+
+
+def test_a_reload_while_a_worker_loads_reaches_it_once_it_is_ready(tiny_bundle, tmp_path):
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    # a reload file left by an earlier run is not obeyed: the workers serve --model
+    (metrics / "reload.json").write_text(json.dumps({"path": str(tmp_path / "gone"), "pid": 1}))
+    srv = Server(tiny_bundle, tmp_path / "server.log", INSTANAS_WORKERS=str(WORKERS), INSTANAS_METRICS_DIR=str(metrics))
+    try:
+        for _ in range(3):  # worker 0 serves, worker 1 is still loading: it must not die of these
+            srv.process.send_signal(signal.SIGHUP)
+            time.sleep(0.1)
+        wait_started(srv, WORKERS)
+        assert srv.process.poll() is None and len(worker_pids(srv)) == WORKERS
+        eventually(lambda: len(reloaded_pids(srv)) == WORKERS, timeout=60)  # the late one too, once ready
+        assert "died" not in srv.log.read_text()
+    finally:
+        srv.stop()
+
+
+def test_a_worker_that_cannot_be_restarted_stops_the_supervisor_with_status_2(tiny_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    subprocess.run(["cp", "-r", str(tiny_bundle), str(bundle)], check=True)
+    srv = Server(bundle, tmp_path / "server.log", INSTANAS_WORKERS=str(WORKERS))
+    wait_started(srv, WORKERS)
+    (bundle / json.loads((bundle / "manifest.json").read_text())["head"]["file"]).write_bytes(b"changed")
+    os.kill(sorted(worker_pids(srv))[0], signal.SIGKILL)
+    assert srv.process.wait(120) == 2
+    srv.stop()

@@ -21,8 +21,8 @@ async def live():
             "draining); `model` is the default model")
 async def ready(models: Models):
     default = models.get().model_ref
+    if models.serving:
+        return Health(status="ready", model=default)
     if models.draining:  # SIGTERM: shutting down after the drain (service/server.py); requests are still served
         return JSONResponse(Health(status="draining", model=default).model_dump(), status_code=503)
-    if not models.ready:
-        return JSONResponse(Health(status="starting").model_dump(), status_code=503)
-    return Health(status="ready", model=default)
+    return JSONResponse(Health(status="starting").model_dump(), status_code=503)

@@ -21,4 +21,4 @@ async def model(models: Models, model: str | None = Query(None, description="Its
 
 @router.get("/models", summary="The served models, and the default one")
 async def served_models(models: Models):
-    return {"default": models.default, "models": [s.model_json for s in models.states.values()]}
+    return {"default": models.default, "models": models.refs()}

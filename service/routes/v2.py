@@ -113,9 +113,9 @@ async def live():
 
 
 def _ready(models, state=None) -> bool:
-    """Loaded, verified and warmed up (every model, or `state`), and not draining after SIGTERM
+    """Every model (or `state`) loaded, verified and warmed up, and not draining after SIGTERM
     (as GET /healthz/ready)."""
-    return bool((state or models).ready) and not models.draining
+    return models.serving if state is None else state.ready and not models.draining
 
 
 @router.get("/health/ready", summary="The model is loaded and verified; requests are served (503 while starting "
