@@ -35,7 +35,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     INSTANAS_MODEL=/app/models \
-    INSTANAS_DEFAULT_MODEL=cifar10-default \
     INSTANAS_HOST=0.0.0.0 \
     INSTANAS_PORT=8000
 RUN groupadd --system --gid 10001 instanas \
@@ -56,4 +55,4 @@ EXPOSE 8000
 # Ready, not just live: the bundle is loaded and verified. urllib, since slim images have no curl.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/healthz/ready', timeout=2).status != 200)"]
-CMD ["instanas-serve", "--model", "/app/models", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["instanas-serve", "--model", "/app/models", "--default-model", "cifar10-default", "--host", "0.0.0.0", "--port", "8000"]

@@ -166,9 +166,10 @@ def _content_length(scope) -> int | None:
 def document_limits(app) -> None:
     """The OpenAPI document states what the app enforces beyond the route signatures, so a client
     (or a fuzzer) takes no documented-valid request for an invalid one and meets no undocumented
-    status: `top_k` at most the bundle's classes; on every operation with a body, the refusals of
-    this middleware (408, 413, 503) and the framework's 400 for a body that does not parse; on
-    every operation with a path parameter, 404 for a resource that does not exist."""
+    status: `top_k` at most the models' classes; the served models' names as the `model`
+    parameter's values (404 for others); on every operation with a body, the refusals of this
+    middleware (408, 413, 503) and the framework's 400 for a body that does not parse; on every
+    operation with a path parameter, 404 for a resource that does not exist."""
     from fastapi import FastAPI
 
     error = {"description": "Error", "content": {"application/json": {"schema": {
@@ -180,18 +181,22 @@ def document_limits(app) -> None:
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
-            classes = len(app.state.models.get().manifest.classes)
+            models = app.state.models
+            classes = max(len(s.manifest.classes) for s in models.states.values())
             for path, operations in schema.get("paths", {}).items():
                 for operation in operations.values():
                     if not isinstance(operation, dict):
                         continue
                     responses = operation.setdefault("responses", {})
                     for parameter in operation.get("parameters", []):
-                        if parameter.get("name") == "top_k":
-                            param_schema = parameter.get("schema", {})
-                            for branch in [param_schema, *param_schema.get("anyOf", [])]:
-                                if branch.get("type") == "integer":
-                                    branch["maximum"] = classes
+                        param_schema = parameter.get("schema", {})
+                        for branch in [param_schema, *param_schema.get("anyOf", [])]:
+                            if parameter.get("name") == "top_k" and branch.get("type") == "integer":
+                                branch["maximum"] = classes
+                            if parameter.get("name") == "model" and branch.get("type") == "string":
+                                branch["enum"] = list(models.states)  # the served models (404 otherwise)
+                        if parameter.get("name") == "model":
+                            responses.setdefault("404", error)
                     shape = v2_error if path.startswith("/v2") else error
                     if "requestBody" in operation:
                         for status in ("400", "408", "413", "503"):

@@ -162,7 +162,8 @@ def test_service_image():
     probe = healthcheck_probe(SERVICE_DOCKERFILE)
     assert probe[0] == "python" and READY_URL in probe[-1], probe
     assert json.loads(values(final, "CMD")[-1]) == [
-        "instanas-serve", "--model", "/app/models", "--host", "0.0.0.0", "--port", "8000"]
+        "instanas-serve", "--model", "/app/models", "--default-model", "cifar10-default", "--host", "0.0.0.0",
+        "--port", "8000"]
     assert "instanas-serve" in PYPROJECT["project"]["scripts"]
 
 
