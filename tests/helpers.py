@@ -34,7 +34,9 @@ def unit_table(space) -> dict:
 
 
 def random_controller(space, seed: int, bias: float = 0.0) -> Controller:
-    controller = randomise(Controller(space, (8, 8, 16)), seed + 1)
+    with torch.random.fork_rng(devices=[]):  # its convolutions too: the same controller whatever ran before
+        torch.manual_seed(seed)
+        controller = randomise(Controller(space, (8, 8, 16)), seed + 1)
     # a trained controller's choices depend on the image: so must this one's
     torch.nn.init.normal_(controller.fc.weight, 0.0, 2.0, generator=torch.Generator().manual_seed(seed))
     torch.nn.init.constant_(controller.fc.bias, bias)

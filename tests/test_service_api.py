@@ -154,6 +154,17 @@ def test_too_large_body_is_413(smoke_bundle, tmp_path, test_jpegs):
         assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
         small = min((data for _, data in test_jpegs), key=len)
         assert len(small) <= 1000 and post_jpeg(srv.url, small).status_code == 200  # under the limit: served
+        # refused before its body arrived: the answer closes the connection, nothing more is read
+        import socket
+
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as conn:
+            conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 20000000\r\n\r\n" + b"x" * 500)
+            answer = b""
+            while chunk := conn.recv(65536):  # ends when the server closes
+                answer += chunk
+        head = answer.split(b"\r\n\r\n")[0].decode().lower()
+        assert head.startswith("http/1.1 413") and "connection: close" in head, head
     finally:
         srv.stop()
 

@@ -22,17 +22,21 @@ ACCEPTED_MEDIA_TYPES = sorted(imaging.SUPPORTED_MEDIA_TYPES | {MULTIPART, OCTET_
 router = APIRouter()
 
 
+# A refused body's connection is closed: the server would otherwise go on reading (and dropping) the rest.
+_CLOSE = {"Connection": "close"}
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refused with 413 as soon as it passes `limit` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes")
+        raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes", _CLOSE)
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
-                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes")
+                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes", _CLOSE)
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended") from None
