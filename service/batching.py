@@ -20,6 +20,8 @@ ms against 0.20 ms for a GET /healthz/live, nearly all of it the hops). The loop
 meanwhile, so the service accepts only the only request in progress, and a small one
 (service/classification.py): under load, blocking the loop serialised everything (measured:
 throughput at concurrency 32 fell from 750 to 490 req/s when any idle moment ran inline).
+Requests that arrive while a job runs there wait in the kernel's buffers, outside admission
+control, for at most that one job's time.
 """
 
 from __future__ import annotations
