@@ -192,6 +192,20 @@ def test_paired_bootstrap_and_rank_correlation_by_hand():
     assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 3, 4])) == pytest.approx(0.9486833, abs=1e-6)
 
 
+def test_latency_rounds_time_each_model_back_to_back_every_row_once():
+    """Each model runs its slice of rows consecutively (its weights stay warm, as in a server),
+    models take turns slice by slice, and every row is timed once per model."""
+    from training.report import time_in_rounds
+
+    order = []
+    calls = {name: (lambda i, name=name: order.append((name, i))) for name in ("base", "A")}
+    timing = time_in_rounds(calls, rows=6, rounds=2, warmup=1)
+    assert set(timing) == {"base", "A"} and all(t["p99_ms"] >= t["p50_ms"] >= 0 for t in timing.values())
+    # round 1: base warms on row 0 then runs rows 0-2, A the same; round 2: rows 3-5
+    assert order == [("base", 0), ("base", 0), ("base", 1), ("base", 2), ("A", 0), ("A", 0), ("A", 1), ("A", 2),
+                     ("base", 3), ("base", 3), ("base", 4), ("base", 5), ("A", 3), ("A", 3), ("A", 4), ("A", 5)]
+
+
 def test_search_window_is_centred_on_the_target_and_reaches_the_start():
     from training.search import window
 
