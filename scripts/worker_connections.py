@@ -26,9 +26,13 @@ async def share(url: str, image: bytes, connections: int, requests: int) -> coll
                 await client.post(url + "/classify", content=image, headers={"content-type": "image/jpeg"})
 
         await asyncio.gather(*[one() for _ in range(connections)])
-        port = urlsplit(url).port
-        listing = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-                                 capture_output=True, text=True, check=True).stdout
+        return await asyncio.to_thread(owners, urlsplit(url).port)  # while the connections are still open
+
+
+def owners(port: int) -> collections.Counter:
+    """Established connections to `port`, counted by the pid that owns each."""
+    listing = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, check=True).stdout
     return collections.Counter(line.split("pid=")[1].split(",")[0] for line in listing.splitlines() if "pid=" in line)
 
 
