@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, description=(
         "Server processes on the port (service/workers.py): about one core each; metrics add up across them, "
         "reloads reach all, limits hold per process."))
+    reuse_port: bool = Field(default=True, description=(
+        "With several workers, a listening socket each on the one port (SO_REUSEPORT: Linux spreads new "
+        "connections evenly across them); false, or a platform without it: one socket they all accept from."))
     metrics_dir: Path | None = Field(default=None, description=(
         "With several workers, the folder of their metric files (emptied at start); default: a new folder on "
         "/dev/shm (a tmpfs), removed at exit."))

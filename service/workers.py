@@ -1,8 +1,17 @@
 """Several worker processes on one port (`INSTANAS_WORKERS` > 1), and the supervisor that keeps them.
 
-The supervisor binds the listening socket once and starts the workers (spawned, not forked:
+The supervisor binds the listening sockets and starts the workers (spawned, not forked:
 onnxruntime's threads do not survive a fork), each a whole server: it loads and verifies
-every bundle itself, and the kernel hands each new connection to one of them. One process
+every bundle itself. Each worker listens on a socket of its own, all bound to the one port
+with `SO_REUSEPORT` (`INSTANAS_REUSE_PORT`, on by default where the platform has it), and
+Linux spreads new connections across them by a hash of the client's address and port. With
+one socket shared by all (the fallback), an asyncio server accepts every pending connection
+each time the socket wakes it, so whichever worker woke first took a burst of keep-alive
+connections (32 opened at once split 32/0 to 16/16 in docs/RESULTS.md), and the busier
+worker set the tail. The supervisor keeps every socket open: while a crashed worker is
+restarted, the connections the kernel queued on its socket wait for the new worker rather
+than being reset. Sockets with `SO_REUSEPORT` only share a port with sockets of the same
+user (Linux's rule), so another user's process cannot bind into the group. One process
 serves requests on about one core (the executor threads share the GIL for everything but
 onnxruntime's own work), so a machine with more cores serves more with more workers; the
 measured table is in docs/RESULTS.md ("Process and thread model").
@@ -125,10 +134,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -146,6 +157,8 @@ class Supervisor:
         self.stopping = False
         self.failed = False  # a worker could not be started again: exit 2
         self.pending: list[int] = []  # signals seen by the handler, acted on by the loop
+        self.reuse_port = settings.workers > 1 and settings.reuse_port and hasattr(socket, "SO_REUSEPORT")
+        self.sockets: dict[int, socket.socket] = {}  # slot -> its listening socket (slot 0's for all without reuse_port)
 
     def run(self) -> int:
         settings = self.settings
@@ -157,32 +170,33 @@ class Supervisor:
 
         self.multiprocess = multiprocess
         self.folder = folder
-        sock = bind(settings.host, settings.port)
+        port = self._socket(0).getsockname()[1]
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, lambda s, _f: self.pending.append(s))
-        log.info("supervisor %d: %d workers on http://%s:%d, metrics in %s", os.getpid(), settings.workers,
-                 settings.host, sock.getsockname()[1], folder)
+        log.info("supervisor %d: %d workers on http://%s:%d (%s), metrics in %s", os.getpid(), settings.workers,
+                 settings.host, port, "a socket each, SO_REUSEPORT" if self.reuse_port else "one shared socket", folder)
         try:
             for slot in range(settings.workers):
-                if not self._start(slot, sock):
+                if not self._start(slot):
                     stopped = self.stopping  # a signal during start-up, not a failure
                     self._stop_all()
                     return 0 if stopped else 2
             while self.workers:
                 self._act_on_signals()
-                self._reap(sock)
+                self._reap()
                 time.sleep(0.1)
             return 2 if self.failed else 0
         finally:
-            sock.close()
+            for sock in self.sockets.values():
+                sock.close()
             if own_folder:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _start(self, slot: int, sock: socket.socket) -> bool:
-        """Start the worker of `slot`; False when it exits, or a stop is asked, before it is ready."""
+    def _start(self, slot: int) -> bool:
+        """Start the worker of `slot` on its socket; False when it exits, or a stop is asked, before it is ready."""
         ready = self.context.Semaphore(0)
-        process = self.context.Process(target=_worker, args=(self.settings, sock, ready), name=f"instanas-worker-{slot}",
-                                       daemon=False)
+        process = self.context.Process(target=_worker, args=(self.settings, self._socket(slot), ready),
+                                       name=f"instanas-worker-{slot}", daemon=False)
         process.start()
         self.workers[slot] = process
         self.reloads_seen[process.pid] = self.reloads
@@ -200,6 +214,15 @@ class Supervisor:
         if self.reloads_seen.pop(process.pid) != self.reloads:  # reloads taken while it loaded: it reloads now
             os.kill(process.pid, signal.SIGHUP)
         return True
+
+    def _socket(self, slot: int) -> socket.socket:
+        """The listening socket of `slot`'s worker, bound just before its first start (so that until
+        then the kernel sends nothing its way) and kept for the workers that replace it."""
+        slot = slot if self.reuse_port else 0
+        if slot not in self.sockets:
+            port = next(iter(self.sockets.values())).getsockname()[1] if self.sockets else self.settings.port
+            self.sockets[slot] = bind(self.settings.host, port, self.reuse_port)
+        return self.sockets[slot]
 
     def _act_on_signals(self) -> None:
         while self.pending:
@@ -227,7 +250,7 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def _reap(self, sock: socket.socket) -> None:
+    def _reap(self) -> None:
         for slot, process in list(self.workers.items()):
             if process.is_alive():
                 continue
@@ -241,7 +264,7 @@ class Supervisor:
             log.error("worker %d (pid %d) died (exit status %s); starting another", slot, process.pid,
                       process.exitcode)
             time.sleep(RESTART_DELAY_S)
-            if not self._start(slot, sock) and not self.stopping:
+            if not self._start(slot) and not self.stopping:
                 log.error("worker %d could not be started again; stopping", slot)
                 self.stopping = self.failed = True
                 self._signal_all(signal.SIGTERM)
