@@ -139,3 +139,22 @@ def test_warm_start_makes_the_meta_graph_the_baseline(uninterrupted, data_root):
         for name in ("all", "mobilenet_v2"):
             got = metagraph.forward_selected(x, fixed_policy(fixed_paths(ctx.space)[name])(x))
             assert torch.allclose(got, expected, atol=1e-5), name
+
+
+def test_a_finished_phase_given_more_epochs_goes_on_from_its_weights(uninterrupted, data_root, tmp_path):
+    """`--reconfigure --set pretrain.epochs=3` on a finished 2-epoch pre-training: one more epoch,
+    from its weights (here with the baseline as the sampled paths' teacher)."""
+    for name in ("config.json", "baseline.pt", "pretrain.pt"):
+        shutil.copy(uninterrupted / name, tmp_path / name)
+    more = load_config("smoke", [*SMOKE, "pretrain.epochs=3", "pretrain.teacher=baseline"])
+    with pytest.raises(RunError, match="pretrain.epochs: 2 -> 3"):
+        RunDir(tmp_path, more)
+    state = pretrain.run(Context.open(RunDir(tmp_path, more, reconfigure=True), str(data_root)))
+    assert state["done"] and [c["epoch"] for c in state["curve"]] == [1, 2, 3]
+    before, after = _weights(uninterrupted / "pretrain.pt"), state["model"]
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    again = pretrain.run(Context.open(RunDir(tmp_path, more), str(data_root)))  # finished: nothing more to do
+    assert all(torch.equal(again["model"][k], after[k]) for k in after)
+    bad = load_config("smoke", [*SMOKE, "pretrain.epochs=4", "pretrain.teacher=oracle"])
+    with pytest.raises(ValueError, match="unknown pretrain teacher"):
+        pretrain.run(Context.open(RunDir(tmp_path, bad, reconfigure=True), str(data_root)))

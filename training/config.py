@@ -76,7 +76,10 @@ class PretrainConfig:
     fixed_path_rows: float = 0.125  # with "sparse": share of rows on each of the two fixed paths
     # with "sandwich": start from the finished baseline (module 0 = MobileNetV2, other modules silent)
     warm_start: bool = False
-    distill: float = 0.5  # with "sandwich": weight of distillation from the all-modules path (vs labels)
+    distill: float = 0.5  # with "sandwich": weight of distillation (vs labels) in the sampled paths' loss
+    # with "sandwich": the sampled paths learn from "all" (the all-modules path, in-place distillation)
+    # or "baseline" (the finished MobileNetV2, frozen: a teacher that is already good from the first step)
+    teacher: str = "all"
 
 
 @dataclass

@@ -6,7 +6,9 @@ epoch's figures), `done`, and whatever the phase adds. It is written every
 `checkpoint_steps` steps and after each epoch; everything random in a step comes from
 `Batches.epoch` and the step's own generator, both derived from (seed, epoch, step), so a
 run killed at any step and resumed by a new process ends bit-identical to one never
-interrupted. A finished phase keeps its weights and figures, not its optimizer.
+interrupted. A finished phase keeps its weights and figures, not its optimizer; given more
+epochs later (`--reconfigure --set <phase>.epochs=N`), it goes on from its weights with a fresh
+optimizer, the learning-rate schedule recomputed over the new total.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     state = ctx.run.load(phase)
     if state is not None and state.get("done"):
         model.load_state_dict(state["model"])
-        return state
+        if state["epoch"] >= epochs:
+            return state
+        print(f"{phase}: finished after {state['epoch']} epochs; going on to {epochs}", flush=True)
     batches = ctx.batches("train", batch_size, seed=seed)
     steps_per_epoch = len(batches)
     total = epochs * steps_per_epoch
@@ -46,7 +50,8 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     sums = (0, 0.0, 0)  # images, loss sum, correct of the epoch in progress
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:  # None: a finished phase going on (above)
+            optimizer.load_state_dict(state["optimizer"])
         epoch, first, elapsed, curve = state["epoch"], state["step"], state["elapsed"], state["curve"]
         sums = state.get("sums", (0, 0.0, 0))
         print(f"{phase}: resuming at epoch {epoch + 1}, step {first}", flush=True)

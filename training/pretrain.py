@@ -7,7 +7,10 @@ Three ways to sample the paths a batch trains (`pretrain.sampling`):
   (in-place distillation, as BigNAS and Once-for-All train their super-networks). With
   `warm_start`, stem, module 0 of every cell and head start from the finished baseline and
   every other module's last batch norm starts at zero, so the meta-graph starts exactly
-  equal to the trained MobileNetV2 and can only add to it (with the "sum" merge).
+  equal to the trained MobileNetV2 and can only add to it (with the "sum" merge). With
+  `teacher = "baseline"`, the second pass learns from the finished MobileNetV2 (frozen)
+  instead: a teacher as good as the baseline from the first step, where the all-modules
+  path is still recovering from its new modules.
 - "sparse": per-row sparse paths (a uniformly drawn number of modules per cell), with
   `dense_epochs` of all modules first;
 - "drop_path": the paper's schedule (all modules for the first half, then each kept with a
@@ -80,12 +83,26 @@ def run(ctx: Context) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
+    if cfg.teacher not in ("all", "baseline"):
+        raise ValueError(f"unknown pretrain teacher {cfg.teacher!r}: 'all' or 'baseline'")
+    teacher = None
+    if cfg.sampling == "sandwich" and cfg.teacher == "baseline":
+        from training import baseline
+
+        teacher = baseline.load(ctx).requires_grad_(False)
+        teacher_path = fixed_policy(np.ones((space.num_cells, 1), bool))
+
     def step(x, y, generator, s, forward):
         n = len(y)
         if cfg.sampling == "sandwich":
             everything = torch.ones(n, space.num_cells, space.num_modules, dtype=torch.bool, device=x.device)
             full, sub = forward(x, [everything, sandwich_policy(n, space, generator).to(x.device)])
-            loss = F.cross_entropy(full, y) + cfg.distill * distillation(sub, full.detach()) \
+            if teacher is None:
+                target = full.detach()
+            else:
+                with torch.no_grad():
+                    target = teacher.forward_selected(x, teacher_path(x))
+            loss = F.cross_entropy(full, y) + cfg.distill * distillation(sub, target) \
                 + (1 - cfg.distill) * F.cross_entropy(sub, y)
             return loss, full
         if cfg.sampling == "drop_path":
