@@ -24,6 +24,7 @@ import logging
 import time
 from pathlib import Path
 
+from service import heap
 from service.bundle import BundleError
 from service.errors import ApiError
 from service.repository import Repository, load_repository
@@ -103,6 +104,7 @@ async def _retire(old: ServiceState, timeout_s: float) -> None:
         await asyncio.sleep(0.05)
     await asyncio.sleep(RETIRE_GRACE_S)
     old.stop()
+    heap.freeze()  # the new models out of the collector's way, the old ones' cycles collected (service/heap.py)
 
 
 async def reload_logged(app, path: str | None, why: str) -> None:

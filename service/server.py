@@ -41,7 +41,7 @@ from collections import OrderedDict
 
 import uvicorn
 
-from service import reload
+from service import heap, reload
 from service.workers import reload_target
 
 log = logging.getLogger("instanas.service")
@@ -296,6 +296,7 @@ class InstanasServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
+        heap.freeze()  # everything start-up made, out of the collector's way (service/heap.py)
         if self.on_serving is not None and self.started:  # accepting, and its signal handlers in place
             self.on_serving()
 

@@ -170,7 +170,13 @@ class Supervisor:
 
         self.multiprocess = multiprocess
         self.folder = folder
-        port = self._socket(0).getsockname()[1]
+        try:
+            port = self._socket(0).getsockname()[1]
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc)
+            if own_folder:
+                shutil.rmtree(folder, ignore_errors=True)
+            return 1
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(sig, lambda s, _f: self.pending.append(s))
         log.info("supervisor %d: %d workers on http://%s:%d (%s), metrics in %s", os.getpid(), settings.workers,
@@ -220,7 +226,14 @@ class Supervisor:
         then the kernel sends nothing its way) and kept for the workers that replace it."""
         slot = slot if self.reuse_port else 0
         if slot not in self.sockets:
-            port = next(iter(self.sockets.values())).getsockname()[1] if self.sockets else self.settings.port
+            if self.sockets:
+                port = next(iter(self.sockets.values())).getsockname()[1]
+            elif self.reuse_port:  # a plain bind first: it fails, as it should, where another server
+                probe = bind(self.settings.host, self.settings.port)  # (of SO_REUSEPORT sockets too) listens
+                port = probe.getsockname()[1]
+                probe.close()
+            else:
+                port = self.settings.port
             self.sockets[slot] = bind(self.settings.host, port, self.reuse_port)
         return self.sockets[slot]
 

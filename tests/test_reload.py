@@ -235,6 +235,11 @@ def test_sighup_reloads_the_same_folder(tiny_bundle, tmp_path):
                 time.sleep(0.2)
             time.sleep(0.5)
         assert load.outcomes and {s for s, _ in load.outcomes} == {200}
+        # start-up's objects were frozen out of garbage collection, and the new bundle's are once the old retires
+        deadline = time.time() + 30
+        while srv.log.read_text().count("objects frozen out of garbage collection") < 2:
+            assert time.time() < deadline, srv.log.read_text()[-2000:]
+            time.sleep(0.2)
         # a bundle broken on disk: SIGHUP logs why and the old one keeps serving
         (bundle / "manifest.json").write_text("{ not json")
         srv.process.send_signal(signal.SIGHUP)
@@ -247,3 +252,25 @@ def test_sighup_reloads_the_same_folder(tiny_bundle, tmp_path):
         assert httpx.get(srv.url + "/healthz/ready").status_code == 200
     finally:
         srv.stop()
+
+
+def test_freeze_exempts_what_exists_and_still_collects_later_garbage():
+    import gc
+    import weakref
+
+    from service import heap
+
+    try:
+        assert heap.freeze() == gc.get_freeze_count() > 1000  # this test process's modules, at least
+
+        class Node:
+            pass
+
+        node = Node()
+        node.me = node  # a cycle: only the collector frees it
+        ref = weakref.ref(node)
+        del node
+        gc.collect()
+        assert ref() is None
+    finally:
+        gc.unfreeze()

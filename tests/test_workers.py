@@ -216,3 +216,13 @@ def test_without_reuse_port_the_workers_share_one_socket(tiny_bundle, tmp_path, 
             assert classify(srv.url, test_jpegs[i][1]).status_code == 200
     finally:
         srv.stop()
+
+
+def test_a_second_server_on_the_same_port_is_refused(workers_server, tiny_bundle):
+    """SO_REUSEPORT lets sockets of one user share a port: a second supervisor must not join the
+    first one's group and take half its connections, but fail as a plain bind does."""
+    done = subprocess.run([str(BIN / "instanas-serve"), "--model", str(tiny_bundle), "--port",
+                           str(workers_server.port), "--workers", "2"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ})
+    assert done.returncode == 1 and "address already in use" in done.stderr.lower(), done.stderr[-2000:]
+    assert classify(workers_server.url, b"x").status_code == 400  # the first one still answers
