@@ -89,3 +89,50 @@ def test_cli_errors_are_clear(data_root, tmp_path):
     assert done.returncode == 2 and "no train" in done.stderr
     done = run_cli("instanas-train", "export", "--data", str(data_root), "--out", str(tmp_path / "empty"))
     assert done.returncode == 2 and "run a phase with --config first" in done.stderr
+
+
+def test_route_phase_exports_routers_that_choose_among_the_search_architectures(smoke_run, data_root, tmp_path):
+    """`route.enabled`: one router trunk, a price per point; the bundle's controllers are the routers
+    (the export checks them against PyTorch through the service's executor)."""
+    from service import architecture
+    from service.executor import Executor
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle*", "report"))
+    sets = ["--set", "route.enabled=true", "--set", 'route.names=["A","B","C"]', "--set", "route.targets=[1.2,0.8,0.1]"]
+    for phase in ("route", "export"):
+        done = run_cli("instanas-train", phase, "--data", str(data_root), "--out", str(run), *sets)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    state = torch.load(run / "route.pt", weights_only=False)
+    assert state["done"] and [v["name"] for v in state["variants"]] == ["A", "B", "C"]
+    prices = [v["price"] for v in state["variants"]]
+    assert prices == sorted(prices) and prices[-1] > 0  # the lower the target, the dearer latency
+    log = _log(run)
+    assert [r["epoch"] for r in log if r["phase"] == "route" and "epoch" in r] == [1, 2]
+    assert all(r["parity_max_abs_diff"] < 1e-4 for r in log if r["phase"] == "export" and "parity_max_abs_diff" in r)
+    bundle = load_bundle(run / "bundle")
+    assert [c.name for c in bundle.manifest.controllers] == ["A", "B", "C"]
+    executor = Executor(bundle)
+    x = torch.randn(16, 3, 32, 32).numpy()
+    for point in ("A", "B", "C"):
+        codes = set(architecture.encode_many(executor.run(x, operating_point=point).executed))
+        assert codes <= set(state["candidates"])
+    # the cheapest target takes the cheapest candidate for every image
+    latency = {c: lat for c, lat in zip(state["candidates"], torch.load(run / "route.pt", weights_only=False)
+                                        ["router"]["latency_ms"].tolist())}
+    assert set(architecture.encode_many(executor.run(x, operating_point="C").executed)) == {min(latency, key=latency.get)}
+
+
+def test_router_price_calibration_by_hand():
+    import numpy as np
+
+    from training.route import calibrate
+
+    p = np.array([[0.9, 0.6], [0.9, 0.85], [0.7, 0.2]])  # P(right) with a slow (2 ms) and a fast (1 ms) candidate
+    latency = np.array([2.0, 1.0])
+    assert calibrate(p, latency, 2.0) == 0.0  # all slow fits
+    # 1.67 ms: one image may go fast; the one that loses least (row 1: 0.05) goes first, at a price just above 0.05
+    price = calibrate(p, latency, 5 / 3)
+    assert 0.05 <= price < 0.051
+    assert ((p - price * latency).argmax(1) == [0, 1, 0]).all()
+    assert ((p - calibrate(p, latency, 1.0) * latency).argmax(1) == 1).all()

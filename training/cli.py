@@ -7,7 +7,7 @@ import sys
 import time
 
 # `all` runs these in order; each resumes, or returns at once when it has finished.
-ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "export", "report")
+ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "route", "export", "report")
 PHASES = (*ORDER, "all")
 # Phases that train on every torchrun rank (each reads its shard); the others run on rank 0.
 DISTRIBUTED = ("baseline", "pretrain", "finetune")
@@ -80,6 +80,10 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
         from training import finetune
 
         finetune.run(ctx)
+    elif phase == "route":
+        from training import route
+
+        route.run(ctx)  # nothing unless route.enabled
     elif phase == "export":
         from training import export
 

@@ -120,6 +120,15 @@ class FinetuneConfig:
 
 
 @dataclass
+class RouteConfig:
+    enabled: bool = False  # after fine-tuning: routers over the search's architectures (training/route.py)
+    epochs: int = 2
+    lr: float = 1e-3
+    names: tuple[str, ...] = ("A", "B", "C", "D", "E")
+    targets: tuple[float, ...] = (1.05, 0.95, 0.85, 0.75, 0.65)  # x the MobileNetV2 path's latency
+
+
+@dataclass
 class ControllerConfig:
     channels: tuple[int, int, int] = (16, 32, 64)
     downsample: int = 1
@@ -158,6 +167,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    route: RouteConfig = field(default_factory=RouteConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -147,8 +147,8 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     """Export the fine-tuned meta-graph with every operating point, and the baseline as a static
     bundle; each is checked against PyTorch through the service's executor before it moves into place."""
     from training import baseline as baseline_phase
+    from training import route
     from training.evaluate import evaluate_controller
-    from training.finetune import controllers as frozen_controllers
     from training.latency import costs, load_table
 
     out = Path(bundle) if bundle else ctx.run.path / "bundle"
@@ -156,7 +156,7 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     metagraph = ctx.new_metagraph()
     metagraph.load_state_dict(finetune["model"])
     metagraph.eval()
-    points = frozen_controllers(ctx, ctx.run.require("search"))
+    points, val_figures = route.points(ctx)
     table = load_table(ctx.run)
     cost = costs(table, ctx.space)
     dataset = Path(ctx.data_root).resolve().name
@@ -165,12 +165,12 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     version = f"{now:%Y%m%d.%H%M%S}-{revision[:12]}"
     baseline_state = ctx.run.load("baseline")
     baseline_val = (baseline_state or {}).get("figures", {}).get("val_top1")
-    default = default_point(finetune["figures"], baseline_val)
+    default = default_point(val_figures, baseline_val)
     test = {name_: evaluate_controller(ctx, metagraph, c, cost, "test") for name_, c in points.items()}
     frequent = frequent_architectures(ctx, metagraph, points)
     x_test = next(iter(ctx.batches("test", ctx.config.export.latency_images)))[0].numpy()
     training = {"config": ctx.config.to_dict(), "source_revision": revision,
-                "validation": {k: {m: v for m, v in f.items()} for k, f in finetune["figures"].items()}}
+                "validation": {k: {m: v for m, v in f.items()} for k, f in val_figures.items()}}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     manifest = write_bundle(

@@ -216,12 +216,12 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
                           "mflops": float(static[False].costs.mflops(base_executed[:1])[0]),
                           "curve": _baseline_curve(ctx)}
 
-    from training.finetune import controllers as frozen_controllers
+    from training import route
 
     metagraph = ctx.new_metagraph()
     metagraph.load_state_dict(ctx.run.require("finetune")["model"])
     metagraph.eval()
-    points = list(frozen_controllers(ctx, ctx.run.require("search")))
+    points = list(route.points(ctx)[0])
     dynamic[True].warm([a.code for a in manifest.frequent_architectures])
     per_image = {}
     for point in points:

@@ -21,10 +21,10 @@ class RunError(RuntimeError):
 # The phases whose results depend on each config section; a section not listed (space, data,
 # seed, name...) shapes every phase, and `device` and `threads` change no result.
 _SECTION_PHASES = {"baseline": ("baseline",), "pretrain": ("pretrain",), "search": ("search",),
-                   "controller": ("search",), "finetune": ("finetune",), "profile": ("profile",), "export": (), "report": (),
+                   "controller": ("search",), "finetune": ("finetune",), "route": ("route",), "profile": ("profile",), "export": (), "report": (),
                    "device": (), "threads": (), "checkpoint_steps": ()}
 PHASE_FILES = {"baseline": "baseline.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
-               "search": "search.pt", "finetune": "finetune.pt"}
+               "search": "search.pt", "finetune": "finetune.pt", "route": "route.pt"}
 # Sections whose change makes a checkpoint's tensors another shape: refused even with --reconfigure.
 _STRUCTURAL = ("space",)
 STAMP = "_run"  # a checkpoint's own record of the phase and config that wrote it
