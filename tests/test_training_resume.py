@@ -158,3 +158,16 @@ def test_a_finished_phase_given_more_epochs_goes_on_from_its_weights(uninterrupt
     bad = load_config("smoke", [*SMOKE, "pretrain.epochs=4", "pretrain.teacher=oracle"])
     with pytest.raises(ValueError, match="unknown pretrain teacher"):
         pretrain.run(Context.open(RunDir(tmp_path, bad, reconfigure=True), str(data_root)))
+
+
+def test_a_setting_added_since_the_run_started_is_not_a_change(tmp_path):
+    """A config.json written before a key existed resumes: the key had its default then."""
+    config = load_config("smoke", SMOKE)
+    RunDir(tmp_path, config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["pretrain"]["teacher"]  # as written before pretrain.teacher existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    torch.save({"done": False}, tmp_path / "pretrain.pt")
+    RunDir(tmp_path, config)  # the default, "all": what that run did
+    with pytest.raises(RunError, match="pretrain.teacher: 'all' -> 'baseline'"):
+        RunDir(tmp_path, load_config("smoke", [*SMOKE, "pretrain.teacher=baseline"]))

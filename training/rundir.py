@@ -41,8 +41,10 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple]:
-    """{dotted key: (old value, new value)} for every value that differs."""
-    a, b = _flatten(old), _flatten(new)
+    """{dotted key: (old value, new value)} for every value that differs. A key the old config
+    lacks is a setting added to the code since: it had the default value, which keeps the old behaviour."""
+    defaults = _flatten(json.loads(json.dumps(RunConfig().to_dict())))
+    a, b = {**defaults, **_flatten(old)}, _flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
