@@ -269,9 +269,10 @@ def test_concurrent_requests_each_get_their_own_answer(multi, test_jpegs, tmp_pa
                {"architecture": "all"}, {"architecture": "1031"}]
     requests = [(name, data, options[i % len(options)]) for i, (name, data) in enumerate(test_jpegs)]
     requests.append(("bad", b"not an image at all", {}))  # one bad body inside the batches
-    # one worker and a generous delay, so the concurrent requests are surely batched
+    # one worker and a generous delay, so the concurrent requests are surely batched; the loop-thread
+    # path off: a lone request run there blocks the loop, and a starved client's requests then each arrive alone
     srv = Server(multi, tmp_path / "server.log", INSTANAS_MAX_CONCURRENCY="1", INSTANAS_MAX_BATCH_DELAY_MS="50",
-                 INSTANAS_MAX_BATCH_SIZE="8")
+                 INSTANAS_MAX_BATCH_SIZE="8", INSTANAS_INLINE_MAX_BYTES="0")
     barrier = threading.Barrier(len(requests))
 
     def send(item):
@@ -282,8 +283,11 @@ def test_concurrent_requests_each_get_their_own_answer(multi, test_jpegs, tmp_pa
                                headers={"content-type": "image/jpeg"})
 
     try:
-        with ThreadPoolExecutor(len(requests)) as pool:
-            responses = list(pool.map(send, requests))
+        for bursts in range(1, 4):  # on a loaded machine the burst may arrive one request at a time: again
+            with ThreadPoolExecutor(len(requests)) as pool:
+                responses = list(pool.map(send, requests))
+            if max(r.json().get("latency_ms", {}).get("batch_size", 1) for r in responses) > 1:
+                break
         metrics = httpx.get(srv.url + "/metrics").text
     finally:
         srv.stop()
@@ -317,7 +321,7 @@ def test_concurrent_requests_each_get_their_own_answer(multi, test_jpegs, tmp_pa
     # the histogram observed real batch sizes: their sum is the images classified, in fewer runs
     count = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("instanas_batch_size_count")))
     total = float(next(line.split()[-1] for line in metrics.splitlines() if line.startswith("instanas_batch_size_sum")))
-    assert total == len(responses) and count < len(responses)
+    assert total == bursts * len(responses) and count < bursts * len(responses)
 
 
 def test_a_full_server_refuses_with_503_and_keeps_serving(multi, test_jpegs, tmp_path):
