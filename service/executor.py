@@ -154,12 +154,27 @@ class Executor:
     def per_block(self, x: np.ndarray, executed: np.ndarray) -> np.ndarray:
         """Stem, each executed (cell, module) graph once on the rows that chose it, head."""
         h = self._stem(x)
+        if len(executed) == 1 or (executed == executed[0]).all():
+            return self._head(self._one_architecture(h, executed[0]))
         weights = None
         if self.space.combine == "mean":
             weights = (1.0 / np.maximum(executed.sum(2), 1)).astype(np.float32)[:, :, None, None, None]
         for c, blocks in enumerate(self._blocks):
             h = self._cell(c, blocks, h, executed[:, c], None if weights is None else weights[:, c])
         return self._head(h)
+
+    def _one_architecture(self, h: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """Every row on one architecture (always so at batch 1): only its blocks are visited, with
+        no per-row bookkeeping (the general path checks all of a cell's modules for every cell)."""
+        for c, blocks in enumerate(self._blocks):
+            modules = np.flatnonzero(matrix[c])
+            weight = np.float32(1.0 / max(len(modules), 1)) if self.space.combine == "mean" else None
+            out = h if self.residual[c] else None
+            for m in modules:
+                y = blocks[m](h) if weight is None else blocks[m](h) * weight
+                out = y if out is None else out + y
+            h = out
+        return h
 
     def _cell(self, c: int, blocks, h: np.ndarray, mask: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         out = h if self.residual[c] else None
