@@ -90,11 +90,35 @@ def new_router(ctx: Context, codes: list[str], table: dict, price: float = 0.0) 
 
 
 @torch.no_grad()
-def right_with_each(metagraph, router: Router, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(N, K) 1.0 where the meta-graph classifies the row right with candidate k."""
+def right_with_each(metagraph, router: Router, x: torch.Tensor, y: torch.Tensor, soft: bool = False) -> torch.Tensor:
+    """(N, K): 1.0 where the meta-graph classifies the row right with candidate k, else 0.0; with
+    `soft`, the probability it gives the right class instead."""
     n = len(y)
-    return torch.stack([metagraph.forward_selected(x, m.bool().expand(n, *m.shape)).argmax(1) == y
-                        for m in router.candidates], 1).float()
+    out = []
+    for m in router.candidates:
+        logits = metagraph.forward_selected(x, m.bool().expand(n, *m.shape))
+        out.append(logits.softmax(1)[torch.arange(n), y] if soft else (logits.argmax(1) == y).float())
+    return torch.stack(out, 1)
+
+
+@torch.no_grad()
+def right_on(ctx: Context, metagraph, router: Router, split: str) -> np.ndarray:
+    """(N, K) booleans: the meta-graph right on each image of `split` with each candidate."""
+    return np.concatenate([right_with_each(metagraph, router, ctx.to_device(x), y.to(ctx.device)).cpu().numpy()
+                           for x, y in ctx.batches(split)]).astype(bool)
+
+
+def static_mix_top1(right: np.ndarray, latency_ms: np.ndarray, target_ms: float) -> float:
+    """Top-1 of the best random mix of two candidates at `target_ms` mean latency: what the
+    routers must beat (the static frontier between the candidates, linearly interpolated)."""
+    top1 = right.mean(0)
+    best = float(top1[latency_ms <= target_ms].max()) if (latency_ms <= target_ms).any() else float("nan")
+    for i in range(len(top1)):
+        for j in range(len(top1)):
+            if latency_ms[i] > target_ms >= latency_ms[j]:
+                share = (target_ms - latency_ms[j]) / (latency_ms[i] - latency_ms[j])
+                best = max(best, float(share * top1[i] + (1 - share) * top1[j]))
+    return best
 
 
 @torch.no_grad()
@@ -149,7 +173,7 @@ def run(ctx: Context) -> dict | None:
         for x, y in tqdm(batches.epoch(epoch), total=len(batches), desc=f"route {epoch + 1}/{cfg.epochs}",
                          unit="batch", mininterval=5):
             x, y = ctx.to_device(x), y.to(ctx.device)
-            target = right_with_each(metagraph, router, x, y)
+            target = right_with_each(metagraph, router, x, y, cfg.soft)
             loss = F.binary_cross_entropy_with_logits(router.correct_logits(x), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,6 +186,7 @@ def run(ctx: Context) -> dict | None:
     cost = costs(table, ctx.space)
     reference = cost.baseline_ms
     p_val = probabilities(ctx, router, "val")
+    right_val = right_on(ctx, metagraph, router, "val")
     latency = router.latency_ms.cpu().numpy()
     variants, figures = [], {}
     nothing = np.zeros((1, *cost.block_ms.shape))
@@ -171,6 +196,7 @@ def run(ctx: Context) -> dict | None:
         target = ratio * reference - controller_ms
         router.price.fill_(calibrate(p_val, latency, target))
         figures[name] = evaluate_controller(ctx, metagraph, router.eval(), cost, "val")
+        figures[name]["top1_static_mix"] = static_mix_top1(right_val, latency, figures[name]["latency_ms"] - controller_ms)
         variants.append({"name": name, "target_ratio": ratio, "price": float(router.price),
                          "router": {k: v.detach().cpu().clone() for k, v in router.state_dict().items()}})
         ctx.run.log("route", variant=name, target_ratio=ratio, price=float(router.price),
