@@ -81,10 +81,9 @@ async def reload(app, path: str | None = None) -> dict:
         seconds = time.perf_counter() - t0
         log.info("reloaded: now serving %s from %s (%.2f s)",
                  ", ".join(f"{s.name} {s.manifest.version}" for s in new.states.values()), new.path, seconds)
-        for old in current.states.values():
-            task = asyncio.ensure_future(_retire(old, app.state.settings.shutdown_timeout))
-            _background(app).add(task)
-            task.add_done_callback(_background(app).discard)
+        task = asyncio.ensure_future(_retire_all(list(current.states.values()), app.state.settings.shutdown_timeout))
+        _background(app).add(task)
+        task.add_done_callback(_background(app).discard)
         return {"model": new.get().model_json, "previous": current.get().model_json, "models": new.refs(),
                 "seconds": round(seconds, 3)}
 
@@ -96,15 +95,22 @@ def _background(app) -> set:
     return tasks
 
 
+async def _retire_all(states: list[ServiceState], timeout_s: float) -> None:
+    """Stop the old states, each once nothing runs on it (or after `timeout_s`); then, with no
+    reference to them left, one freeze (service/heap.py): the old models' cycles are collected,
+    the new models' objects frozen."""
+    await asyncio.gather(*(_retire(old, timeout_s) for old in states))
+    states.clear()
+    heap.freeze()
+
+
 async def _retire(old: ServiceState, timeout_s: float) -> None:
-    """Stop the old state once nothing runs on it (or after `timeout_s`)."""
     old.ready = False
     deadline = time.monotonic() + timeout_s
     while not old.batcher.idle and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await asyncio.sleep(RETIRE_GRACE_S)
     old.stop()
-    heap.freeze()  # the new models out of the collector's way, the old ones' cycles collected (service/heap.py)
 
 
 async def reload_logged(app, path: str | None, why: str) -> None:

@@ -274,3 +274,31 @@ def test_freeze_exempts_what_exists_and_still_collects_later_garbage():
         assert ref() is None
     finally:
         gc.unfreeze()
+
+
+def test_a_reload_frees_the_retired_models(tiny_bundle, second_bundle):
+    """Start-up's objects are frozen out of garbage collection: the retired models, which hold
+    reference cycles, must still be collected once a reload has stopped them."""
+    import asyncio
+    import gc
+    import weakref
+
+    from service import reload
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(model=tiny_bundle))
+    gc.freeze()  # as a ready server has done
+    old = weakref.ref(app.state.models.get())
+
+    async def swap() -> None:
+        await reload.reload(app, str(second_bundle))
+        await asyncio.gather(*list(app.state.reload_tasks))
+
+    try:
+        asyncio.run(swap())
+        assert old() is None
+        assert app.state.models.get().manifest.name == "test"
+    finally:
+        app.state.models.get().stop()
+        gc.unfreeze()
