@@ -3,15 +3,17 @@
 The supervisor binds the listening sockets and starts the workers (spawned, not forked:
 onnxruntime's threads do not survive a fork), each a whole server: it loads and verifies
 every bundle itself. Each worker listens on a socket of its own, all bound to the one port
-with `SO_REUSEPORT` (`INSTANAS_REUSE_PORT`, on by default where the platform has it), and
-Linux spreads new connections across them by a hash of the client's address and port. With
+with `SO_REUSEPORT` (`INSTANAS_REUSE_PORT`, on by default, on Linux), and Linux spreads new
+connections across them by a hash of the client's address and port. With
 one socket shared by all (the fallback), an asyncio server accepts every pending connection
 each time the socket wakes it, so whichever worker woke first took a burst of keep-alive
 connections (32 opened at once split 32/0 to 16/16 in docs/RESULTS.md), and the busier
-worker set the tail. The supervisor keeps every socket open: while a crashed worker is
-restarted, the connections the kernel queued on its socket wait for the new worker rather
-than being reset. Sockets with `SO_REUSEPORT` only share a port with sockets of the same
-user (Linux's rule), so another user's process cannot bind into the group. One process
+worker set the tail. A worker's socket listens only once the worker serves, and a crashed
+worker's socket is closed (connections queued on it but not yet accepted are reset), so new
+connections reach only workers that can answer them. Sockets with `SO_REUSEPORT` only share
+a port with sockets of the same user (Linux's rule), so another user's process cannot bind
+into the group, and the supervisor first binds the port plainly, so that another server of
+ours fails to start there rather than joining its group. One process
 serves requests on about one core (the executor threads share the GIL for everything but
 onnxruntime's own work), so a machine with more cores serves more with more workers; the
 measured table is in docs/RESULTS.md ("Process and thread model").
@@ -134,14 +136,21 @@ def _die_with_parent() -> None:
         pass
 
 
-def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to (host, port); listening unless `listen` is false (a worker's server
+    then starts listening on it once it serves: asyncio's create_server does)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
 
@@ -157,7 +166,8 @@ class Supervisor:
         self.stopping = False
         self.failed = False  # a worker could not be started again: exit 2
         self.pending: list[int] = []  # signals seen by the handler, acted on by the loop
-        self.reuse_port = settings.workers > 1 and settings.reuse_port and hasattr(socket, "SO_REUSEPORT")
+        # Linux spreads connections across a port's SO_REUSEPORT sockets; macOS and the BSDs do not
+        self.reuse_port = settings.workers > 1 and settings.reuse_port and sys.platform.startswith("linux")
         self.sockets: dict[int, socket.socket] = {}  # slot -> its listening socket (slot 0's for all without reuse_port)
 
     def run(self) -> int:
@@ -201,7 +211,12 @@ class Supervisor:
     def _start(self, slot: int) -> bool:
         """Start the worker of `slot` on its socket; False when it exits, or a stop is asked, before it is ready."""
         ready = self.context.Semaphore(0)
-        process = self.context.Process(target=_worker, args=(self.settings, self._socket(slot), ready),
+        try:
+            sock = self._socket(slot)
+        except OSError as exc:
+            log.error("worker %d: cannot listen on %s:%d: %s", slot, self.settings.host, self.settings.port, exc)
+            return False
+        process = self.context.Process(target=_worker, args=(self.settings, sock, ready),
                                        name=f"instanas-worker-{slot}", daemon=False)
         process.start()
         self.workers[slot] = process
@@ -222,19 +237,19 @@ class Supervisor:
         return True
 
     def _socket(self, slot: int) -> socket.socket:
-        """The listening socket of `slot`'s worker, bound just before its first start (so that until
-        then the kernel sends nothing its way) and kept for the workers that replace it."""
+        """The socket of `slot`'s worker. With SO_REUSEPORT, each slot's is bound just before its
+        worker starts, and only the first listens at once: the others listen when their worker
+        serves, so until then the kernel queues no connection on them. A crashed worker's socket
+        is closed (_reap) and its replacement gets a new one, so new connections go to the live
+        workers meanwhile. Without it, one listening socket for all, kept across restarts."""
         slot = slot if self.reuse_port else 0
         if slot not in self.sockets:
+            port = self.settings.port
             if self.sockets:
                 port = next(iter(self.sockets.values())).getsockname()[1]
-            elif self.reuse_port:  # a plain bind first: it fails, as it should, where another server
-                probe = bind(self.settings.host, self.settings.port)  # (of SO_REUSEPORT sockets too) listens
-                port = probe.getsockname()[1]
-                probe.close()
-            else:
-                port = self.settings.port
-            self.sockets[slot] = bind(self.settings.host, port, self.reuse_port)
+            elif self.reuse_port and port:  # a plain bind first: it fails, as it should, where another
+                bind(self.settings.host, port).close()  # server (of SO_REUSEPORT sockets too) listens
+            self.sockets[slot] = bind(self.settings.host, port, self.reuse_port, listen=not self.sockets)
         return self.sockets[slot]
 
     def _act_on_signals(self) -> None:
@@ -271,6 +286,8 @@ class Supervisor:
             self.multiprocess.mark_process_dead(process.pid, str(self.folder))
             self.ready.discard(process.pid)
             del self.workers[slot]
+            if self.reuse_port and len(self.sockets) > 1:  # its queue closes; new connections go to the others
+                self.sockets.pop(slot).close()
             if self.stopping:
                 log.info("worker %d (pid %d) stopped", slot, process.pid)
                 continue

@@ -101,11 +101,15 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
         assert metric(srv.url, "instanas_workers") == WORKERS
     # a crashed worker is replaced; what it counted stays counted
     victim = sorted(worker_pids(srv))[0]
+    survivor = (worker_pids(srv) - {victim}).pop()
     os.kill(victim, signal.SIGKILL)
+    eventually(lambda: "died" in srv.log.read_text())  # reaped: its socket is closed, the restart 1 s away
+    for _ in range(6):  # meanwhile new connections go to the live worker, not to the dead one's queue
+        assert classify(srv.url, test_jpegs[0][1]).status_code == 200
+    assert srv.log.read_text().count("started (pid") == WORKERS  # the replacement was not serving yet
+    eventually(lambda: access_pids(srv, "/classify")[-6:] == [survivor] * 6)
     wait_started(srv, WORKERS + 1)
     assert len(worker_pids(srv)) == WORKERS and victim not in worker_pids(srv)
-    for _ in range(6):
-        assert classify(srv.url, test_jpegs[0][1]).status_code == 200
     eventually(lambda: metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 46)
     assert metric(srv.url, "instanas_workers") == WORKERS  # the dead worker's 1 was dropped, the new one's added
 
