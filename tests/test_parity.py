@@ -100,3 +100,15 @@ def test_static_bundle_serves_its_fixed_architecture(tmp_path):
     with torch.no_grad():
         expected = metagraph(x, torch.from_numpy(result.executed)).numpy()
     assert np.abs(result.logits - expected).max() < TOLERANCE
+
+
+def test_a_batch_on_one_architecture_equals_pytorch(exported):
+    """Rows sharing one architecture take the executor's one-architecture path (as batch 1 does)."""
+    metagraph, _, executor = exported
+    space = metagraph.space
+    x = torch.randn(4, 3, space.input_size, space.input_size, generator=torch.Generator().manual_seed(11))
+    policy = np.repeat(_policies(space, 3, seed=11)[2:3], 4, axis=0)
+    with torch.no_grad():
+        expected = metagraph(x, torch.from_numpy(policy)).numpy()
+    assert np.abs(executor.run(x.numpy(), executed=policy).logits - expected).max() < TOLERANCE
+    assert np.abs(executor.run(x[:0].numpy(), executed=policy[:0]).logits).size == 0  # an empty batch still runs

@@ -149,6 +149,10 @@ def test_a_finished_phase_given_more_epochs_goes_on_from_its_weights(uninterrupt
     more = load_config("smoke", [*SMOKE, "pretrain.epochs=3", "pretrain.teacher=baseline"])
     with pytest.raises(RunError, match="pretrain.epochs: 2 -> 3"):
         RunDir(tmp_path, more)
+    torch.save({"done": True}, tmp_path / "search.pt")  # a later phase built on the 2-epoch weights
+    with pytest.raises(RunError, match="search were built on it"):
+        pretrain.run(Context.open(RunDir(tmp_path, more, reconfigure=True), str(data_root)))
+    (tmp_path / "search.pt").unlink()
     state = pretrain.run(Context.open(RunDir(tmp_path, more, reconfigure=True), str(data_root)))
     assert state["done"] and [c["epoch"] for c in state["curve"]] == [1, 2, 3]
     before, after = _weights(uninterrupted / "pretrain.pt"), state["model"]

@@ -121,6 +121,13 @@ def test_route_phase_exports_routers_that_choose_among_the_search_architectures(
     latency = {c: lat for c, lat in zip(state["candidates"], torch.load(run / "route.pt", weights_only=False)
                                         ["router"]["latency_ms"].tolist())}
     assert set(architecture.encode_many(executor.run(x, operating_point="C").executed)) == {min(latency, key=latency.get)}
+    # other targets later: the trained router is priced again, not trained again
+    epochs = len([r for r in _log(run) if r["phase"] == "route" and "epoch" in r])
+    again = run_cli("instanas-train", "route", "--data", str(data_root), "--out", str(run), "--reconfigure",
+                    *sets[:4], "--set", "route.targets=[1.2,0.8,0.3]")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [v["target_ratio"] for v in torch.load(run / "route.pt", weights_only=False)["variants"]] == [1.2, 0.8, 0.3]
+    assert len([r for r in _log(run) if r["phase"] == "route" and "epoch" in r]) == epochs
 
 
 def test_router_price_calibration_by_hand():

@@ -25,6 +25,7 @@ from training import distributed
 from training.context import Context
 from training.data import derive_seed
 from training.optim import set_lr
+from training.rundir import RunError
 
 # (x, y, generator, global step, forward) -> (loss, logits): one optimizer step's forward pass, where
 # `forward(x, [policy, ...])` returns the logits of each path (one call, so DDP can average gradients).
@@ -42,6 +43,10 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
         model.load_state_dict(state["model"])
         if state["epoch"] >= epochs:
             return state
+        later = _later_phases_done(ctx, phase)
+        if later:
+            raise RunError(f"{phase} finished after {state['epoch']} epochs and {', '.join(later)} "
+                           f"were built on it; remove their checkpoints to go on to {epochs} epochs")
         print(f"{phase}: finished after {state['epoch']} epochs; going on to {epochs}", flush=True)
     batches = ctx.batches("train", batch_size, seed=seed)
     steps_per_epoch = len(batches)
@@ -50,7 +55,7 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     sums = (0, 0.0, 0)  # images, loss sum, correct of the epoch in progress
     if state is not None:
         model.load_state_dict(state["model"])
-        if state["optimizer"] is not None:  # None: a finished phase going on (above)
+        if state.get("optimizer") is not None:  # None: a finished phase going on (above)
             optimizer.load_state_dict(state["optimizer"])
         epoch, first, elapsed, curve = state["epoch"], state["step"], state["elapsed"], state["curve"]
         sums = state.get("sums", (0, 0.0, 0))
@@ -106,6 +111,14 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     save(done=True)
     distributed.barrier()  # every rank reads back what rank 0 wrote
     return ctx.run.require(phase)
+
+
+def _later_phases_done(ctx: Context, phase: str) -> list[str]:
+    """The phases after `phase` (in `instanas-train all` order) whose checkpoint exists."""
+    from training.cli import ORDER
+    from training.rundir import PHASE_FILES
+
+    return [p for p in ORDER[ORDER.index(phase) + 1:] if p in PHASE_FILES and ctx.run.checkpoint(p).exists()]
 
 
 def converged(curve: list[dict], key: str = "val_top1", share: float = 0.1) -> float:

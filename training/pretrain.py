@@ -85,6 +85,8 @@ def run(ctx: Context) -> dict:
 
     if cfg.teacher not in ("all", "baseline"):
         raise ValueError(f"unknown pretrain teacher {cfg.teacher!r}: 'all' or 'baseline'")
+    if cfg.teacher == "baseline" and cfg.sampling != "sandwich":
+        raise ValueError("pretrain.teacher=baseline teaches the sandwich's sampled paths: set pretrain.sampling=sandwich")
     teacher = None
     if cfg.sampling == "sandwich" and cfg.teacher == "baseline":
         from training import baseline

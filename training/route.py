@@ -149,9 +149,12 @@ def run(ctx: Context) -> dict | None:
     cfg = ctx.config.route
     if not cfg.enabled:
         return None
+    if len(cfg.names) != len(cfg.targets):
+        raise ValueError("route.names and route.targets must have the same length")
     state = ctx.run.load("route")
-    if state is not None and state.get("done"):
-        return state
+    if state is not None and state.get("done") and state["epoch"] >= cfg.epochs and \
+            [(v["name"], v["target_ratio"]) for v in state["variants"]] == list(zip(cfg.names, cfg.targets)):
+        return state  # else: more epochs, or other points: go on from the trained router
     search = ctx.run.require("search")
     table = load_table(ctx.run)
     metagraph = ctx.new_metagraph()
@@ -163,7 +166,8 @@ def run(ctx: Context) -> dict | None:
     start = 0
     if state is not None:
         router.load_state_dict(state["router"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
     batches = ctx.batches("train", seed=8000)
     t0 = time.time()
@@ -203,7 +207,7 @@ def run(ctx: Context) -> dict | None:
                     **{f"val_{k}": v for k, v in figures[name].items()})
         print(f"route {name}: price {float(router.price):.4g}, "
               + ", ".join(f"val_{k}={v:.4g}" for k, v in figures[name].items()), flush=True)
-    state = {"candidates": codes, "router": router.state_dict(), "epoch": cfg.epochs, "done": True,
+    state = {"candidates": codes, "router": router.state_dict(), "epoch": max(cfg.epochs, start), "done": True,
              "variants": variants, "figures": figures}
     ctx.run.save("route", state)
     return state
