@@ -13,11 +13,8 @@ handler spent outside the stages it measures (docs/RESULTS.md, "Tail latency").
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,38 +33,20 @@ def main() -> int:
     args = parser.parse_args()
     jpegs = bench.read_jpegs(Path(args.data), 300)
     server = bench._Server(Path(args.model), {})
+    bodies: list[bytes] = []
     try:
-        import http.client
-
         bench._load(server.port, jpegs, 4, 300)  # warm-up, as instanas-bench does
-        client_ms, stages = [], []
-        counter, lock = itertools.count(), threading.Lock()
-
-        def worker() -> None:
-            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-            while (i := next(counter)) < args.requests:
-                t0 = time.perf_counter()
-                conn.request("POST", "/classify", body=jpegs[i % len(jpegs)], headers={"content-type": "image/jpeg"})
-                body = conn.getresponse().read()
-                elapsed = (time.perf_counter() - t0) * 1e3
-                with lock:
-                    client_ms.append(elapsed)
-                    stages.append(json.loads(body)["latency_ms"])
-            conn.close()
-
-        threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        client = bench._load(server.port, jpegs, args.concurrency, args.requests, on_body=bodies.append)
     finally:
         server.stop()
-    rows = {"client": np.array(client_ms)}
+    print(f"{args.requests} requests at concurrency {args.concurrency}: {client['throughput_rps']:.0f} req/s, "
+          f"{client['errors']} errors")
+    print(f"{'client':<18} p50 {client['p50_ms']:7.2f} ms   p99 {client['p99_ms']:7.2f} ms   "
+          f"p99/p50 {client['p99_ms'] / client['p50_ms']:5.2f}")
+    stages = [json.loads(body)["latency_ms"] for body in bodies]
+    rows = {}
     for key in ("decode", "queue", "controller", "backbone", "total"):
         rows[f"server {key}"] = np.array([s[key] for s in stages])
-    print(f"{args.requests} requests at concurrency {args.concurrency}: {args.requests / wall:.0f} req/s")
     for name, ms in rows.items():
         p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
         print(f"{name:<18} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms   p99/p50 {p99 / p50:5.2f}")

@@ -205,8 +205,9 @@ class _Server:
             self.process.kill()
 
 
-def _load(port: int, jpegs: list[bytes], concurrency: int, requests: int) -> dict:
-    """`requests` POST /classify over `concurrency` kept-alive connections (one thread each)."""
+def _load(port: int, jpegs: list[bytes], concurrency: int, requests: int, on_body=None) -> dict:
+    """`requests` POST /classify over `concurrency` kept-alive connections (one thread each);
+    `on_body(bytes)` is given every answer's body."""
     import http.client
     import itertools
     import threading
@@ -222,7 +223,7 @@ def _load(port: int, jpegs: list[bytes], concurrency: int, requests: int) -> dic
             try:
                 conn.request("POST", "/classify", body=jpegs[i % len(jpegs)], headers={"content-type": "image/jpeg"})
                 response = conn.getresponse()
-                response.read()
+                body = response.read()
                 ok = response.status == 200
             except (OSError, http.client.HTTPException):
                 ok = False
@@ -231,6 +232,8 @@ def _load(port: int, jpegs: list[bytes], concurrency: int, requests: int) -> dic
             with lock:
                 latencies.append((time.perf_counter() - t0) * 1e3)
                 errors[0] += not ok
+                if on_body is not None and ok:
+                    on_body(body)
         conn.close()
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
