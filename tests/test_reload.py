@@ -261,7 +261,8 @@ def test_freeze_exempts_what_exists_and_still_collects_later_garbage():
     from service import heap
 
     try:
-        assert heap.freeze() == gc.get_freeze_count() > 1000  # this test process's modules, at least
+        assert heap.freeze() > 1000 and gc.get_freeze_count() > 1000  # this test process's modules, at least (an exact
+        # match would race: a frozen object freed by reference counting leaves the count at once)
 
         class Node:
             pass
