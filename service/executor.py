@@ -154,7 +154,7 @@ class Executor:
     def per_block(self, x: np.ndarray, executed: np.ndarray) -> np.ndarray:
         """Stem, each executed (cell, module) graph once on the rows that chose it, head."""
         h = self._stem(x)
-        if len(executed) == 1 or (len(executed) > 1 and (executed == executed[0]).all()):
+        if len(executed) and (executed == executed[0]).all():
             return self._head(self._one_architecture(h, executed[0]))
         weights = None
         if self.space.combine == "mean":

@@ -124,7 +124,6 @@ class RouteConfig:
     enabled: bool = False  # after fine-tuning: routers over the search's architectures (training/route.py)
     epochs: int = 2
     lr: float = 1e-3
-    soft: bool = False  # learn the probability the meta-graph gives the right class, not whether it is right
     names: tuple[str, ...] = ("A", "B", "C", "D", "E")
     targets: tuple[float, ...] = (1.05, 0.95, 0.85, 0.75, 0.65)  # x the MobileNetV2 path's latency
 

@@ -90,15 +90,11 @@ def new_router(ctx: Context, codes: list[str], table: dict, price: float = 0.0) 
 
 
 @torch.no_grad()
-def right_with_each(metagraph, router: Router, x: torch.Tensor, y: torch.Tensor, soft: bool = False) -> torch.Tensor:
-    """(N, K): 1.0 where the meta-graph classifies the row right with candidate k, else 0.0; with
-    `soft`, the probability it gives the right class instead."""
+def right_with_each(metagraph, router: Router, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, K) 1.0 where the meta-graph classifies the row right with candidate k."""
     n = len(y)
-    out = []
-    for m in router.candidates:
-        logits = metagraph.forward_selected(x, m.bool().expand(n, *m.shape))
-        out.append(logits.softmax(1)[torch.arange(n), y] if soft else (logits.argmax(1) == y).float())
-    return torch.stack(out, 1)
+    return torch.stack([metagraph.forward_selected(x, m.bool().expand(n, *m.shape)).argmax(1) == y
+                        for m in router.candidates], 1).float()
 
 
 @torch.no_grad()
@@ -177,7 +173,7 @@ def run(ctx: Context) -> dict | None:
         for x, y in tqdm(batches.epoch(epoch), total=len(batches), desc=f"route {epoch + 1}/{cfg.epochs}",
                          unit="batch", mininterval=5):
             x, y = ctx.to_device(x), y.to(ctx.device)
-            target = right_with_each(metagraph, router, x, y, cfg.soft)
+            target = right_with_each(metagraph, router, x, y)
             loss = F.binary_cross_entropy_with_logits(router.correct_logits(x), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
