@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 import torch
 
 from service.bundle import load_bundle
@@ -80,6 +81,27 @@ def test_all_skips_finished_phases_and_redoes_the_rest(smoke_run, data_root, tmp
     assert not all(torch.equal(first[k], last[k]) for k in first)  # each point's controller is its own
     kept = torch.load(run / "finetune.pt", weights_only=False)["controllers"]
     assert all(torch.equal(first[k], kept["A"][k].cpu()) for k in first)
+
+
+def test_finetune_can_learn_from_the_baseline_as_teacher(smoke_run, data_root, tmp_path):
+    """`finetune.teacher=baseline`: the points' paths also learn the frozen MobileNetV2's predictions,
+    so the same seed and data end at other weights than labels alone; an unknown teacher is refused."""
+    from training import finetune
+    from training.config import from_dict
+    from training.context import Context
+    from training.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle*", "report", "finetune.pt"))
+    saved = json.loads((run / "config.json").read_text())
+    saved["finetune"]["teacher"] = "oracle"
+    with pytest.raises(ValueError, match="unknown finetune teacher 'oracle'"):
+        finetune.run(Context.open(RunDir(run, from_dict(saved)), str(data_root)))
+    saved["finetune"]["teacher"] = "baseline"
+    taught = finetune.run(Context.open(RunDir(run, from_dict(saved)), str(data_root)))
+    labels_only = torch.load(smoke_run / "finetune.pt", weights_only=False)["model"]
+    assert set(taught["figures"]) == {"A", "B", "C"}
+    assert any(not torch.equal(labels_only[k], taught["model"][k].cpu()) for k in labels_only)
 
 
 def test_cli_errors_are_clear(data_root, tmp_path):

@@ -9,6 +9,7 @@ learning curve that shows it converged); the test split is read once, at the end
 from __future__ import annotations
 
 import numpy as np
+import torch
 from torch.nn import functional as F
 
 from training.context import Context
@@ -27,6 +28,18 @@ def load(ctx: Context) -> MetaGraph:
     model = ctx.new_metagraph(ctx.baseline_space)
     model.load_state_dict(ctx.run.require("baseline")["model"])
     return model.eval()
+
+
+def teacher(ctx: Context):
+    """The finished baseline, frozen, as a teacher: images -> logits, without gradients."""
+    model = load(ctx).requires_grad_(False)
+    path = fixed_policy(_path(ctx.baseline_space))
+
+    @torch.no_grad()
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return model.forward_selected(x, path(x))
+
+    return predict
 
 
 def run(ctx: Context) -> dict:

@@ -117,6 +117,10 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 4e-5
     bn_images: int = 5000  # training images the batch-norm statistics are re-estimated on, at the end
+    # "none": labels only; "baseline": the finished MobileNetV2 (frozen) teaches every point's
+    # path too, with weight `distill` (vs labels), as the sandwich's sampled paths in pre-training
+    teacher: str = "none"
+    distill: float = 0.5
 
 
 @dataclass

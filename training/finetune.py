@@ -4,7 +4,8 @@ Each step trains the meta-graph on a mix of the search's operating points: every
 batch takes the greedy architecture of one point's frozen controller (rows dealt to points
 at random), so all points run the same blocks. After the last epoch the batch-norm
 statistics are re-estimated on the same mix, and each point is evaluated on the validation
-split.
+split. With `teacher = "baseline"` the rows also learn the finished MobileNetV2's predictions
+(weight `distill`), as the sampled paths do in pre-training.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from training import baseline
 from training.batchnorm import reestimate
 from training.context import Context
 from training.evaluate import evaluate_controller, greedy
 from training.latency import costs, load_table
 from training.loop import train
 from training.optim import cosine_lr, decay_groups, sgd
+from training.pretrain import distillation
 
 
 def controllers(ctx: Context, search: dict) -> dict:
@@ -49,10 +52,16 @@ def run(ctx: Context) -> dict:
     optimizer = sgd(decay_groups(metagraph, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay)
     cost = costs(load_table(ctx.run), ctx.space)
     deck = list(points.values())
+    if cfg.teacher not in ("none", "baseline"):
+        raise ValueError(f"unknown finetune teacher {cfg.teacher!r}: 'none' or 'baseline'")
+    teacher = baseline.teacher(ctx) if cfg.teacher == "baseline" else None
 
     def step(x, y, generator, _step, forward):
         [logits] = forward(x, [mixed_policy(deck, x, generator)])
-        return F.cross_entropy(logits, y), logits
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None:
+            loss = (1 - cfg.distill) * loss + cfg.distill * distillation(logits, teacher(x))
+        return loss, logits
 
     def validate() -> dict:
         return {f"val_top1_{name}": evaluate_controller(ctx, metagraph, c, cost)["top1"] for name, c in points.items()}

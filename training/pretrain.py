@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from service.architecture import cheapest, mobilenet_v2
+from training import baseline
 from training.context import Context
 from training.evaluate import evaluate, fixed_policy
 from training.loop import train
@@ -74,8 +75,6 @@ def run(ctx: Context) -> dict:
     space = ctx.space
     metagraph = ctx.new_metagraph()
     if cfg.warm_start and not ctx.run.checkpoint("pretrain").exists():
-        from training import baseline
-
         warm_start(metagraph, baseline.load(ctx).state_dict())
     params = decay_groups(metagraph, cfg.weight_decay) if cfg.sampling == "sandwich" else metagraph.parameters()
     optimizer = sgd(params, cfg.lr, cfg.momentum, cfg.weight_decay)
@@ -87,23 +86,14 @@ def run(ctx: Context) -> dict:
         raise ValueError(f"unknown pretrain teacher {cfg.teacher!r}: 'all' or 'baseline'")
     if cfg.teacher == "baseline" and cfg.sampling != "sandwich":
         raise ValueError("pretrain.teacher=baseline teaches the sandwich's sampled paths: set pretrain.sampling=sandwich")
-    teacher = None
-    if cfg.sampling == "sandwich" and cfg.teacher == "baseline":
-        from training import baseline
-
-        teacher = baseline.load(ctx).requires_grad_(False)
-        teacher_path = fixed_policy(np.ones((space.num_cells, 1), bool))
+    teacher = baseline.teacher(ctx) if cfg.sampling == "sandwich" and cfg.teacher == "baseline" else None
 
     def step(x, y, generator, s, forward):
         n = len(y)
         if cfg.sampling == "sandwich":
             everything = torch.ones(n, space.num_cells, space.num_modules, dtype=torch.bool, device=x.device)
             full, sub = forward(x, [everything, sandwich_policy(n, space, generator).to(x.device)])
-            if teacher is None:
-                target = full.detach()
-            else:
-                with torch.no_grad():
-                    target = teacher.forward_selected(x, teacher_path(x))
+            target = full.detach() if teacher is None else teacher(x)
             loss = F.cross_entropy(full, y) + cfg.distill * distillation(sub, target) \
                 + (1 - cfg.distill) * F.cross_entropy(sub, y)
             return loss, full
