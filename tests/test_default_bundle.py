@@ -28,7 +28,7 @@ def test_default_bundle_is_a_real_cifar10_instanas_model(bundle):
     assert m.controllers and (m.search_space.num_cells, m.search_space.num_modules) == (17, 5)
     evaluation = m.controller().evaluation
     assert evaluation.split == "test" and evaluation.images == 8000
-    assert evaluation.top1 >= 0.83  # the bar for the default point; 0.8501 measured (docs/RESULTS.md)
+    assert evaluation.top1 >= 0.83  # the bar for the default point; 0.8535 measured (docs/RESULTS.md)
     assert [c.name for c in m.controllers] == ["A", "B", "C", "D", "E"]  # one search's operating points
     size = sum(f.stat().st_size for f in Path(bundle.path).rglob("*") if f.is_file())
     assert size < 8 * 2**20  # small enough to live in git

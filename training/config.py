@@ -199,7 +199,7 @@ def _preset_smoke() -> RunConfig:
 
 
 def _preset_cifar10_cpu() -> RunConfig:
-    """Sized for 2 CPU cores in about 4.5 hours (measured in docs/RESULTS.md): the default bundle."""
+    """Sized for 2 CPU cores in about 5 hours (measured in docs/RESULTS.md): the default bundle."""
     return RunConfig(
         name="cifar10-cpu",
         space=SpaceConfig(width_multiplier=0.25, combine="sum"),
@@ -216,7 +216,7 @@ def _preset_cifar10_cpu() -> RunConfig:
         # 3,000 steps a point, not 400: the cheap points end on better architectures (+1.5 points at equal latency)
         search=SearchConfig(mode="variants", batch_size=64, lr=1e-3, alpha=0.95, beta=0.01, entropy="one_sided",
                             steps_per_variant=3000),
-        finetune=FinetuneConfig(epochs=12, lr=0.01, weight_decay=1e-4, teacher="baseline"),
+        finetune=FinetuneConfig(epochs=24, lr=0.01, weight_decay=1e-4, teacher="baseline"),
         profile=ProfileConfig(repeats=30, warmup=5),
     )
 
