@@ -104,6 +104,39 @@ def test_finetune_can_learn_from_the_baseline_as_teacher(smoke_run, data_root, t
     assert any(not torch.equal(labels_only[k], taught["model"][k].cpu()) for k in labels_only)
 
 
+def test_search_can_score_paths_with_batch_statistics(smoke_run, data_root):
+    """`search.batchnorm=batch`: the rewarder scores sampled paths with each batch's own BatchNorm
+    statistics and leaves the frozen meta-graph's running statistics as they were; an unknown value is refused."""
+    from training import search
+    from training.batchnorm import batch_statistics
+    from training.context import Context
+    from training.latency import load_table
+    from training.reward import reward
+    from training.rundir import RunDir
+
+    ctx = Context.open(RunDir(smoke_run), str(data_root))
+    metagraph = ctx.new_metagraph()
+    metagraph.load_state_dict(ctx.run.require("pretrain")["model"])
+    metagraph.eval().requires_grad_(False)
+    cfg = ctx.config.search
+    cfg.batchnorm = "median"
+    with pytest.raises(ValueError, match="unknown search.batchnorm 'median'"):
+        search.Rewarder(ctx, metagraph, load_table(ctx.run))
+    cfg.batchnorm = "batch"
+    rewarder = search.Rewarder(ctx, metagraph, load_table(ctx.run))
+    x, y = next(iter(ctx.batches("train", 32, seed=5)))
+    x = ctx.to_device(x)
+    action = torch.rand(len(y), ctx.space.num_cells, ctx.space.num_modules, generator=torch.Generator().manual_seed(0)) < 0.5
+    before = {k: v.clone() for k, v in metagraph.state_dict().items()}
+    got, latency = rewarder(x, y, action, 0.0, 1e9, cfg)
+    with torch.no_grad(), batch_statistics(metagraph):
+        logits = metagraph.forward_selected(x, action)
+    assert torch.equal(got, reward(logits.argmax(1) == y, latency, 0.0, 1e9, cfg.pos_weight, cfg.neg_weight))
+    with torch.no_grad():
+        assert not torch.allclose(logits, metagraph.forward_selected(x, action), atol=1e-3)  # other statistics
+    assert all(torch.equal(v, metagraph.state_dict()[k]) for k, v in before.items())  # nothing written back
+
+
 def test_cli_errors_are_clear(data_root, tmp_path):
     done = run_cli("instanas-train", "all", "--config", "no-such", "--data", str(data_root), "--out", str(tmp_path / "r"))
     assert done.returncode == 2 and "neither a preset" in done.stderr

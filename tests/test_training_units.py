@@ -217,3 +217,28 @@ def test_search_window_is_centred_on_the_target_and_reaches_the_start():
     # a target below the cheapest architecture: a window just above the cheapest
     lower, upper = window(0.05, 0.06, 0.1, 0.4)
     assert lower == pytest.approx(0.1) and upper == pytest.approx(0.18)
+
+
+def test_batch_statistics_normalise_with_the_batch_and_write_nothing_back():
+    from training.batchnorm import batch_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    norm = model[1]
+    norm.running_mean.fill_(5.0)
+    norm.running_var.fill_(9.0)
+    norm.num_batches_tracked.fill_(7)
+    x = torch.randn(6, 3, 8, 8)
+    with torch.no_grad():
+        with_running = model(x)
+        with batch_statistics(model):
+            inside = model(x)
+        after = model(x)
+    h = model[0](x).detach()
+    mean, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
+    expected = (h - mean) / torch.sqrt(var + norm.eps) * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1)
+    assert torch.allclose(inside, expected, atol=1e-5)
+    assert not torch.allclose(inside, with_running, atol=1e-2)
+    assert torch.equal(after, with_running)  # nothing written back
+    assert not norm.training and norm.momentum == 0.1 and int(norm.num_batches_tracked) == 7
+    assert torch.equal(norm.running_mean, torch.full((4,), 5.0)) and torch.equal(norm.running_var, torch.full((4,), 9.0))

@@ -7,6 +7,8 @@ its statistics are recomputed as exact averages over training images run through
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -32,3 +34,24 @@ def reestimate(model: nn.Module, batches, forward, max_images: int) -> int:
         m.momentum = momentum
     model.eval()
     return seen
+
+
+@contextmanager
+def batch_statistics(model: nn.Module):
+    """Inside the block every BatchNorm normalises with the statistics of the batch it sees and
+    writes nothing back: train mode with momentum 0, running statistics and counters restored.
+
+    In a sparse forward each module sees only the rows that selected it, so a sampled path is
+    judged with statistics of inputs like its own, not those of the mixture pre-training left."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.train()
+        m.momentum = 0.0
+    try:
+        yield model
+    finally:
+        for m, (training, momentum, tracked) in zip(norms, saved):
+            m.train(training)
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)

@@ -108,6 +108,10 @@ class SearchConfig:
     beta_end: float = 0.0
     init_strength: float = 3.0  # the first point starts at the MobileNetV2 path, p = sigmoid(+-3)
     log_steps: int = 50
+    # how sampled paths are scored on the frozen meta-graph: "running" BatchNorm statistics (the
+    # mixture pre-training left) or each batch's own ("batch": ranks paths as re-estimated
+    # statistics do, measured by scripts/search_signal.py)
+    batchnorm: str = "running"
 
 
 @dataclass

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from service.architecture import cheapest, mobilenet_v2
 from service.manifest import GREEDY_THRESHOLD
 from training import policy
+from training.batchnorm import batch_statistics
 from training.context import Context
 from training.data import derive_seed
 from training.evaluate import evaluate_controller
@@ -57,6 +58,9 @@ class Rewarder:
 
     def __init__(self, ctx: Context, metagraph, table: dict):
         self.metagraph = metagraph
+        self.batchnorm = ctx.config.search.batchnorm
+        if self.batchnorm not in ("running", "batch"):
+            raise ValueError(f"unknown search.batchnorm {self.batchnorm!r}: 'running' or 'batch'")
         self.cost = costs(table, ctx.space)
         self.block_ms = torch.as_tensor(self.cost.block_ms, dtype=torch.float32, device=ctx.device)
         self.fixed_ms = float(self.cost.latency_ms(np.zeros((1, *self.cost.block_ms.shape)), "controller")[0])
@@ -66,7 +70,12 @@ class Rewarder:
 
     @torch.no_grad()
     def __call__(self, x, y, action, lower: float, upper: float, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-        correct = self.metagraph.forward_selected(x, action).argmax(1) == y
+        if self.batchnorm == "batch":
+            with batch_statistics(self.metagraph):
+                logits = self.metagraph.forward_selected(x, action)
+        else:
+            logits = self.metagraph.forward_selected(x, action)
+        correct = logits.argmax(1) == y
         latency = self.latency(action)
         return reward(correct, latency, lower, upper, cfg.pos_weight, cfg.neg_weight), latency
 
