@@ -34,7 +34,7 @@ images: $(BIN)/python
 # Train the default bundle and its static MobileNetV2 twin (hours on 2 CPU cores). The run
 # folder is committed: its latest resumable state is there, so the same command resumes it
 # on any machine, any day (see docs/RESULTS.md).
-RUN_DEFAULT := docs/runs/cifar10-taught
+RUN_DEFAULT := docs/runs/cifar10-bnsearch
 train-default: install-dev
 	$(BIN)/instanas-train all --config cifar10-cpu --data ../shared/data/cifar10-jpeg --out $(RUN_DEFAULT) \
 		--bundle models/cifar10-default --bundle-name cifar10-default

@@ -22,13 +22,30 @@ def bundle():
     return load_bundle(DEFAULT_MODEL)  # verifies every sha256
 
 
+def test_make_train_default_resumes_the_committed_run_of_the_default_bundle():
+    """The Makefile's RUN_DEFAULT holds the default bundle's run, started with the `cifar10-cpu` preset as
+    it is now: `make train-default` resumes that folder instead of refusing a changed config."""
+    import json
+    import re
+
+    from training.config import load_config
+    from training.rundir import config_changes
+
+    root = MODELS.parent
+    run = root / re.search(r"^RUN_DEFAULT := (\S+)$", (root / "Makefile").read_text(), re.M).group(1)
+    for phase in ("baseline.pt", "pretrain.pt", "search.pt", "finetune.pt", "latency.json", "log.jsonl"):
+        assert (run / phase).is_file(), phase
+    preset = json.loads(json.dumps(load_config("cifar10-cpu").to_dict()))
+    assert config_changes(json.loads((run / "config.json").read_text()), preset) == {}
+
+
 def test_default_bundle_is_a_real_cifar10_instanas_model(bundle):
     m = bundle.manifest
     assert m.name == "cifar10-default" and m.classes == CIFAR10 and m.dataset == "cifar10-jpeg"
     assert m.controllers and (m.search_space.num_cells, m.search_space.num_modules) == (17, 5)
     evaluation = m.controller().evaluation
     assert evaluation.split == "test" and evaluation.images == 8000
-    assert evaluation.top1 >= 0.83  # the issue's bar for the default point; 0.8535 measured (docs/RESULTS.md)
+    assert evaluation.top1 >= 0.83  # the issue's bar for the default point; 0.8579 measured (docs/RESULTS.md)
     assert [c.name for c in m.controllers] == ["A", "B", "C", "D", "E"]  # one search's operating points
     size = sum(f.stat().st_size for f in Path(bundle.path).rglob("*") if f.is_file())
     assert size < 8 * 2**20  # small enough to live in git
