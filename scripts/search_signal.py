@@ -2,8 +2,8 @@
 
 The search scores sampled architectures on the frozen pre-trained meta-graph. This script
 takes random architectures around the MobileNetV2 path (where the search starts and samples)
-and compares three ways of scoring each on the
-same validation images with Spearman's rank correlation:
+and scores each three ways on the same validation images, comparing the first two with the
+third by Spearman's rank correlation:
 
 - `running`: eval-mode BatchNorm with the running statistics pre-training left (the mixture
   of every path the sandwich trained);
