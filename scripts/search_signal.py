@@ -27,6 +27,7 @@ from service.architecture import apply_empty_cell_rule, mobilenet_v2
 from training.batchnorm import batch_statistics, reestimate
 from training.context import Context
 from training.evaluate import evaluate, fixed_policy
+from training.report import spearman
 from training.rundir import RunDir
 
 
@@ -70,26 +71,22 @@ def main() -> None:
         print(f"{int(matrix.sum()):3d} modules  running {running:.3f}  batch {batch:.3f}  reestimated {reference:.3f}",
               flush=True)
     a = np.array(rows)
-    print(f"spearman(running, reestimated) = {spearmanr(a[:, 1], a[:, 3]):.3f}")
-    print(f"spearman(batch, reestimated)   = {spearmanr(a[:, 2], a[:, 3]):.3f}")
-    print(f"mean |running - reestimated| = {np.abs(a[:, 1] - a[:, 3]).mean():.3f}, "
-          f"mean |batch - reestimated| = {np.abs(a[:, 2] - a[:, 3]).mean():.3f}")
+    half = args.archs // 2
+    for name, part in (("all", a), ("modules dropped", a[:half]), ("modules added", a[half:])):
+        print(f"{name} ({len(part)}): spearman vs reestimated: running {spearman(part[:, 1], part[:, 3]):.3f}, "
+              f"batch {spearman(part[:, 2], part[:, 3]):.3f}; mean |error| running "
+              f"{np.abs(part[:, 1] - part[:, 3]).mean():.3f}, batch {np.abs(part[:, 2] - part[:, 3]).mean():.3f}")
 
 
 @torch.no_grad()
 def _top1_in_train_mode(metagraph, ctx, batch_size, policy) -> float:
+    # not `evaluate`: it puts the whole model in eval mode, undoing `batch_statistics`
     correct = total = 0
     for x, y in ctx.batches("val", batch_size):
         x = ctx.to_device(x)
         correct += (metagraph.forward_selected(x, policy(x)).argmax(1).cpu() == y).sum().item()
         total += len(y)
     return correct / total
-
-
-def spearmanr(a, b) -> float:
-    """Spearman's rank correlation (ties broken by order; scores here rarely tie)."""
-    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 if __name__ == "__main__":
