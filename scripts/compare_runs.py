@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 
@@ -29,7 +30,7 @@ def at_latency(points: list[tuple[float, float]], ms: float) -> tuple[float, boo
     """(top-1 at `ms` on the line through the two points around it, whether that is outside them)."""
     points = sorted(points)
     inside = points[0][0] <= ms <= points[-1][0]
-    pairs = list(zip(points, points[1:]))
+    pairs = list(pairwise(points))
     (x0, y0), (x1, y1) = next((p for p in pairs if p[0][0] <= ms <= p[1][0]),
                               pairs[0] if ms < points[0][0] else pairs[-1])
     return y0 + (y1 - y0) * (ms - x0) / (x1 - x0), not inside

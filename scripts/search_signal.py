@@ -64,8 +64,8 @@ def main() -> None:
         with batch_statistics(metagraph):
             batch = _top1_in_train_mode(metagraph, ctx, args.batch, policy)
         model = copy.deepcopy(metagraph)
-        reestimate(model, ctx.batches("train", seed=8000), lambda x: model.forward_selected(
-            ctx.to_device(x), policy(x)), 2000)
+        reestimate(model, ctx.batches("train", seed=8000), lambda x, m=model, p=policy: m.forward_selected(
+            ctx.to_device(x), p(x)), 2000)
         reference = evaluate(model, ctx.batches("val", args.batch), policy)["top1"]
         rows.append((int(matrix.sum()), running, batch, reference))
         print(f"{int(matrix.sum()):3d} modules  running {running:.3f}  batch {batch:.3f}  reestimated {reference:.3f}",

@@ -32,7 +32,7 @@ def test_make_train_default_resumes_the_committed_run_of_the_default_bundle():
     from training.rundir import config_changes
 
     root = MODELS.parent
-    run = root / re.search(r"^RUN_DEFAULT := (\S+)$", (root / "Makefile").read_text(), re.M).group(1)
+    run = root / re.search(r"^RUN_DEFAULT := (\S+)$", (root / "Makefile").read_text(), re.MULTILINE).group(1)
     for phase in ("baseline.pt", "pretrain.pt", "search.pt", "finetune.pt", "latency.json", "log.jsonl"):
         assert (run / phase).is_file(), phase
     preset = json.loads(json.dumps(load_config("cifar10-cpu").to_dict()))
