@@ -207,7 +207,7 @@ def load(source: str | Path, *, split: str = "train", size: int = 32) -> ImageSe
         raise FileNotFoundError(f"no {split} images at {source}: expected <class>/<image> files, "
                                 f"a {split}.tar.gz or a {split}/ folder")
     images = _decode_all(items, size, str(path))
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # this process's own: torchrun ranks decode at once
     np.savez(tmp, images=images.images, labels=images.labels, classes=np.array(images.classes))
     tmp.replace(cache)
     return images

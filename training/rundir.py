@@ -161,7 +161,10 @@ class RunDir:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Readers see the old file or the new one, never part of one. The temporary file is this
+    process's own: torchrun ranks all write the run's config.json at start, and with one shared
+    name a rank's rename could find the file already moved by another's."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
