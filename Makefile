@@ -7,17 +7,26 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install-serve install-dev images train-default evaluate-default clean
+.PHONY: serve test install-serve install-train install-dev lock images train-default evaluate-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Every install takes exact, hash-checked versions from requirements.lock: the part the extra
+# needs, then the project itself (scripts/lock.py). Nothing is resolved against the index.
 install-serve: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[serve]'
+	$(BIN)/python scripts/lock.py install serve
+
+install-train: $(BIN)/python
+	$(BIN)/python scripts/lock.py install train
 
 install-dev: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python scripts/lock.py install dev
+
+# After changing a dependency in pyproject.toml: resolve again and write requirements.lock
+# (uv; the locked versions are kept where they still fit). UPGRADE=1: the newest releases allowed.
+lock: install-dev
+	$(BIN)/python scripts/lock.py compile $(if $(UPGRADE),--upgrade)
 
 serve: install-serve
 	$(BIN)/instanas-serve --model models --default-model cifar10-default --host $(HOST) --port $(PORT)

@@ -2,9 +2,9 @@
 # The HTTP API image. It installs only `.[serve]`: onnxruntime runs the bundle, so no torch.
 #
 # Offline and pinned: every Python package comes from wheelhouse/serve/, which
-# scripts/build-images.sh downloads on the host beforehand (the versions the tests run,
-# docker/requirements-serve.txt) with requirements.txt, the exact version and sha256 of every
-# wheel; the build itself reaches no index.
+# scripts/build-images.sh downloads on the host beforehand (the part of requirements.lock that
+# `.[serve]` needs: the versions the tests run, hash-checked) with requirements.txt, the exact
+# version and sha256 of every wheel; the build itself reaches no index.
 #   scripts/build-images.sh api             # wheelhouse, then this image with podman
 #   scripts/build-images.sh --wheels-only   # wheelhouse only, then for example:
 #   docker build -f docker/service.Dockerfile -t instanas-api .

@@ -2,8 +2,9 @@
 # The offline training image: `.[train]` with the CPU build of torch.
 #
 # Offline and pinned: every Python package comes from wheelhouse/train/, which
-# scripts/build-images.sh downloads on the host beforehand (torch from the CPU-only index: the
-# default index has multi-GB CUDA builds) with requirements.txt, exact versions and sha256.
+# scripts/build-images.sh downloads on the host beforehand (the part of requirements.lock that
+# `.[train]` needs; torch is its CPU build, from the CPU-only index: the default index has
+# multi-GB CUDA builds) with requirements.txt, exact versions and sha256.
 #   scripts/build-images.sh train           # wheelhouse, then this image with podman
 #   scripts/build-images.sh --wheels-only   # wheelhouse only, then for example:
 #   docker build -f docker/training.Dockerfile -t instanas-train .

@@ -2,12 +2,12 @@
 # Builds the container images with podman, with no registry and no index during the build:
 #   1. the base image: Debian bookworm (python3 3.11, its venv module, CA certificates) made by
 #      mmdebstrap from Debian's packages and imported into podman; skipped when it exists;
-#   2. the wheelhouses wheelhouse/serve/ and wheelhouse/train/: every wheel `.[serve]` resp.
-#      `.[train]` needs, downloaded on this host for the image's platform (CPython 3.11,
-#      glibc 2.36, this architecture) under docker/requirements-serve.txt (the versions the tests
-#      run), with requirements.txt (exact version and sha256 of each wheel) and constraints.txt;
-#      torch is the CPU build. Kept while pyproject.toml's dependency tables, the constraints and
-#      the target are unchanged: the key is their sha256;
+#   2. the wheelhouses wheelhouse/serve/ and wheelhouse/train/: the wheel of every package of
+#      requirements.lock that `.[serve]` resp. `.[train]` needs (scripts/lock.py select: the
+#      versions the tests run, hash-checked), downloaded on this host for the image's platform
+#      (CPython 3.11, glibc 2.36, this architecture), with requirements.txt (exact version and
+#      sha256 of each wheel) and constraints.txt; torch is the CPU build. Kept while that part of
+#      the lock and the target are unchanged: the key is their sha256;
 #   3. the images instanas-api (docker/service.Dockerfile) and instanas-train
 #      (docker/training.Dockerfile), FROM that base, installing from the wheelhouse only.
 #
@@ -21,8 +21,6 @@
 #   INSTANAS_DEBIAN_SECURITY   [http://deb.debian.org/debian-security]
 #   INSTANAS_TORCH_INDEX       where torch's CPU build is [https://download.pytorch.org/whl/cpu];
 #                              empty: only pip's own configuration (index, find-links)
-#   INSTANAS_CONSTRAINTS       pip constraints for both wheelhouses [docker/requirements-serve.txt,
-#                              the versions the tests run, when it exists]; empty: none
 #   INSTANAS_API_IMAGE         [localhost/instanas-api:latest]
 #   INSTANAS_TRAIN_IMAGE       [localhost/instanas-train:latest]
 #   INSTANAS_PODMAN            [podman --runtime runc --cgroup-manager cgroupfs]
@@ -53,8 +51,6 @@ BASE_IMAGE=${INSTANAS_BASE_IMAGE:-localhost/instanas-base:bookworm}
 MIRROR=${INSTANAS_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 SECURITY=${INSTANAS_DEBIAN_SECURITY:-http://deb.debian.org/debian-security}
 TORCH_INDEX=${INSTANAS_TORCH_INDEX-https://download.pytorch.org/whl/cpu}
-CONSTRAINTS=${INSTANAS_CONSTRAINTS-docker/requirements-serve.txt}
-[ -z "$CONSTRAINTS" ] || [ -f "$CONSTRAINTS" ] || CONSTRAINTS=
 read -r -a PODMAN <<<"${INSTANAS_PODMAN:-podman --runtime runc --cgroup-manager cgroupfs}"
 declare -A IMAGE=([api]=${INSTANAS_API_IMAGE:-localhost/instanas-api:latest}
                   [train]=${INSTANAS_TRAIN_IMAGE:-localhost/instanas-train:latest})
@@ -81,36 +77,10 @@ flock 9
 
 # --- 2. wheelhouses -------------------------------------------------------------------------
 
-# sha256 of what decides a wheelhouse's contents: pyproject.toml's dependency tables, the
-# constraints, the target.
+# sha256 of what decides a wheelhouse's contents: the lock's part for the extra, the target.
 wheelhouse_key() {
-  "$PYTHON" - "$1" "$CONSTRAINTS" "$PY_VERSION" "$GLIBC_MINOR" "$ARCH" "$TORCH_INDEX" <<'EOF'
-import hashlib, json, sys, tomllib
-extra, constraints, *target = sys.argv[1:]
-pyproject = tomllib.load(open("pyproject.toml", "rb"))
-project = pyproject["project"]
-spec = {"format": 1, "extra": extra, "target": target,
-        "constraints": open(constraints).read() if constraints else None,
-        "requires-python": project.get("requires-python"),
-        "dependencies": project.get("dependencies", []),
-        "optional-dependencies": project.get("optional-dependencies", {}),
-        "build-system": pyproject["build-system"]["requires"]}
-print(hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16])
-EOF
-}
-
-# The requirement string of one dependency of an extra, e.g. "torch==2.13.0".
-requirement() {
-  "$PYTHON" - "$1" "$2" <<'EOF'
-import re, sys, tomllib
-extra, name = sys.argv[1:]
-deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][extra]
-print(next(d for d in deps if re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() == name))
-EOF
-}
-
-build_requirements() {
-  "$PYTHON" -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))'
+  { "$PYTHON" scripts/lock.py select "$1"; echo "format 2 $PY_VERSION $GLIBC_MINOR $ARCH $TORCH_INDEX"; } |
+    sha256sum | cut -c1-16
 }
 
 # requirements.txt (name==version --hash=sha256:...) and constraints.txt (name==version) of the
@@ -141,26 +111,21 @@ make_wheelhouse() {
   log "wheelhouse/$extra: downloading .[$extra] for CPython $PY_VERSION, glibc 2.$GLIBC_MINOR, $ARCH (key $key)"
   rm -rf "$tmp"
   mkdir -p "$tmp"
+  # Exactly the lock's versions, each wheel checked against the lock's sha256: the image runs
+  # what the tests ran. Nothing is resolved here (--no-deps: the lock's part is the closure).
+  "$PYTHON" scripts/lock.py select "$extra" >"$tmp.txt"
   local download=("$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all:
                   --python-version "$PY_VERSION" --implementation cp --abi "cp${PY_VERSION/./}"
-                  "${PLATFORMS[@]}" --dest "$tmp")
-  if [ "$extra" = train ]; then
+                  "${PLATFORMS[@]}" --require-hashes --no-deps --dest "$tmp")
+  if grep -q '^torch==' "$tmp.txt"; then
     # torch alone first, from the CPU-only index when given (one retry: an unreachable index
-    # must not cost minutes), so that resolving .[train] below finds this build in the folder.
-    local torch
-    torch=$(requirement train torch)
-    "${download[@]}" --no-deps --retries 1 ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} "$torch"
+    # must not cost minutes), so that the download below finds this build in the folder.
+    "$PYTHON" scripts/lock.py select "$extra" --package torch >"$tmp.torch.txt"
+    "${download[@]}" --retries 1 ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} --requirement "$tmp.torch.txt"
   fi
-  # Under the tested pins where there are some: the image runs the versions the tests ran.
-  "${download[@]}" --find-links "$tmp" ${CONSTRAINTS:+--constraint "$CONSTRAINTS"} ".[$extra]"
-  if compgen -G "$tmp/nvidia_*.whl" >/dev/null || compgen -G "$tmp/triton-*.whl" >/dev/null; then
-    die "wheelhouse/$extra: torch resolved to a CUDA build (nvidia wheels); set INSTANAS_TORCH_INDEX to an index with the CPU build"
-  fi
+  "${download[@]}" --find-links "$tmp" --requirement "$tmp.txt"
+  rm -f "$tmp.txt" "$tmp.torch.txt"
   write_pins "$tmp" "$extra"
-  # The project's own build requirements (setuptools): in the folder for building instanas
-  # in the image, not among its installed dependencies.
-  mapfile -t build < <(build_requirements)
-  "${download[@]}" "${build[@]}"
   echo "$key" >"$tmp/.key"
   rm -rf "$dir"
   mv "$tmp" "$dir"

@@ -1,129 +1,185 @@
-"""Supply chain of the service image: every distribution it installs is pinned.
+"""Supply chain: one lock, read by every install, and the environment the tests run in is it.
 
-docker/requirements-serve.txt pins the whole dependency closure of `.[serve]` to the versions the
-tests run against; the image installs exact hash-checked wheels (scripts/build-images.sh's
-wheelhouse lock), which must agree with it where a wheelhouse exists. The file is generated from
-this environment: `python -m tests.test_supply_chain` (after changing a
-dependency), and `test_the_pins_are_the_closure_and_what_the_tests_run` fails when it is stale.
-
-Vulnerabilities: `pip-audit` audits the pinned file when it can reach a vulnerability service
-(PyPI's JSON API or OSV). It has no offline database: where neither is reachable (this machine
-reaches a package index only), `test_pip_audit_finds_no_known_vulnerability` is skipped and says
-so; it does not pass.
+requirements.lock (scripts/lock.py, `make lock`) pins every package of `.[dev]` and the tools that
+install the project, with sha256s. `make serve`, `make test` (so .ci/run) and the image
+wheelhouses (scripts/build-images.sh) install the part of it their extra needs, hash-checked and
+with no resolution, so a fresh machine builds what CI tested, not whatever the index serves
+today. These tests fail when the lock no longer matches pyproject.toml (run `make lock`), or when
+the environment running them differs from it (recreate it: `make clean test`).
 """
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-PINS = ROOT / "docker" / "requirements-serve.txt"
+sys.path.insert(0, str(ROOT / "scripts"))
+import lock  # noqa: E402 - scripts/lock.py, standard library only
+
 DOCKERFILE = ROOT / "docker" / "service.Dockerfile"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# The image: python:3.11-slim-bookworm, linux x86_64 or aarch64.
-IMAGE_ENV = {**default_environment(), "python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux",
-             "os_name": "posix", "implementation_name": "cpython"}
-PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!_-]+)$")
+# The lock's target, and the images': CPython 3.11 on Linux x86_64.
+LOCK_ENV = {**default_environment(), "python_version": "3.11", "sys_platform": "linux", "platform_system": "Linux",
+            "platform_machine": "x86_64", "os_name": "posix", "implementation_name": "cpython"}
+ENTRIES = lock.read_lock()
 
 
-def serve_requirements() -> list[Requirement]:
+def locked(extra: str) -> dict[str, str]:
+    return {e.name: e.version for e in lock.select(ENTRIES, extra)}
+
+
+def requirements_of(extra: str) -> list[Requirement]:
+    """pyproject.toml's requirements that `.[extra]` installs on the lock's target."""
     project = PYPROJECT["project"]
-    return [Requirement(r) for r in [*project["dependencies"], *project["optional-dependencies"]["serve"]]]
+    out, todo, seen = [Requirement(r) for r in project["dependencies"]], [extra], set()
+    while todo:
+        current = todo.pop()
+        seen.add(current)
+        for line in project["optional-dependencies"][current]:
+            req = Requirement(line)
+            if req.name == "instanas":
+                todo += [e for e in req.extras if e not in seen]
+            elif req.marker is None or req.marker.evaluate({**LOCK_ENV, "extra": ""}):
+                out.append(req)
+    return out
 
 
-def closure() -> dict[str, str]:
-    """{canonical name: installed version} of every distribution `.[serve]` installs here."""
+def installed_closure(extra: str) -> dict[str, str]:
+    """{name: installed version} of every distribution `.[extra]` needs, from the installed metadata."""
     out: dict[str, str] = {}
-    todo = [(r, frozenset()) for r in serve_requirements()]
+    todo = [(r, "") for r in requirements_of(extra)]
     while todo:
         req, _ = todo.pop()
-        if req.marker is not None and not req.marker.evaluate({**IMAGE_ENV, "extra": ""}):
-            continue
         name = canonicalize_name(req.name)
-        dist = metadata.distribution(req.name)
         if name in out:
             continue
+        dist = metadata.distribution(req.name)
         out[name] = dist.version
         for line in dist.requires or []:
             sub = Requirement(line)
-            if sub.marker is not None:
-                wanted = [e for e in req.extras] or [""]
-                if not any(sub.marker.evaluate({**IMAGE_ENV, "extra": e}) for e in wanted):
-                    continue
-            todo.append((sub, frozenset()))
+            wanted = list(req.extras) or [""]
+            if sub.marker is None or any(sub.marker.evaluate({**LOCK_ENV, "extra": e}) for e in wanted):
+                todo.append((sub, ""))
     return dict(sorted(out.items()))
 
 
-def pins_text() -> str:
-    lines = ["# Generated by `python -m tests.test_supply_chain`: the dependency closure of `.[serve]`, pinned",
-             "# to the versions the tests run against (usable as pip constraints: pip install -c this file).",
-             *(f"{name}=={version}" for name, version in closure().items())]
-    return "\n".join(lines) + "\n"
+def test_the_lock_was_made_from_this_pyproject():
+    header = (ROOT / "requirements.lock").read_text().splitlines()[0]
+    assert header == f"{lock.DIGEST_LINE}{lock.dependencies_digest()}", "requirements.lock is stale: run `make lock`"
 
 
-def read_pins() -> dict[str, str]:
-    pins = {}
-    for line in PINS.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        match = PIN.fullmatch(line.strip())
-        assert match, f"not pinned exactly (name==version): {line!r}"
-        pins[canonicalize_name(match.group(1))] = match.group(2)
-    return pins
+def test_every_entry_is_an_exact_pin_with_hashes():
+    assert len(ENTRIES) > 50
+    for entry in ENTRIES.values():
+        assert any("--hash=sha256:" in line for line in entry.lines), entry.name
+        assert entry.parents or any("via" in line for line in entry.lines), f"{entry.name}: nothing needs it"
 
 
-def test_every_line_is_an_exact_pin():
-    assert read_pins()
+def test_the_lock_satisfies_pyproject():
+    for extra in ("serve", "train", "dev"):
+        chosen = locked(extra)
+        for req in requirements_of(extra):
+            name = canonicalize_name(req.name)
+            assert name in chosen, f"{req} of .[{extra}] is not locked: run `make lock`"
+            assert req.specifier.contains(chosen[name], prereleases=True), f"locked {name}=={chosen[name]}, wanted {req}"
+    build = [Requirement(r) for r in PYPROJECT["build-system"]["requires"]]
+    for req in build:
+        assert req.specifier.contains(ENTRIES[canonicalize_name(req.name)].version), req
 
 
-def test_the_pins_are_the_closure_and_what_the_tests_run():
-    assert read_pins() == closure(), "docker/requirements-serve.txt is stale: run `python -m tests.test_supply_chain`"
-    assert "torch" not in read_pins()
+def test_every_locked_package_is_needed_and_torch_is_the_cpu_build():
+    assert set(locked("dev")) == set(ENTRIES), "the lock holds packages nothing needs: run `make lock`"
+    assert ENTRIES["torch"].version == "2.13.0+cpu"
+    assert "torch" in locked("train") and "torch" not in locked("serve")
+    assert not any(name.startswith("nvidia-") or name == "triton" for name in ENTRIES), "a CUDA build of torch"
 
 
-def test_the_pins_satisfy_pyproject():
-    pins = read_pins()
-    for req in serve_requirements():
-        if req.marker is None or req.marker.evaluate({**IMAGE_ENV, "extra": ""}):
-            assert req.specifier.contains(pins[canonicalize_name(req.name)], prereleases=True), req
+def test_the_environment_running_the_tests_is_exactly_the_lock():
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    installed.pop("instanas")
+    extra = {n: v for n, v in installed.items() if n not in ENTRIES}
+    differ = {n: (installed.get(n), v) for n, v in locked("dev").items() if installed.get(n) != v}
+    assert not differ, f"installed and locked versions differ (installed, locked): {differ}; run `make clean test`"
+    assert not extra, f"installed but not locked: {extra}; run `make clean test`"
 
 
-def test_the_image_installs_pinned_versions_only():
-    """docker/service.Dockerfile installs exact, hash-checked wheels (scripts/build-images.sh locks
-    them) or installs under these pins."""
-    text = DOCKERFILE.read_text()
-    installs = [line for line in text.splitlines() if "pip install" in line]
-    assert any("--require-hashes" in line or "-c docker/requirements-serve.txt" in line for line in installs), installs
+@pytest.mark.parametrize("extra", ["serve", "train"])
+def test_an_extras_part_of_the_lock_is_its_dependency_closure(extra):
+    """What `make serve` and the images install is what the metadata says the extra needs, plus
+    the tools that install the project (pip, the build backend): nothing missing, nothing more."""
+    tools = {lock.requirement_name(t) for t in lock.tools()}
+    assert set(locked(extra)) - tools == set(installed_closure(extra)) - tools
 
 
-def test_a_local_wheelhouse_matches_the_pins():
-    """The image gets what the tests ran: scripts/build-images.sh's lock agrees with the pins."""
-    lock = ROOT / "wheelhouse" / "serve" / "requirements.txt"
-    if not lock.exists():  # the image test normally made it already; it is cached by pyproject's hash
-        done = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh"), "--wheels-only"],
-                              capture_output=True, text=True, timeout=1200, cwd=ROOT)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    locked = {}
-    for line in lock.read_text().splitlines():
-        line = line.split("#")[0].strip().rstrip("\\").strip()
-        if not line or line.startswith("--"):
-            continue
-        name, _, rest = line.partition("==")
-        locked[canonicalize_name(name)] = rest.split()[0].split(";")[0]
-    pins = read_pins()
-    differ = {n: (locked.get(n), v) for n, v in pins.items() if locked.get(n) != v}
-    assert not differ, f"the image's wheelhouse and the tested pins differ (wheelhouse, tested): {differ}"
+def test_select_prints_the_lock_entries_unchanged(tmp_path):
+    """`lock.py select` (what every install reads) copies the lock's entries, hashes included."""
+    part = tmp_path / "serve.txt"
+    part.write_text(subprocess.run([sys.executable, str(ROOT / "scripts" / "lock.py"), "select", "serve"],
+                                   capture_output=True, text=True, check=True).stdout)
+    parsed = lock.parse(part.read_text())
+    assert {n: e.version for n, e in parsed.items()} == locked("serve")
+    assert all(e.lines == ENTRIES[n].lines for n, e in parsed.items())
 
 
-if __name__ == "__main__":  # python -m tests.test_supply_chain: regenerate docker/requirements-serve.txt
-    PINS.write_text(pins_text())
-    print(f"wrote {PINS} ({len(closure())} pins)", file=sys.stderr)
+def test_the_image_installs_locked_wheels_only():
+    """docker/service.Dockerfile installs exact, hash-checked wheels (scripts/build-images.sh
+    downloads the lock's part with --require-hashes)."""
+    installs = [line for line in DOCKERFILE.read_text().splitlines() if "pip install" in line]
+    assert any("--require-hashes" in line for line in installs), installs
+    script = (ROOT / "scripts" / "build-images.sh").read_text()
+    assert "scripts/lock.py select" in script and "--require-hashes --no-deps" in script
+
+
+def test_a_local_wheelhouse_matches_the_lock():
+    """The image gets what the tests ran: the wheelhouse's pins are the lock's part for its extra."""
+    folder = ROOT / "wheelhouse" / "serve"
+    # Made or brought up to date (cached by the lock's part: the image test normally made it already).
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "build-images.sh"), "--wheels-only", "api"],
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    wheels = {}
+    for line in (folder / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            wheels[canonicalize_name(name)] = version
+    differ = {n: (wheels.get(n), v) for n, v in locked("serve").items() if wheels.get(n) != v}
+    assert not differ and set(wheels) == set(locked("serve")), f"wheelhouse and lock differ (wheelhouse, lock): {differ}"
+
+
+def test_select_follows_the_via_graph_of_a_hand_written_lock(monkeypatch):
+    """An extra's part is its roots and what they need, by the `# via` annotations, one or many."""
+    text = """# header
+fastapi==1.0 \\
+    --hash=sha256:aa
+    # via instanas (pyproject.toml)
+starlette==2.0 \\
+    --hash=sha256:bb
+    # via
+    #   fastapi
+    #   schemathesis
+schemathesis==3.0 \\
+    --hash=sha256:cc
+    # via instanas (pyproject.toml)
+Typing_Extensions==4.0 \\
+    --hash=sha256:dd
+    # via starlette
+pip==26.0 \\
+    --hash=sha256:ee
+    # via -r tools.in (pip, the build backend)
+"""
+    entries = lock.parse(text)
+    assert entries["starlette"].parents == {"fastapi", "schemathesis"}
+    assert entries["fastapi"].parents == set() and entries["typing-extensions"].version == "4.0"
+    monkeypatch.setattr(lock, "roots", lambda extra: {"fastapi", "pip"} if extra == "serve" else set(entries))
+    assert [e.name for e in lock.select(entries, "serve")] == ["fastapi", "starlette", "typing-extensions", "pip"]
+    assert len(lock.select(entries, "dev")) == 5
+    assert lock.requirements_text(lock.select(entries, "serve"), "serve").count("--hash=") == 4
