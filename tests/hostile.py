@@ -101,6 +101,64 @@ def jpeg_with_exif_rotation() -> bytes:
     return encode(image, "JPEG", exif=exif.tobytes())
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def as_stored(upright: Image.Image, orientation: int) -> Image.Image:
+    """The picture a camera stores, with this EXIF orientation, for what a viewer shows as `upright`.
+    Written from the EXIF definitions (where the stored first row and column belong), not with
+    Pillow's transpositions, so that it checks them."""
+    d = np.asarray(upright)
+    stored = {
+        1: d,
+        2: d[:, ::-1],  # first column on the right: mirrored
+        3: d[::-1, ::-1],  # first row at the bottom, first column on the right: turned 180 degrees
+        4: d[::-1],  # first row at the bottom: flipped
+        5: d.swapaxes(0, 1),  # first row on the left, first column at the top: transposed
+        6: np.rot90(d, 1),  # first row on the right: shown after a clockwise quarter turn
+        7: d[::-1, ::-1].swapaxes(0, 1),  # first row on the right, first column at the bottom
+        8: np.rot90(d, -1),  # first row on the left, first column at the bottom: an anticlockwise turn
+    }[orientation]
+    return Image.fromarray(np.ascontiguousarray(stored))
+
+
+def exif_with(entries: list[tuple[int, int, int, bytes]], data: bytes = b"") -> bytes:
+    """A big-endian EXIF (TIFF) block, no 'Exif' prefix: IFD0 of (tag, type, count, 4-byte value or
+    offset) entries, then `data` (from offset 14 + 12 x entries)."""
+    ifd = struct.pack(">H", len(entries)) + b"".join(struct.pack(">HHI", t, k, n) + v for t, k, n, v in entries)
+    return b"MM\x00\x2a" + struct.pack(">I", 8) + ifd + struct.pack(">I", 0) + data
+
+
+def orientation_exif(orientation: int) -> bytes:
+    return exif_with([(ORIENTATION, 3, 1, struct.pack(">HH", orientation, 0))])  # one SHORT
+
+
+def png_with_exif(image: Image.Image, exif: bytes, after_pixels: bool = False) -> bytes:
+    """A PNG with an eXIf chunk ahead of its pixels (where Pillow writes it) or after them (which
+    the PNG specification allows, and Chromium does not read)."""
+    png = encode(image, "PNG")
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif) & 0xFFFFFFFF)
+    at = len(png) - 12 if after_pixels else 33  # before IEND, or after the signature and IHDR
+    return png[:at] + chunk + png[at:]
+
+
+def rotated_by_exif(fmt: str, orientation: int = 6, upright: Image.Image | None = None) -> bytes:
+    """`upright` (48x24 noise by default) stored as a camera would with this orientation, losslessly."""
+    stored = as_stored(picture((48, 24)) if upright is None else upright, orientation)
+    if fmt == "PNG after pixels":
+        return png_with_exif(stored, orientation_exif(orientation), after_pixels=True)
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    return encode(stored, fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+
+
+def png_rotated_with_mistyped_exif() -> bytes:
+    """Orientation 6, and XResolution (a RATIONAL) written as ASCII, which Pillow reads and cannot write back."""
+    exif = exif_with([(ORIENTATION, 3, 1, struct.pack(">HH", 6, 0)), (0x011A, 2, 8, struct.pack(">I", 38))],
+                     b"seventy\x00")
+    return png_with_exif(as_stored(picture((48, 24)), 6), exif)
+
+
 def jpeg_with_bad_exif() -> bytes:
     """A JPEG whose EXIF block is garbage (an APP1 segment 'Exif' followed by noise)."""
     data = jpeg()

@@ -15,7 +15,8 @@ from PIL import Image
 
 from service.schemas import ClassifyResponse, ErrorResponse
 from service.settings import Settings
-from tests.conftest import Server
+from tests import hostile as h
+from tests.conftest import ROOT, Server
 from tests.helpers import export_test_bundle
 from training.searchspace import build_tiny_space
 
@@ -156,6 +157,37 @@ def test_exif_orientation_is_applied(server, test_jpegs):
     answer = as_json(server, {"images": [b64(stored), b64(_encode(upright, "PNG")), b64(sideways)]}).json()["results"]
     assert same_answer(answer[0], answer[1])
     assert answer[0]["top_k"] != answer[2]["top_k"]  # the orientation made the difference
+
+
+@pytest.fixture(scope="module")
+def trained_server(tmp_path_factory):
+    """The trained default bundle: the test bundle's random weights answer about 0.1 for every class,
+    and a picture turned the wrong way moves its probabilities by 1e-6 at most, under any tolerance
+    worth having; the trained one moves them by 0.1 to 1."""
+    srv = Server(ROOT / "models" / "cifar10-default", tmp_path_factory.mktemp("trained") / "server.log")
+    yield srv
+    srv.stop()
+
+
+def close_answers(a: dict, b: dict, tolerance: float = 1e-5) -> bool:
+    """The same labels, in order, and probabilities within `tolerance`, from the same architecture."""
+    return ([p["label"] for p in a["top_k"]] == [p["label"] for p in b["top_k"]]
+            and max(abs(p["probability"] - q["probability"]) for p, q in zip(a["top_k"], b["top_k"])) <= tolerance
+            and a["architecture"]["code"] == b["architecture"]["code"])
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "PNG after pixels", "WEBP", "TIFF"])
+def test_a_picture_turned_by_its_exif_tag_is_classified_upright(trained_server, test_jpegs, fmt):
+    """Each of the 8 orientations, in every lossless format carrying EXIF (a PNG's eXIf chunk ahead of
+    the pixels or after them), sent alone: the upright picture's answer."""
+    upright = Image.open(io.BytesIO(test_jpegs[2][1])).convert("RGB").resize((48, 40))
+    expected = classify_raw(trained_server, _encode(upright, "PNG"), top_k=10)
+    for orientation in range(1, 9):
+        answer = classify_raw(trained_server, h.rotated_by_exif(fmt, orientation, upright), top_k=10)
+        assert close_answers(answer, expected), (orientation, answer["top_k"][:3], expected["top_k"][:3])
+        if orientation > 1:  # the check can tell: the picture as stored, without its tag, is answered otherwise
+            stored = classify_raw(trained_server, _encode(h.as_stored(upright, orientation), "PNG"), top_k=10)
+            assert not close_answers(stored, expected, tolerance=0.01), orientation
 
 
 def assert_refused(response: httpx.Response, status: int, code: str, fragment: str = "") -> None:

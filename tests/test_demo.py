@@ -34,6 +34,7 @@ from PIL import Image
 from service import imaging
 from service.bundle import load_bundle
 from service.manifest import upgrade
+from tests import hostile as h
 from tests.conftest import ROOT, Server
 
 pytestmark = pytest.mark.slow
@@ -291,6 +292,55 @@ def test_resize_matches_pillow_bilinear(browser, default_server):
             "return Array.from(InstanasPreprocess.resizeRGB(Uint8ClampedArray.from(d), w, h, ow, oh));",
             pixels.reshape(-1).tolist(), w, h, ow, oh)
         assert np.array_equal(np.array(got, np.uint8).reshape(oh, ow, 3), expected), f"{w}x{h} -> {ow}x{oh}"
+
+
+PREPARE = """
+const [data, pre, done] = arguments;
+const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+InstanasPreprocess.prepare(new Blob([bytes]), pre).then(
+  r => done({pixels: Array.from(r.pixels), width: r.width, height: r.height, draft: r.draft,
+             orientation: r.orientation}),
+  e => done({error: String(e)}));
+"""
+
+
+def test_exif_orientation_is_applied_as_the_server_applies_it(browser, default_server, test_jpegs):
+    """Every orientation in every format both the browser and the server decode that carries EXIF
+    (Chromium turns a JPEG and a PNG whose eXIf comes first, not a PNG whose eXIf follows the pixels,
+    nor a WebP): the page's model input is the server's, to the byte where no JPEG draft applies."""
+    open_demo(browser, default_server)
+    pre = httpx.get(default_server.url + "/model").json()["preprocessing"]
+    size = pre["input_size"]
+    picture = Image.open(io.BytesIO(test_jpegs[3][1])).convert("RGB")
+    for width, height in ((45, 37), (150, 100)):  # resized only; a JPEG at 1/2 (draft)
+        upright = picture.resize((width, height), Image.Resampling.BICUBIC)
+        for fmt in ("JPEG", "PNG", "PNG after pixels", "WEBP"):
+            for orientation in range(1, 9):
+                data = h.rotated_by_exif(fmt, orientation, upright)
+                expected = imaging.to_pixels(imaging.decode(data, target_size=size), size)
+                got = browser.execute_async_script(PREPARE, base64.b64encode(data).decode(), pre)
+                case = f"{fmt} {width}x{height} orientation {orientation}"
+                assert "error" not in got, (case, got)
+                assert (got["width"], got["height"], got["orientation"]) == (width, height, orientation), case
+                diff = int(np.abs(np.array(got["pixels"]).reshape(expected.shape) - expected.astype(int)).max())
+                assert diff <= (0 if got["draft"] == 1 else MAX_DRAFT_PIXEL_DIFF), (case, diff)
+
+
+def test_upload_of_a_webp_turned_by_exif(browser, default_server, test_jpegs, tmp_path):
+    """Through the page: the file goes to the server as it is, and both sides classify it upright."""
+    upright = Image.open(io.BytesIO(test_jpegs[3][1])).convert("RGB").resize((45, 37), Image.Resampling.BICUBIC)
+    path = tmp_path / "turned.webp"
+    path.write_bytes(h.rotated_by_exif("WEBP", 6, upright))
+    open_demo(browser, default_server)
+    result = upload(browser, path)
+    assert result["server_error"] is None and result["local_error"] is None, result
+    answer = httpx.post(default_server.url + "/classify", content=h.encode(upright, "PNG"),
+                        headers={"content-type": "image/png"}).json()
+    assert result["label"] == answer["prediction"]["label"] and result["server_code"] == answer["architecture"]["code"]
+    pre = load_bundle(DEFAULT_BUNDLE).manifest.preprocessing
+    pixels = imaging.to_pixels(upright, pre.input_size)
+    assert np.array_equal(np.array(result["pixels"], np.uint8).reshape(pixels.shape), pixels)
+    assert (result["width"], result["height"]) == (45, 37)
 
 
 def test_upload_shows_label_architecture_and_previous(browser, default_server, demo_images):

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from service import imaging
 from service.imaging import ImageError, decode, to_pixels, to_rgb
+from tests import hostile as h
 
 ROOT = Path(__file__).resolve().parent.parent
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -303,6 +304,111 @@ def test_exif_orientation_is_applied(orientation, size, first, last):
     else:  # halves one above the other
         first_at, last_at = (width // 2, height // 4), (width // 2, 3 * height // 4)
     assert is_close(image.getpixel(first_at), first) and is_close(image.getpixel(last_at), last)
+
+
+def eight_blocks() -> Image.Image:
+    """32x16: two rows of four 8x8 blocks, each its own colour. Every orientation but 1 moves some
+    block, and each block is one JPEG DCT block, so even a JPEG keeps the colours nearly exact."""
+    colours = [(255, 0, 0), (0, 160, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (0, 0, 0),
+               (255, 255, 255)]
+    blocks = np.array(colours, np.uint8).reshape(2, 4, 1, 1, 3)
+    return Image.fromarray(np.broadcast_to(blocks, (2, 4, 8, 8, 3)).transpose(0, 2, 1, 3, 4).reshape(16, 32, 3))
+
+
+# Every supported format that carries EXIF, lossless where it can be; JPEG and MPO within JPEG_TOLERANCE.
+EXIF_FORMATS = {"JPEG": {"quality": 95, "subsampling": 0},
+                "MPO": {"quality": 95, "subsampling": 0, "save_all": True, "append_images": [Image.new("RGB", (8, 8))]},
+                "PNG": {}, "PNG after pixels": {}, "WEBP": {"lossless": True}, "TIFF": {}}
+JPEG_TOLERANCE = 8
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", EXIF_FORMATS)
+def test_every_format_carrying_exif_is_turned_upright(fmt, orientation):
+    """The picture stored as a camera would for each orientation decodes to the upright picture."""
+    upright = np.asarray(eight_blocks())
+    stored = h.as_stored(eight_blocks(), orientation)
+    if fmt == "PNG after pixels":  # where the specification allows it too; Pillow reads it on load
+        data = h.png_with_exif(stored, h.orientation_exif(orientation), after_pixels=True)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        data = encode(stored, fmt, exif=exif, **EXIF_FORMATS[fmt])
+        assert Image.open(io.BytesIO(data)).getexif()[0x0112] == orientation  # Pillow wrote the tag
+    image = decode(data, target_size=32)
+    assert image.size == (32, 16) and image.format == fmt.split()[0]
+    diff = np.abs(np.asarray(image).astype(int) - upright).max()
+    assert diff <= (JPEG_TOLERANCE if fmt in ("JPEG", "MPO") else 0), diff
+
+
+def test_a_turned_picture_is_not_turned_again():
+    image = decode(h.rotated_by_exif("PNG", 6))
+    assert 0x0112 not in image.getexif()
+    assert np.array_equal(np.asarray(ImageOps.exif_transpose(image)), np.asarray(h.picture((48, 24))))
+
+
+# What service/imaging.py filters in a server (pytest resets a module's filters after collecting it).
+QUIET_PILLOW = pytest.mark.filterwarnings(r"ignore::UserWarning:PIL\.TiffImagePlugin")
+
+# EXIF blocks that say no orientation, or nothing readable: the picture is decoded as stored, never
+# refused (the pixels are fine) and never a 500.
+MEANINGLESS_EXIF = {
+    "not EXIF at all": b"not a TIFF header",
+    "IFD0 past the end": b"MM\x00\x2a\x7f\xff\xff\xf0",
+    "IFD0 cut short": h.orientation_exif(6)[:12],
+    "orientation 0": h.orientation_exif(0),
+    "orientation 9": h.orientation_exif(9),
+    "orientation 65535": h.orientation_exif(65535),
+    "orientation in ASCII": h.exif_with([(0x0112, 2, 2, b"6\x00\x00\x00")]),
+    "orientation as the fraction 6/1": h.exif_with([(0x0112, 5, 1, struct.pack(">I", 26))], struct.pack(">II", 6, 1)),
+    "orientation of 1000 values past the end": h.exif_with([(0x0112, 3, 1000, struct.pack(">I", 0x7FFFFFF0))]),
+}
+
+
+@QUIET_PILLOW
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+@pytest.mark.parametrize("name", MEANINGLESS_EXIF)
+def test_meaningless_or_unreadable_exif_is_ignored(fmt, name):
+    stored = h.as_stored(eight_blocks(), 6)
+    options = EXIF_FORMATS[fmt]
+    expected = np.asarray(decode(encode(stored, fmt, **options)))  # the same encoding, without EXIF
+    image = decode(encode(stored, fmt, exif=b"Exif\x00\x00" + MEANINGLESS_EXIF[name], **options))
+    assert np.array_equal(np.asarray(image), expected)
+
+
+def png_of_many_tags() -> bytes:
+    """Orientation 6 among 65535 tags (the most IFD0 holds, 786 kB), each pointing at the same 1000
+    bytes: Pillow reads no more tag data than the block holds and skips the rest, one warning each."""
+    tags = [(t, 7, 1000, struct.pack(">I", 8)) for t in range(1, 0x10000) if t != 0x0112]
+    tags.append((0x0112, 3, 1, struct.pack(">HH", 6, 0)))
+    return h.png_with_exif(h.as_stored(h.picture((48, 24)), 6), h.exif_with(sorted(tags)))
+
+
+@QUIET_PILLOW
+def test_orientation_is_applied_whatever_else_the_exif_holds():
+    """Pillow reads a tag of an unexpected type but cannot write it back: ImageOps.exif_transpose,
+    which rewrites the block, refused such a picture when it was turned, and served it when not."""
+    upright = np.asarray(h.picture((48, 24)))
+    assert np.array_equal(np.asarray(decode(h.png_rotated_with_mistyped_exif())), upright)
+    assert np.array_equal(np.asarray(decode(png_of_many_tags())), upright)
+
+
+def test_hostile_exif_leaves_no_warnings_behind(tmp_path):
+    """Python keeps every distinct warning it shows: a crafted block must neither flood the log nor
+    leave one more behind each request (here, an orientation tag of a new length each time). In a
+    process of its own, as a server's: pytest resets the warning filters a module sets on import."""
+    files = [png_of_many_tags()]
+    for count in (3, 4, 5):  # values past the entry, at offset 26
+        exif = h.exif_with([(0x0112, 3, count, struct.pack(">I", 26))], b"\x00\x06" * count)
+        files.append(h.png_with_exif(h.as_stored(eight_blocks(), 6), exif))
+    for i, data in enumerate(files):
+        (tmp_path / f"{i}.png").write_bytes(data)
+    script = ("import sys; from pathlib import Path; from service.imaging import decode\n"
+              "for path in sorted(Path(sys.argv[1]).iterdir()): print(decode(path.read_bytes()).size)")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stderr == "", run.stderr[:500]
+    assert run.stdout.split("\n")[:4] == ["(48, 24)"] + ["(32, 16)"] * 3  # all turned upright
 
 
 # --- 5. MPO and animations: the first picture --------------------------------------------------

@@ -18,6 +18,14 @@
  *   the DCT domain, close to a mean over s x s blocks; the browser decodes at full size, so
  *   the mean over s x s blocks stands in for it (not exact: libjpeg averages before its
  *   colour conversion and rounding; measured, a few levels on some pixels).
+ * - EXIF orientation: the server turns a picture upright by its EXIF Orientation tag wherever
+ *   Pillow reads one: a JPEG's APP1 segment, a PNG's eXIf chunk (before or after the pixels), a
+ *   WebP's EXIF chunk. Browsers do not all agree (measured, Chromium 156 turns a JPEG and a PNG
+ *   whose eXIf comes first, not a PNG whose eXIf follows the pixels, nor a WebP). So this file
+ *   reads the tag itself, has the browser decode a copy of the file whose tag is renamed (nothing
+ *   left to turn), and turns the decoded pixels as Pillow does: after the draft scaling, before
+ *   the resize. (Pillow also takes an orientation from XMP or ImageMagick's "Raw profile type
+ *   exif" text when there is no EXIF tag; this file does not.)
  *
  * The float32 normalisation repeats numpy's: (v * scale - mean) / std, every step rounded
  * to float32.
@@ -192,13 +200,137 @@
     return bytes.length > 3 && bytes[0] === 0xff && bytes[1] === 0xd8 && bytes[2] === 0xff;
   }
 
-  /* Decoded RGBA -> (size, size, 3) uint8 as service.imaging.to_pixels gives it. */
-  function toPixels(rgba, width, height, size, jpeg) {
+  function ascii(bytes, at, n) {
+    return String.fromCharCode(...bytes.subarray(at, at + n));
+  }
+
+  /* Where Pillow finds a file's EXIF block (a TIFF header and IFD0): {start, end} in the file, with
+   * {from, to} the bytes a PNG chunk's CRC covers; null where there is none. */
+  function exifBlock(bytes) {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength), n = bytes.length;
+    let block = null;
+    if (isJpeg(bytes)) {  // the first APP1 segment that starts "Exif\0\0", before the first scan
+      for (let at = 2; at + 4 <= n && bytes[at] === 0xff && !block;) {
+        const marker = bytes[at + 1], end = at + 2 + view.getUint16(at + 2);
+        if (marker === 0xda || marker === 0xd9) break;
+        if (marker === 0xe1 && ascii(bytes, at + 4, 6) === "Exif\0\0") {
+          block = { start: at + 10, end: Math.min(end, n) };
+        }
+        at = end;
+      }
+    } else if (ascii(bytes, 0, 8) === "\x89PNG\r\n\x1a\n") {  // every chunk up to IEND: the last eXIf counts
+      for (let at = 8; at + 12 <= n;) {
+        const length = view.getUint32(at), type = ascii(bytes, at + 4, 4), end = at + 12 + length;
+        if (type === "IEND" || end > n) break;
+        if (type === "eXIf") block = { start: at + 8, end: end - 4, crc: { from: at + 4, to: end - 4 } };
+        at = end;
+      }
+    } else if (ascii(bytes, 0, 4) === "RIFF" && ascii(bytes, 8, 8) === "WEBPVP8X") {
+      // the first EXIF chunk, in the extended format only (libwebp reads no other chunks in a simple file)
+      for (let at = 12; at + 8 <= n && !block;) {
+        const size = view.getUint32(at + 4, true);
+        if (ascii(bytes, at, 4) === "EXIF") block = { start: at + 8, end: Math.min(at + 8 + size, n) };
+        at += 8 + size + (size & 1);
+      }
+    }
+    while (block && ascii(bytes, block.start, 6) === "Exif\0\0") block.start += 6;  // some writers repeat the prefix
+    return block;
+  }
+
+  const INTEGER_TYPES = { 1: 1, 3: 2, 4: 4, 6: 1, 8: 2, 9: 4 };  // TIFF type -> bytes (BYTE, SHORT, LONG, signed)
+  const TYPE_BYTES = { ...INTEGER_TYPES, 2: 1, 5: 8, 7: 1, 10: 8, 11: 4, 12: 8 };
+
+  /* An EXIF block's Orientation as the server reads it: the first IFD0 entry tagged 0x0112 whose
+   * values lie in the block decides, by its first value when of an integer type (anything else, or
+   * a value outside 1..8, means upright). Also where every such entry lies. */
+  function readOrientation(bytes, start, end) {
+    const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const order = ascii(bytes, start, 2), little = order === "II", entries = [];
+    let orientation = null;
+    if ((order !== "II" && order !== "MM") || start + 8 > end || view.getUint16(start + 2, little) !== 42) {
+      return { orientation: 1, entries };
+    }
+    const ifd = start + view.getUint32(start + 4, little);
+    const count = ifd + 2 <= end ? view.getUint16(ifd, little) : 0;
+    for (let i = 0; i < count && ifd + 14 + 12 * i <= end; i++) {
+      const entry = ifd + 2 + 12 * i;
+      if (view.getUint16(entry, little) !== 0x0112) continue;
+      entries.push(entry);
+      const type = view.getUint16(entry + 2, little), n = view.getUint32(entry + 4, little), size = TYPE_BYTES[type];
+      const at = size * n <= 4 ? entry + 8 : start + view.getUint32(entry + 8, little);
+      if (orientation !== null || !size || n < 1 || at + size * n > end) continue;
+      const width = INTEGER_TYPES[type];
+      orientation = width === 1 ? bytes[at] : width === 2 ? view.getUint16(at, little)
+        : width === 4 ? view.getUint32(at, little) : 1;
+    }
+    return { orientation: orientation >= 1 && orientation <= 8 ? orientation : 1, entries };
+  }
+
+  let crcTable = null;
+
+  /* PNG's CRC-32 of bytes [from, to). */
+  function crc32(bytes, from, to) {
+    if (!crcTable) {
+      crcTable = new Uint32Array(256);
+      for (let n = 0; n < 256; n++) {
+        let c = n;
+        for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+        crcTable[n] = c;
+      }
+    }
+    let c = 0xffffffff;
+    for (let i = from; i < to; i++) c = crcTable[(c ^ bytes[i]) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  }
+
+  /* File bytes -> {orientation, bytes}: the EXIF orientation, and the file again with every IFD0
+   * Orientation entry renamed to tag 0 (a PNG chunk's CRC redone), for the browser to decode unturned. */
+  function takeOrientation(bytes) {
+    const block = exifBlock(bytes);
+    if (!block) return { orientation: 1, bytes };
+    const { orientation, entries } = readOrientation(bytes, block.start, block.end);
+    if (!entries.length) return { orientation, bytes };
+    const copy = bytes.slice(), view = new DataView(copy.buffer);
+    for (const entry of entries) view.setUint16(entry, 0);
+    if (block.crc) view.setUint32(block.crc.to, crc32(copy, block.crc.from, block.crc.to));
+    return { orientation, bytes: copy };
+  }
+
+  /* RGB as stored -> as shown for an EXIF orientation (Pillow's transpositions). The stored pixel
+   * shown at (x, y), in stored pixels from `first`: first + x * dx + y * dy. */
+  function orient(rgb, width, height, orientation) {
+    if (orientation < 2 || orientation > 8) return { rgb, width, height };
+    const last = width * height - 1, lastRow = (height - 1) * width;
+    const [first, dx, dy] = {
+      2: [width - 1, -1, width],  // mirrored: (width-1-x, y)
+      3: [last, -1, -width],  // turned 180 degrees: (width-1-x, height-1-y)
+      4: [lastRow, 1, -width],  // flipped: (x, height-1-y)
+      5: [0, width, 1],  // transposed: (y, x)
+      6: [lastRow, -width, 1],  // turned clockwise: (y, height-1-x)
+      7: [last, -width, -1],  // transposed the other way: (width-1-y, height-1-x)
+      8: [width - 1, width, -1],  // turned anticlockwise: (width-1-y, x)
+    }[orientation];
+    const w = orientation >= 5 ? height : width, h = orientation >= 5 ? width : height;
+    const out = new Uint8ClampedArray(rgb.length);
+    for (let y = 0, o = 0; y < h; y++) {
+      for (let x = 0, s = first + y * dy; x < w; x++, s += dx, o += 3) {
+        out[o] = rgb[s * 3];
+        out[o + 1] = rgb[s * 3 + 1];
+        out[o + 2] = rgb[s * 3 + 2];
+      }
+    }
+    return { rgb: out, width: w, height: h };
+  }
+
+  /* Decoded RGBA, as stored -> (size, size, 3) uint8 as service.imaging.to_pixels gives it: a JPEG's
+   * draft scale, then the EXIF orientation, then the resize. */
+  function toPixels(rgba, width, height, size, jpeg, orientation = 1) {
     let rgb = rgbaToRGB(rgba, width, height), w = width, h = height, draft = 1;
     if (jpeg) {
       draft = draftScale(w, h, size);
       if (draft > 1) ({ rgb, width: w, height: h } = blockMean(rgb, w, h, draft));
     }
+    ({ rgb, width: w, height: h } = orient(rgb, w, h, orientation));
     return { pixels: resizeRGB(rgb, w, h, size, size), draft };
   }
 
@@ -213,7 +345,7 @@
     return x;
   }
 
-  /* A Blob (file or fetched image) -> decoded RGBA at its own size, EXIF orientation applied. */
+  /* A Blob -> decoded RGBA at its own size (turned as the browser sees fit: see takeOrientation). */
   async function decode(blob) {
     const bitmap = await createImageBitmap(blob, {
       imageOrientation: "from-image", premultiplyAlpha: "none", colorSpaceConversion: "none",
@@ -228,15 +360,19 @@
     return { rgba: ctx.getImageData(0, 0, width, height).data, width, height };
   }
 
-  /* Blob -> {input: Float32Array NCHW, pixels: the resized RGB bytes, width, height, draft}. */
+  /* Blob -> {input: Float32Array NCHW, pixels: the resized RGB bytes, width, height (as shown),
+   * draft, orientation}. */
   async function prepare(blob, pre) {
-    const head = new Uint8Array(await blob.slice(0, 4).arrayBuffer());
-    const { rgba, width, height } = await decode(blob);
+    const file = new Uint8Array(await blob.arrayBuffer());
+    const { orientation, bytes } = takeOrientation(file);
+    const { rgba, width, height } = await decode(bytes === file ? blob : new Blob([bytes], { type: blob.type }));
     const size = pre.input_size;
-    const { pixels, draft } = toPixels(rgba, width, height, size, isJpeg(head));
-    return { input: toInput(pixels, size, pre), pixels, width, height, draft };
+    const { pixels, draft } = toPixels(rgba, width, height, size, isJpeg(file), orientation);
+    const turned = orientation >= 5;
+    return { input: toInput(pixels, size, pre), pixels, width: turned ? height : width,
+             height: turned ? width : height, draft, orientation };
   }
 
-  global.InstanasPreprocess = { coefficients, resizeRGB, rgbaToRGB, draftScale, blockMean, toPixels, toInput, decode,
-                                prepare };
+  global.InstanasPreprocess = { coefficients, resizeRGB, rgbaToRGB, draftScale, blockMean, exifBlock, readOrientation,
+                                takeOrientation, orient, toPixels, toInput, decode, prepare };
 })(window);
