@@ -19,11 +19,17 @@ accepting at once. In-process, with no proxy in front:
     get uvicorn's 400, in the API's JSON error shape.
 - `InstanasServer`, uvicorn's server with other signal handling: SIGTERM starts a drain
   (readiness answers 503 `draining` for `INSTANAS_DRAIN_SECONDS` while requests are still
-  served, each response then closing its connection), then uvicorn's graceful shutdown
-  (stop accepting, close idle connections, let requests in flight finish for at most
-  `INSTANAS_SHUTDOWN_TIMEOUT` seconds, then cancel them), and exit 0. A second SIGTERM, or
-  SIGINT (Ctrl+C), skips the drain; SIGINT twice forces the exit. SIGHUP reloads the bundle
-  (service/reload.py).
+  served, each response then closing its connection), then a graceful shutdown that resets
+  no request a client sent (`InstanasServer.shutdown`): stop accepting (the connections the
+  kernel already queued accepted first), answer any new request 503 `draining` with
+  `Connection: close`, let requests in flight finish for at most `INSTANAS_SHUTDOWN_TIMEOUT`
+  seconds (then answer them 503 `draining` too), close idle connections as their keep-alive
+  timer says or at that timeout, and exit 0. A second SIGTERM, or SIGINT (Ctrl+C), skips the
+  drain; SIGINT twice forces the exit. SIGHUP reloads the bundle (service/reload.py).
+- Connections are closed gracefully (`_LingeringTransport`): FIN after the last response, then
+  what the client still sends is read and discarded until it closes its side, for at most
+  `LINGER_S` (0.5 s), so that a client still sending is not reset before it reads its answer
+  (an idle connection evicted for a new one is closed at once).
 
 The time to send a body is bounded in the app (service/limits.py, 408 in the JSON shape).
 """
@@ -32,10 +38,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
+import os
 import resource
+import select
 import signal
+import socket
+import struct
+import sys
 import time
 from collections import OrderedDict
 
@@ -49,6 +61,11 @@ log = logging.getLogger("instanas.service")
 # Descriptors kept for everything but client connections: the listening socket, logs, the
 # bundle's files while loading, onnxruntime, the event loop's own.
 RESERVED_FDS = 64
+# Longest a closed connection waits for its client to close its side (see _LingeringTransport).
+LINGER_S = 0.5
+# At shutdown, how long the listening sockets stay open after the kernel stops taking new connections,
+# so that handshakes already under way complete and are accepted (a round trip is enough).
+HANDSHAKE_S = 0.1
 
 
 def _json_response(status: int, reason: str, code: str, message: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -73,7 +90,8 @@ class Connections:
         self.limit = limit
         self.open: set = set()
         self.idle: OrderedDict = OrderedDict()  # connections with no request in progress, oldest first
-        self.draining = False
+        self.draining = False  # SIGTERM: responses close their connection
+        self.stopping = False  # the drain is over: requests are answered 503 `draining` (_AnswerWhenStopping)
         self.evicted = 0
         self.refused = 0
         self.metrics = metrics
@@ -99,7 +117,7 @@ class Connections:
             self.evicted += 1
             if self.metrics is not None:
                 self.metrics.connections_closed.labels("evicted").inc()
-            victim.transport.close()
+            victim.transport.close_now()  # its descriptor is what the new connection needs
         self._gauge()
         return True
 
@@ -139,6 +157,46 @@ class _RecordingParser:
         return getattr(self._parser, name)
 
 
+class _LingeringTransport:
+    """A client connection's transport whose close() does not reset the connection.
+
+    Closing a socket that still holds bytes it has not read (the rest of a body answered early,
+    a request the client sent as the server closed) makes the kernel send RST rather than FIN,
+    and a client that gets RST may lose the response it has not read yet, or a request it just
+    sent, without knowing whether it was served. So close() sends FIN once what was written has
+    gone (write_eof), then reads and discards whatever still comes until the client closes its
+    side, or LINGER_S passes (Apache's "lingering close"). close_now() closes at once."""
+
+    def __init__(self, transport, loop, on_linger):
+        self._transport, self._loop, self._on_linger = transport, loop, on_linger
+        self.lingering = False
+
+    def close(self) -> None:
+        if self.lingering or self._transport.is_closing():
+            return
+        self.lingering = True
+        self._on_linger()
+        if not self._transport.can_write_eof():  # TLS: no half-close
+            self._transport.close()
+            return
+        self._transport.write_eof()
+        self._transport.resume_reading()  # to see the client's FIN; the protocol discards what comes before it
+        self._loop.call_later(LINGER_S, self._transport.close)
+
+    def close_now(self) -> None:
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self.lingering:  # FIN was sent: nothing may follow it
+            self._transport.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
 class Guard:
     """Mixed in before uvicorn's HTTP protocol class; configured by `protocol_class`."""
 
@@ -148,6 +206,7 @@ class Guard:
     max_requests: int
 
     def connection_made(self, transport) -> None:
+        transport = _LingeringTransport(transport, self.loop, lambda: self.guard_connections.rest(self))
         super().connection_made(transport)
         self._seen_cycle = None
         self._requests = 0
@@ -176,6 +235,8 @@ class Guard:
         return cycle is None or (cycle.response_complete and not cycle.more_body)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:  # closing: discarded (see _LingeringTransport)
+            return
         waiting = self._waiting_for_headers()
         super().data_received(data)
         if self.transport.is_closing():
@@ -225,6 +286,22 @@ class Guard:
         if not self.transport.is_closing() and self._waiting_for_headers():
             self.guard_connections.rest(self)
 
+    def shutdown(self) -> None:
+        """Called by uvicorn's graceful shutdown, after the drain. uvicorn closes a connection with
+        no request in progress at once, but its client may be sending one at that instant: the
+        request would be reset, or see the connection close after it was sent, and the client
+        could not know whether it was served. So an idle connection is left open, to be closed by
+        its keep-alive or header timer as at any other time (or when the shutdown timeout ends),
+        and a request arriving on it meanwhile is answered 503 `draining` with `Connection: close`
+        (_AnswerWhenStopping); one whose line and headers are partly in gets that answer now."""
+        if self.transport.is_closing():
+            return
+        if not self._waiting_for_headers():
+            super().shutdown()  # a request in progress: its response closes the connection
+        elif self._header_bytes:
+            self._close_with(503, "Service Unavailable", "draining", "the server is shutting down",
+                             (("retry-after", "1"),))
+
     def send_400_response(self, msg: str) -> None:
         if getattr(self, "_headers_too_large", False):
             self._close_with(431, "Request Header Fields Too Large", "headers_too_large",
@@ -233,12 +310,13 @@ class Guard:
         detail = f": {self._parse_error}" if getattr(self, "_parse_error", "") else ""
         self._close_with(400, "Bad Request", "bad_request", f"the request is not valid HTTP/1.1{detail}")
 
-    def _close_with(self, status: int, reason: str, code: str, message: str) -> None:
+    def _close_with(self, status: int, reason: str, code: str, message: str,
+                    extra: tuple[tuple[str, str], ...] = ()) -> None:
         if not self.transport.is_closing():
             metrics = self.guard_connections.metrics
             if metrics is not None:
                 metrics.rejections.labels(code).inc()
-            self.transport.write(_json_response(status, reason, code, message))
+            self.transport.write(_json_response(status, reason, code, message, extra))
             self.transport.close()
 
     def _arm_header_timer(self) -> None:
@@ -271,6 +349,72 @@ def protocol_class(http: str, connections: Connections, settings) -> type:
     return type("InstanasHttpProtocol", (Guard, base), {
         "guard_connections": connections, "header_timeout": settings.header_timeout,
         "max_header_bytes": settings.max_header_bytes, "max_requests": settings.keep_alive_max_requests})
+
+
+class _AnswerWhenStopping:
+    """The app as uvicorn runs it. Once the drain is over (`Connections.stopping`), a request is
+    answered 503 `draining` with `Connection: close` and not served; so is one still running when
+    the shutdown timeout cancels it, if it had not begun its response (uvicorn would send 500)."""
+
+    def __init__(self, app, connections: Connections):
+        self.app, self.connections = app, connections
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.connections.stopping:
+            return await self._draining(send)
+        started = False
+
+        async def tracked_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except asyncio.CancelledError:
+            if started or not self.connections.stopping:
+                raise
+            await self._draining(send)
+
+    async def _draining(self, send) -> None:
+        if self.connections.metrics is not None:
+            self.connections.metrics.rejections.labels("draining").inc()
+        body = json.dumps({"error": {"code": "draining", "message": "the server is shutting down"}}).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"), (b"retry-after", b"1")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+# A classic BPF socket filter, as the kernel runs it on a TCP socket (the TCP header at offset 0):
+# drop a segment with SYN set and ACK clear, the first of a new connection; keep every other.
+_DROP_SYN = (
+    (0x30, 0, 0, 13),  # ldb [13]: the flags byte
+    (0x54, 0, 0, 0x12),  # and #(SYN | ACK)
+    (0x15, 0, 1, 0x02),  # jeq #SYN: drop, else keep
+    (0x06, 0, 0, 0),  # ret #0: drop
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: keep it whole
+)
+SO_ATTACH_FILTER = 26  # Linux (asm-generic/socket.h)
+
+
+def _refuse_new_connections(listener) -> bool:
+    """Have the kernel ignore new connections to the listening socket `listener` (their SYNs are
+    dropped: the client retries, and is refused once the socket is closed), while those already
+    queued stay to be accepted. False where that cannot be done (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in _DROP_SYN))
+    program = struct.pack("HL", len(_DROP_SYN), ctypes.addressof(code))  # struct sock_fprog
+    try:
+        with socket.socket(fileno=os.dup(listener.fileno())) as sock:  # the event loop's may be a wrapper
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, program)
+    except OSError as exc:
+        log.warning("cannot stop new connections before closing the listening socket: %s", exc)
+        return False
+    return True
 
 
 class InstanasServer(uvicorn.Server):
@@ -323,6 +467,41 @@ class InstanasServer(uvicorn.Server):
         if models is not None:
             models.draining = True
 
+    async def shutdown(self, sockets=None) -> None:
+        """uvicorn's graceful shutdown, without resetting a client that sent a request:
+        - Closing a listening socket resets the connections the kernel has queued on it but the
+          server not yet accepted, and their clients may have sent a request. So first the kernel
+          stops taking new connections, and the queued ones are accepted (and answered 503
+          `draining`) before the socket is closed.
+        - Idle connections stay open, and requests arriving then are answered (Guard.shutdown).
+        - Connections are closed gracefully (_LingeringTransport), those left at the end too.
+        Requests in flight get INSTANAS_SHUTDOWN_TIMEOUT from the drain's end, the accepting included."""
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.connections.stopping = True
+        listeners = [sock for server in getattr(self, "servers", ()) for sock in (server.sockets or ())]
+        if listeners and not self.force_exit and all(_refuse_new_connections(sock) for sock in listeners):
+            await asyncio.sleep(max(0.0, min(HANDSHAKE_S, deadline - time.monotonic())))
+            while any(_has_queued(sock) for sock in listeners) and time.monotonic() < deadline \
+                    and not self.force_exit:
+                await asyncio.sleep(0.01)  # the event loop accepts them
+        # what is left of the timeout, for uvicorn's wait for requests in flight
+        self.config.timeout_graceful_shutdown = max(0.0, deadline - time.monotonic())
+        await super().shutdown(sockets)
+        await self._close_the_rest()
+
+    async def _close_the_rest(self) -> None:
+        """After the shutdown timeout: requests cancelled answer (_AnswerWhenStopping), then every
+        connection left (idle ones too) is closed, gracefully for at most LINGER_S, then at once."""
+        end = time.monotonic() + LINGER_S
+        while self.server_state.tasks and time.monotonic() < end and not self.force_exit:
+            await asyncio.sleep(0.01)
+        for conn in list(self.server_state.connections):
+            conn.transport.close()
+        while self.server_state.connections and time.monotonic() < end and not self.force_exit:
+            await asyncio.sleep(0.01)
+        for conn in list(self.server_state.connections):
+            conn.transport.close_now()
+
     async def on_tick(self, counter: int) -> bool:
         while self._signals:
             sig = signal.Signals(self._signals.pop(0)).name
@@ -339,6 +518,13 @@ class InstanasServer(uvicorn.Server):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return await super().on_tick(counter)
+
+
+def _has_queued(listener) -> bool:
+    """A connection is waiting in the listening socket's accept queue (it reads as readable)."""
+    poll = select.poll()  # not select.select: it fails on descriptors past 1023
+    poll.register(listener.fileno(), select.POLLIN)
+    return bool(poll.poll(0))
 
 
 def _main_thread() -> bool:
@@ -361,7 +547,7 @@ def serve(app, settings, *, http: str = "httptools", sockets: list | None = None
     connections = Connections(limit, metrics)
     if metrics is not None:  # what service/batching.py's inline path checks: the server's count, parsed requests included
         metrics.requests_in_progress = connections.in_progress
-    config = uvicorn.Config(app, http=protocol_class(http, connections, settings),
+    config = uvicorn.Config(_AnswerWhenStopping(app, connections), http=protocol_class(http, connections, settings),
                             h11_max_incomplete_event_size=settings.max_header_bytes,
                             timeout_keep_alive=settings.keep_alive_timeout,
                             timeout_graceful_shutdown=settings.shutdown_timeout, **uvicorn_options)

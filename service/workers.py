@@ -42,7 +42,9 @@ What is global and what is per worker:
   worker dies with the supervisor (Linux's parent-death signal). A worker that dies after it
   started is restarted; a worker that cannot start (a bundle that fails its checks) stops them
   all, and the supervisor exits 2. A worker still loading its bundles ignores SIGHUP; the
-  supervisor sends it the reloads it missed once it is ready.
+  supervisor sends it the reloads it missed once it is ready. Stopping, the supervisor closes
+  its copies of the listening sockets at once, so that the port takes no more connections once
+  the workers have closed theirs.
 """
 
 from __future__ import annotations
@@ -256,8 +258,7 @@ class Supervisor:
         while self.pending:
             sig = self.pending.pop(0)
             if sig in (signal.SIGTERM, signal.SIGINT):
-                self.stopping = True
-                self._signal_all(sig)
+                self._stop(sig)
             elif sig == signal.SIGHUP:
                 self.reloads += 1
                 self._signal_all(signal.SIGHUP)
@@ -296,13 +297,22 @@ class Supervisor:
             time.sleep(RESTART_DELAY_S)
             if not self._start(slot) and not self.stopping:
                 log.error("worker %d could not be started again; stopping", slot)
-                self.stopping = self.failed = True
-                self._signal_all(signal.SIGTERM)
+                self.failed = True
+                self._stop(signal.SIGTERM)
+
+    def _stop(self, sig: int) -> None:
+        """`sig` to every worker, and the supervisor's copies of the listening sockets closed: a
+        socket stays open while any process holds it, so one held here would go on taking new
+        connections after its worker closed its own (having accepted what was queued), and they
+        would be reset when the supervisor exits, their requests sent."""
+        self.stopping = True
+        self._signal_all(sig)
+        for sock in self.sockets.values():
+            sock.close()
 
     def _stop_all(self) -> None:
         if not self.stopping:  # else every worker was sent the signal already
-            self.stopping = True
-            self._signal_all(signal.SIGTERM)
+            self._stop(signal.SIGTERM)
         for process in self.workers.values():
             process.join(30)
             if process.is_alive():
