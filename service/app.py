@@ -11,6 +11,7 @@ process's metrics and the repository (`models`, which a reload swaps).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -54,15 +55,22 @@ class RequestMetrics:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)
 
 
-def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -> FastAPI:
-    """`bundle`: one bundle already loaded, served alone (tests and benchmarks); default: `settings.model`."""
+def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *,
+               before_batch: Callable[[list], None] | None = None) -> FastAPI:
+    """`bundle`: one bundle already loaded, served alone (tests and benchmarks); default: `settings.model`.
+
+    `before_batch(jobs)`: called with each batch of requests (service/batching.py) where it runs,
+    an executor thread or, for a lone small request, the event loop's thread, just before it is
+    decoded and classified; raising fails the batch's requests. For tracing or fault injection:
+    the tests hold batches with it, so that requests queue however fast the machine is. Every
+    model gets it, those of later reloads too."""
     settings = settings or Settings()
     metrics = Metrics()
     if bundle is None:
         # Every graph runs once and the fused warm-up is done before anything is served (BundleError otherwise).
-        models = load_repository(settings, metrics)
+        models = load_repository(settings, metrics, before_batch=before_batch)
     else:
-        state = ServiceState(settings, bundle, metrics)
+        state = ServiceState(settings, bundle, metrics, before_batch=before_batch)
         warmup.prepare(state)
         models = Repository(bundle.path, {state.name: state}, state.name)
 
@@ -81,6 +89,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None) -
     app = FastAPI(title="instanas", version="0.1.0", lifespan=lifespan,
                   description="Instance-aware NAS: each image runs the architecture its controller picks.")
     app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
+    app.state.before_batch = before_batch  # for the models of a reload (service/reload.py)
     models.mark_served(metrics)
     errors.install(app, lambda code: metrics.rejections.labels(code).inc())
     app.add_middleware(RequestMetrics, metrics=metrics)

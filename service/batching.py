@@ -63,12 +63,16 @@ class Batcher:
     def __init__(self, process: Callable[[list[Job]], list[Any]], *, workers: int, max_batch_size: int,
                  max_batch_delay_s: float, on_dispatch: Callable[[int], None] | None = None,
                  on_done: Callable[[int], None] | None = None, on_queue: Callable[[int], None] | None = None,
-                 max_queue: int | None = None, inline: Callable[[Job], bool] | None = None):
+                 max_queue: int | None = None, inline: Callable[[Job], bool] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         """`max_queue`: with this many jobs queued, a batch is no longer held for requests still
         arriving, so the queue stays within the limit admission control enforces
         (service.classification.admit). `inline(job)`: whether an idle batcher may run `job` on the
-        loop's thread (default: never)."""
+        loop's thread (default: never). `clock`: what jobs' waits and the batch delay are measured on,
+        in seconds (the delay's timer only says when to look again); a test passes a clock it moves
+        by hand, so that those waits come out exact."""
         self.process = process
+        self._clock = clock
         self.inline = inline
         self.max_queue = max_queue
         self.workers, self.max_batch_size, self.max_batch_delay_s = workers, max(1, max_batch_size), max_batch_delay_s
@@ -127,7 +131,7 @@ class Batcher:
         `result` attribute holds the outcome. `expected`: this request called `expect()` before."""
         loop = self._loop or asyncio.get_running_loop()
         self._loop = loop
-        job = Job(payload, size=max(1, size))
+        job = Job(payload, size=max(1, size), t_submit=self._clock())
         job.future = loop.create_future()
         if expected:
             self._arriving -= 1
@@ -151,7 +155,7 @@ class Batcher:
                                                       "retry", {"Retry-After": "1"}))
             return
         while self._queue and self._free > 0:
-            now = time.perf_counter()
+            now = self._clock()
             if self._queued_rows < self.max_batch_size and self._arriving > 0 and self.max_batch_delay_s > 0 \
                     and (self.max_queue is None or len(self._queue) < self.max_queue):
                 wait = self._queue[0].t_submit + self.max_batch_delay_s - now
@@ -202,7 +206,7 @@ class Batcher:
     def _finished(self, batch: list[Job], future: asyncio.Future) -> None:
         self._free += 1
         if self._free == 1:
-            self._free_since = time.perf_counter()
+            self._free_since = self._clock()
         if self._on_done:
             self._on_done(len(batch))
         try:

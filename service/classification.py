@@ -105,7 +105,12 @@ def make_batcher(state) -> Batcher:
             return False
         return sum(imaging.header_pixels(x) or 0 for x in items if isinstance(x, bytes)) <= INLINE_MAX_PIXELS
 
-    return Batcher(lambda jobs: process(state, jobs), workers=settings.max_concurrency,
+    def run(jobs: list[Job]) -> list:
+        if state.before_batch is not None:
+            state.before_batch(jobs)
+        return process(state, jobs)
+
+    return Batcher(run, workers=settings.max_concurrency,
                    max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1e3,
                    on_dispatch=on_dispatch, on_done=on_done, on_queue=metrics.queue_moved, max_queue=settings.max_queue,
                    inline=inline if settings.inline_max_bytes > 0 else None)

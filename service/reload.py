@@ -63,7 +63,8 @@ async def reload(app, path: str | None = None) -> dict:
         t0 = time.perf_counter()
         metrics = app.state.metrics
         try:
-            new = await asyncio.to_thread(load_repository, app.state.settings, metrics, target)
+            new = await asyncio.to_thread(load_repository, app.state.settings, metrics, target,
+                                          before_batch=app.state.before_batch)
         except BundleError as exc:
             metrics.reloads.labels("error").inc()
             log.error("reload refused, still serving %s: %s", current.path, exc)

@@ -16,6 +16,7 @@ metrics labelled with its name) and is chosen by name: `/v2/models/{name}/...`,
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -97,9 +98,11 @@ class Repository:
             s.stop()
 
 
-def load_repository(settings: Settings, metrics: Metrics, path: Path | None = None) -> Repository:
+def load_repository(settings: Settings, metrics: Metrics, path: Path | None = None, *,
+                    before_batch: Callable[[list], None] | None = None) -> Repository:
     """Load, verify and warm up every bundle at `path` (default: `INSTANAS_MODEL`); BundleError
-    names the first that fails (and nothing is kept running)."""
+    names the first that fails (and nothing is kept running). `before_batch`: each model's
+    (service.app.create_app)."""
     path = Path(path or settings.model).expanduser()
     folders = bundle_folders(path)
     default = settings.default_model or next(iter(folders))
@@ -113,7 +116,7 @@ def load_repository(settings: Settings, metrics: Metrics, path: Path | None = No
             if bundle.manifest.name != name:
                 raise BundleError(f"{folder}: the folder of a bundle in a model repository is named as its model, "
                                   f"but its manifest says {bundle.manifest.name!r}; rename the folder")
-            state = states[name] = ServiceState(settings, bundle, metrics)
+            state = states[name] = ServiceState(settings, bundle, metrics, before_batch=before_batch)
             warmup.prepare(state)  # every graph run and checked, fused graphs compiled (BundleError otherwise)
     except BaseException:
         for state in states.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -19,9 +20,12 @@ from service.settings import Settings
 class ServiceState:
     """One served model: bundle, executor (with its fused-graph cache), costs, metrics, batcher."""
 
-    def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics | None = None):
-        """`metrics`: the process's (service/metrics.py); this model's are those labelled with its name."""
+    def __init__(self, settings: Settings, bundle: Bundle, metrics: Metrics | None = None, *,
+                 before_batch: Callable[[list], None] | None = None):
+        """`metrics`: the process's (service/metrics.py); this model's are those labelled with its name.
+        `before_batch(jobs)`: called where each batch runs, just before it runs (service.app.create_app)."""
         self.settings = settings
+        self.before_batch = before_batch
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.name = bundle.manifest.name  # as requests name it (service/repository.py)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -78,21 +79,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(check, what: str, timeout: float = 60) -> None:
+    """Poll `check()` until it is true. The timeout only turns a hang into a failure: it is far longer
+    than anything awaited this way takes, on any machine."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 class Server:
     """A real `instanas-serve` process on a loopback port."""
 
-    def __init__(self, bundle: Path, log: Path, preexec_fn=None, **env: str):
+    def __init__(self, bundle: Path, log: Path, preexec_fn=None, gated: bool = False, **env: str):
         """`env`: INSTANAS_* settings; the drain on SIGTERM is off unless set (INSTANAS_DRAIN_SECONDS), and so
         is the load governor (INSTANAS_QUEUE_TARGET_MS), so that which operating point answers does not
         depend on how busy the test machine is.
-        `preexec_fn`: run in the child before it starts (e.g. to lower its open-files limit)."""
+        `preexec_fn`: run in the child before it starts (e.g. to lower its open-files limit).
+        `gated`: the server of tests/gated_server.py, whose batches `hold()` and `release()` stop and start
+        (batches never run on the event loop's thread there)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
+        self.gated = gated
         self._log_file = open(log, "w")
+        command = [str(BIN / "python"), "-m", "tests.gated_server"] if gated else [str(BIN / "instanas-serve")]
         self.process = subprocess.Popen(
-            [str(BIN / "instanas-serve"), "--model", str(bundle), "--host", "127.0.0.1", "--port", str(self.port)],
+            [*command, "--model", str(bundle), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self._log_file, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+            cwd=ROOT if gated else None,  # `python -m tests...` from the checkout
             env={**os.environ, "INSTANAS_DRAIN_SECONDS": "0", "INSTANAS_QUEUE_TARGET_MS": "0", **env})
         deadline = time.time() + 60
         while time.time() < deadline:
@@ -107,8 +122,24 @@ class Server:
         self.stop()
         raise RuntimeError(f"server did not become ready:\n{log.read_text()}")
 
+    def hold(self) -> None:
+        """From now on every batch waits before it runs (a gated server only)."""
+        httpx.post(self.url + "/test/hold", timeout=10).raise_for_status()
+
+    def release(self) -> None:
+        """Let every held batch, and later ones, run."""
+        httpx.post(self.url + "/test/release", timeout=10).raise_for_status()
+
+    def queued(self) -> tuple[float, float]:
+        """(classifications being executed or held at the gate, classifications waiting for an executor)."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return sample(text, "instanas_in_flight_requests"), sample(text, "instanas_queue_depth")
+
     def stop(self) -> None:
         if self.process.poll() is None:
+            if self.gated:  # a batch still held would hold up the shutdown
+                with contextlib.suppress(httpx.HTTPError):
+                    self.release()
             self.process.terminate()
             try:
                 self.process.wait(10)

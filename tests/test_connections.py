@@ -16,9 +16,12 @@ import httpx
 import pytest
 
 from tests import hostile as h
-from tests.conftest import BIN, Server, free_port, metric
+from tests.conftest import BIN, Server, free_port, metric, wait_until
 
 JPEG = h.jpeg()
+# How late a loaded machine may act on a timeout, in the upper bounds below: each one is still well short of
+# what the test would see without that timeout (the end of a trickle, a client's own socket timeout).
+SLACK_S = 5.0
 
 
 
@@ -58,15 +61,16 @@ def test_a_body_at_one_byte_a_second_is_cut_off_within_the_body_timeout(server):
     assert reply is not None and reply.status == 408, reply
     assert reply.json()["error"]["code"] == "request_timeout"
     assert reply.headers.get("connection") == "close"
-    assert 2.5 <= elapsed <= 5.0, elapsed  # INSTANAS_BODY_TIMEOUT=3
+    assert 2.5 <= elapsed <= 3 + SLACK_S, elapsed  # INSTANAS_BODY_TIMEOUT=3, against 20 s of trickling
 
 
 def test_headers_must_arrive_within_the_header_timeout(server):
+    # INSTANAS_HEADER_TIMEOUT=2; without it the client's own 10 s timeout would end each exchange
     reply = h.raw_exchange(server.port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n"], timeout=10)
     assert reply.status == 408 and reply.json()["error"]["code"] == "request_timeout"
-    assert 1.5 <= reply.seconds <= 4, reply.seconds
+    assert 1.5 <= reply.seconds <= 2 + SLACK_S, reply.seconds
     silent = h.raw_exchange(server.port, [], timeout=10)  # connects and sends nothing: closed, no answer
-    assert silent.status is None and 1.5 <= silent.seconds <= 4, silent
+    assert silent.status is None and 1.5 <= silent.seconds <= 2 + SLACK_S, silent
 
 
 def test_keep_alive_limits(server):
@@ -82,8 +86,8 @@ def test_keep_alive_limits(server):
         sock.sendall(b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert h.read_reply(sock, time.monotonic()).status == 200
         t0 = time.monotonic()
-        assert sock.recv(1) == b""  # idle: closed after INSTANAS_KEEP_ALIVE_TIMEOUT=1
-        assert time.monotonic() - t0 < 3
+        assert sock.recv(1) == b""  # idle: closed after INSTANAS_KEEP_ALIVE_TIMEOUT=1 (the socket's own timeout is 10 s)
+        assert time.monotonic() - t0 < 1 + SLACK_S
 
 
 def _low_open_files_limit():
@@ -100,11 +104,12 @@ def test_three_hundred_idle_sockets_do_not_stop_liveness(tiny_bundle, tmp_path):
         assert "at most 192 connections" in srv.log.read_text()
         for _ in range(300):
             sockets.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
-        time.sleep(0.5)
+        # Connections are accepted in order, so these come after all 300 are in. Answered at all is the
+        # point (plain uvicorn, below, never answers); the bound only says not after a long stall.
         for _ in range(5):
             t0 = time.monotonic()
             live = httpx.get(srv.url + "/healthz/live", timeout=10)
-            assert live.status_code == 200 and time.monotonic() - t0 < 2
+            assert live.status_code == 200 and time.monotonic() - t0 < SLACK_S
         assert httpx.post(srv.url + "/classify", content=JPEG, headers={"content-type": "image/jpeg"},
                           timeout=10).status_code == 200
         assert metric(srv.url, "instanas_connections_closed_total", reason="evicted") >= 300 - 192
@@ -163,18 +168,28 @@ def test_a_connection_beyond_the_limit_is_refused_when_all_are_busy(tiny_bundle,
     try:
         for _ in range(2):  # two connections with a request in progress (bodies still arriving)
             sock = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
-            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n\r\nab")
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            # the server asks for the body once the handler reads it: the request is surely in progress
+            assert sock.recv(64) == b"HTTP/1.1 100 Continue\r\n\r\n"
+            sock.sendall(b"ab")
             busy.append(sock)
-        time.sleep(0.3)
         reply = h.raw_exchange(srv.port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\n\r\n"])
         assert reply.status == 503 and reply.json()["error"]["code"] == "overloaded"
-        assert reply.headers["retry-after"] == "1" and reply.seconds < 1
+        # at once: not once a busy one ends (their bodies would wait for INSTANAS_BODY_TIMEOUT=10)
+        assert reply.headers["retry-after"] == "1" and reply.seconds < SLACK_S
     finally:
         for sock in busy:
             sock.close()
-        time.sleep(0.3)
+
+    def live() -> bool:
+        try:
+            return httpx.get(srv.url + "/healthz/live", timeout=10).status_code == 200
+        except httpx.TransportError:  # refused while the server has not yet seen the two close
+            return False
+
     try:  # once they are gone, served again
-        assert httpx.get(srv.url + "/healthz/live", timeout=10).status_code == 200
+        wait_until(live, "liveness once the busy connections closed")
         assert metric(srv.url, "instanas_connections_closed_total", reason="refused") >= 1
     finally:
         srv.stop()
@@ -213,7 +228,7 @@ def test_the_same_guards_with_h11(tiny_bundle, tmp_path):
         assert slow.status == 408 and slow.json()["error"]["code"] == "request_timeout"
         body = h.raw_exchange(port, [b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                                      b"Content-Length: 50\r\n\r\nabc"])
-        assert body.status == 408 and body.seconds < 4
+        assert body.status == 408 and body.seconds < 1.5 + SLACK_S  # body_timeout=1.5; the client's is 10 s
         big = h.raw_exchange(port, [b"GET /healthz/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n"])
         assert big.status == 431 and big.json()["error"]["code"] == "headers_too_large", big
         ok = httpx.post(f"http://127.0.0.1:{port}/classify", content=JPEG, headers={"content-type": "image/jpeg"})

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from tests import hostile as h
-from tests.conftest import BIN, Server
+from tests.conftest import BIN, Server, wait_until
 from tests.helpers import export_test_bundle, random_controller
 from training.searchspace import build_tiny_space
 
@@ -165,6 +165,23 @@ class Load:
                     self.outcomes.append(outcome)
                     self.by_client[index].append(outcome[1])
 
+    def mark(self) -> dict[int, int]:
+        """How many answers each client has had so far (for `wait_each`)."""
+        with self.lock:
+            return {i: len(seen) for i, seen in self.by_client.items()}
+
+    def wait_each(self, since: dict[int, int] | None = None, sha: str | None = None) -> None:
+        """Until every client has had an answer since `since` (a `mark()`), from the bundle `sha` when given:
+        each phase of a test gets traffic from every client, however slowly the machine serves it."""
+        since = since or dict.fromkeys(self.by_client, 0)
+
+        def check() -> bool:
+            with self.lock:
+                return all((seen[since[i]:] if sha is None else sha in seen[since[i]:])
+                           for i, seen in self.by_client.items())
+
+        wait_until(check, f"an answer for every client{'' if sha is None else ' from ' + sha[:12]}")
+
     def __enter__(self):
         for t in self.threads:
             t.start()
@@ -184,13 +201,13 @@ def test_reload_under_load_fails_no_request_and_a_bad_bundle_keeps_the_old(tiny_
     swap_controller(bad, which_graph(bad, "head"))
     try:
         with Load(srv.url) as load:
-            time.sleep(1.0)
+            load.wait_each(sha=sha(tiny_bundle))
             first = httpx.post(srv.url + "/admin/reload", json={"path": str(second_bundle)}, headers=token, timeout=120)
-            time.sleep(1.0)
+            load.wait_each(sha=sha(second_bundle))
             refused = httpx.post(srv.url + "/admin/reload", json={"path": str(bad)}, headers=token, timeout=120)
-            time.sleep(1.0)
+            load.wait_each(load.mark(), sha(second_bundle))  # the refused reload changed nothing
             back = httpx.post(srv.url + "/admin/reload", json={"path": str(tiny_bundle)}, headers=token, timeout=120)
-            time.sleep(1.0)
+            load.wait_each(load.mark(), sha(tiny_bundle))
         assert first.status_code == 200, first.text
         assert first.json()["model"]["sha256"] == sha(second_bundle)
         assert first.json()["previous"]["sha256"] == sha(tiny_bundle)
@@ -208,7 +225,7 @@ def test_reload_under_load_fails_no_request_and_a_bad_bundle_keeps_the_old(tiny_
         assert set(answered_by) == {sha(tiny_bundle), sha(second_bundle)}
         for seen in load.by_client.values():
             runs = [m for i, m in enumerate(seen) if i == 0 or m != seen[i - 1]]
-            assert runs == [sha(tiny_bundle), sha(second_bundle), sha(tiny_bundle)][: len(runs)], runs
+            assert runs == [sha(tiny_bundle), sha(second_bundle), sha(tiny_bundle)], runs
 
         ready = httpx.get(srv.url + "/healthz/ready").json()
         assert ready["model"]["sha256"] == sha(tiny_bundle)
@@ -227,13 +244,13 @@ def test_sighup_reloads_the_same_folder(tiny_bundle, tmp_path):
     srv = Server(bundle, tmp_path / "server.log", INSTANAS_LOG_FORMAT="text")
     try:
         with Load(srv.url, clients=2) as load:
-            time.sleep(0.5)
+            load.wait_each()
             srv.process.send_signal(signal.SIGHUP)
             deadline = time.time() + 60
             while "reloaded: now serving" not in srv.log.read_text():
                 assert time.time() < deadline and srv.process.poll() is None, srv.log.read_text()[-2000:]
                 time.sleep(0.2)
-            time.sleep(0.5)
+            load.wait_each(load.mark())  # and served after the swap
         assert load.outcomes and {s for s, _ in load.outcomes} == {200}
         # start-up's objects were frozen out of garbage collection, and the new bundle's are once the old retires
         deadline = time.time() + 30

@@ -89,6 +89,7 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
         response = classify(srv.url, test_jpegs[i % len(test_jpegs)][1])
         assert response.status_code == 200, response.text
         codes.append(response.json()["architecture"]["code"])
+    eventually(lambda: len(access_pids(srv, "/classify")) == 40)  # each line is written just after its answer
     assert len(set(access_pids(srv, "/classify"))) == WORKERS  # the kernel gave both workers connections
     executed = sum(c != "0" for code in codes for c in code)  # cells that ran at least one module
     eventually(lambda: metric(srv.url, "instanas_requests_total", endpoint="/classify", status="200") == 40)
@@ -106,7 +107,10 @@ def test_every_worker_serves_and_metrics_add_up_across_them(workers_server, test
     eventually(lambda: "died" in srv.log.read_text())  # reaped: its socket is closed, the restart 1 s away
     for _ in range(6):  # meanwhile new connections go to the live worker, not to the dead one's queue
         assert classify(srv.url, test_jpegs[0][1]).status_code == 200
-    assert srv.log.read_text().count("started (pid") == WORKERS  # the replacement was not serving yet
+    # The replacement was not serving yet: it listens only after the 1 s restart delay and a whole start-up
+    # (a new interpreter loading the bundle), and six requests to the tiny bundle take milliseconds each.
+    # (Had they waited on the dead worker's socket, they would have been answered by the replacement.)
+    assert srv.log.read_text().count("started (pid") == WORKERS
     eventually(lambda: access_pids(srv, "/classify")[-6:] == [survivor] * 6)
     wait_started(srv, WORKERS + 1)
     assert len(worker_pids(srv)) == WORKERS and victim not in worker_pids(srv)
