@@ -30,11 +30,17 @@ def bundle(tmp_path_factory):
     return out, manifest
 
 
+def records(log_path) -> list[dict]:
+    """The log's JSON lines written so far, complete ones only (the server may be writing the next)."""
+    text = log_path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
 def access_lines(log_path, expected: int, timeout: float = 10) -> list[dict]:
     """The server's JSON access lines, once at least `expected` of them are written."""
     deadline = time.time() + timeout
     while True:
-        lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        lines = records(log_path)
         access = [line for line in lines if line["logger"] == logs.ACCESS_LOGGER]
         if len(access) >= expected or time.time() > deadline:
             return access
@@ -123,7 +129,7 @@ def test_a_real_server_writes_one_json_access_line_per_request(bundle, test_jpeg
         assert by_id[sent[4][0]][0]["operating_point"] is None  # architecture given: no controller ran
         assert by_id[sent[4][0]][0]["architecture"] == ["1111"]
         # every line of the log is JSON, and uvicorn's own access log is gone
-        every = [json.loads(line) for line in srv.log.read_text().splitlines() if line.strip()]
+        every = records(srv.log)
         assert not [line for line in every if line["logger"] == "uvicorn.access"]
         assert any(line["logger"] == "uvicorn.error" for line in every)  # uvicorn's other logs: JSON too
     finally:
