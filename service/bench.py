@@ -73,7 +73,8 @@ def static_view(bundle_dir: Path, out: Path, name: str | None = None) -> Path:
     cells = [c.model_copy(update={"modules": c.modules[:1]}) for c in space.cells]
     static = manifest.model_copy(update={
         "name": name or manifest.name + "-mobilenet_v2-view", "search_space": space.model_copy(update={"cells": cells}),
-        "blocks": [b for b in manifest.blocks if b.module == 0], "controllers": [], "default_controller": None,
+        "blocks": [b for b in manifest.blocks if b.module == 0], "controllers": [], "cascades": [], "networks": [],
+        "default_controller": None,
         "fixed_architecture": "1" * space.num_cells, "frequent_architectures": [], "evaluation": None})
     out.mkdir(parents=True, exist_ok=True)
     for entry in static.files():

@@ -215,6 +215,7 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     choice = request.choice
     executed = result.executed[row]
     latency_ms, mflops = observe(state, result, row, choice, stages)
+    trace = result.trace(row)
     classes = state.manifest.classes
     probs = result.probabilities[row]
     order = np.argsort(-probs, kind="stable")[: request.top_k]
@@ -230,6 +231,8 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
         "top_k": scores,
         "architecture": {
             "code": code or architecture.encode(executed),
+            "resolution": resolution(state, result, row),
+            "network": None if trace is None else trace.ran[-1].network,
             "cells": [{"cell": c, "modules": [names[c][m] for m in np.flatnonzero(executed[c])]}
                       for c in range(len(names))],
             "modules_executed": int(executed.sum()),
@@ -238,6 +241,11 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
             "relative_to_baseline": round(latency_ms / costs.baseline_ms, 4),
         },
         "operating_point": {"name": choice.operating_point, "reason": choice.reason},
+        "cascade": None if trace is None else {
+            "stages": [{"network": stage.network, "resolution": stage.resolution, "code": stage.code,
+                        "confidence": sure, "threshold": stage.threshold, "answered": i == trace.answered}
+                       for i, (stage, sure) in enumerate(zip(trace.ran, trace.confidences))],
+            "escalated": trace.escalated},
         "latency_ms": latency,
     }
 
@@ -248,10 +256,23 @@ def observe(state, result, row: int, choice: Choice, stages: dict[str, float]) -
     metrics, costs = state.metrics, state.costs
     executed = result.executed[row]
     point = result.point(row)
-    latency_ms = float(costs.latency_ms(executed[None], point)[0])
-    mflops = float(costs.mflops(executed[None], point)[0])
+    trace = result.trace(row)
+    if trace is None:
+        latency_ms = float(costs.latency_ms(executed[None], point)[0])
+        mflops = float(costs.mflops(executed[None], point)[0])
+    else:
+        latency_ms, mflops = trace.estimated_ms, trace.mflops
+        if trace.escalated:
+            metrics.escalations.labels(point).inc()
     metrics.observe_architecture(executed, latency_ms, mflops)
+    metrics.resolutions.labels(str(resolution(state, result, row))).inc()
     metrics.operating_points.labels(choice.operating_point or "", choice.reason).inc()
     for stage, seconds in stages.items():
         metrics.stage_duration.labels(stage).observe(seconds)
     return latency_ms, mflops
+
+
+def resolution(state, result, row: int) -> int:
+    """The input resolution of the network that answered row `row`."""
+    trace = result.trace(row)
+    return state.manifest.preprocessing.input_size if trace is None else trace.ran[-1].resolution

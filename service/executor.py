@@ -11,6 +11,9 @@ With a `FusedCache` (service/fused.py), rows whose architecture has a compiled f
 run it instead, one call per architecture on exactly those rows; the other rows take the
 per-block path together. `run_batch` serves rows that came from different requests: the
 controller runs once per operating point on the rows that asked for it.
+
+A cascade operating point (service/cascade.py) runs its stages on its rows, each stage on
+the executor of its network (one `Executor` per network of the bundle, sharing the fused cache).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import architecture
+from service.architecture import CostTable
 from service.bundle import Bundle
+from service.cascade import CascadeRunner, Trace
 
 
 @dataclass
@@ -35,9 +40,14 @@ class Result:
     # per row: the controller that chose that row's architecture (None: static or given); set by run_batch
     operating_points: list[str | None] | None = None
     fused_rows: int = 0  # rows that ran a fused whole-architecture graph
+    # per row: how a cascade point answered it (None: no cascade ran); None when no row ran one
+    traces: list[Trace | None] | None = None
 
     def point(self, row: int) -> str | None:
         return self.operating_point if self.operating_points is None else self.operating_points[row]
+
+    def trace(self, row: int) -> Trace | None:
+        return None if self.traces is None else self.traces[row]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -62,23 +72,32 @@ class Executor:
             self.fixed = architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
         self._stem, self._head = _Graph(bundle.stem), _Graph(bundle.head)
         self._blocks = [[_Graph(bundle.blocks[(c.index, m)]) for m in range(len(c.modules))] for c in self.space.cells]
+        self.costs = CostTable.of_manifest(manifest)
+        self.networks = {name: Executor(sub, fused=None if fused is None else fused.network(name))
+                         for name, sub in bundle.networks.items()}
+        self.cascades = {c.name: CascadeRunner(c, {None: self, **self.networks}) for c in manifest.cascades}
 
     @property
     def operating_points(self) -> list[str]:
-        return list(self._controllers)
+        return [*self._controllers, *self.cascades]
 
     def policy(self, x: np.ndarray, operating_point: str | None = None) -> np.ndarray:
         """(N, cells, modules) boolean: what runs for each image, empty-cell rule applied.
         `operating_point` names the controller (default: the bundle's default)."""
         if self.fixed is not None:
             return np.broadcast_to(self.fixed, (x.shape[0], *self.fixed.shape)).copy()
-        controller, threshold = self._controllers[operating_point or self.default_point]
+        point = operating_point or self.default_point
+        if point in self.cascades:
+            raise ValueError(f"operating point {point!r} is a cascade: its stages choose, not a controller")
+        controller, threshold = self._controllers[point]
         return architecture.apply_empty_cell_rule(controller(x) >= threshold, self.space)
 
     def run(self, x: np.ndarray, executed: np.ndarray | None = None, operating_point: str | None = None) -> Result:
         """Classify a (N, 3, H, W) float32 batch with the controller of `operating_point` (default:
         the bundle's); `executed` (N, cells, modules) gives the architectures instead."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if executed is None and self.fixed is None and (operating_point or self.default_point) in self.cascades:
+            return self.run_batch(x, [operating_point] * x.shape[0], [None] * x.shape[0])
         t0 = time.perf_counter()
         point = None
         if executed is None:
@@ -114,15 +133,36 @@ class Executor:
             else:
                 row_points[i] = points[i] or self.default_point
                 by_point.setdefault(row_points[i], []).append(i)
+        cascaded = {point: rows for point, rows in by_point.items() if point in self.cascades}
         for point, rows in by_point.items():
-            executed[rows] = self.policy(x if len(rows) == n else x[rows], point)
+            if point not in cascaded:
+                executed[rows] = self.policy(x if len(rows) == n else x[rows], point)
         executed = architecture.apply_empty_cell_rule(executed, self.space)
         t1 = time.perf_counter()
-        logits, fused_rows = self.backbone(x, executed)
-        t2 = time.perf_counter()
         uniform = row_points[0] if len(set(row_points)) == 1 else None
+        if not cascaded:
+            logits, fused_rows = self.backbone(x, executed)
+            t2 = time.perf_counter()
+            return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
+                          operating_points=row_points, fused_rows=fused_rows)
+        logits = np.empty((n, self.space.num_classes), np.float32)
+        traces: list[Trace | None] = [None] * n
+        for point, rows in cascaded.items():
+            runner = self.cascades[point]
+            done = runner.run(x[rows])
+            logits[rows] = done.logits
+            for i, row in enumerate(rows):
+                trace = traces[row] = done.trace(runner, i)
+                answer = trace.ran[-1].executed
+                executed[row] = False
+                executed[row, :, : answer.shape[1]] = answer
+        rest = np.array([i for i in range(n) if traces[i] is None], np.int64)
+        fused_rows = 0
+        if len(rest):
+            logits[rest], fused_rows = self.backbone(x[rest], executed[rest])
+        t2 = time.perf_counter()
         return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
-                      operating_points=row_points, fused_rows=fused_rows)
+                      operating_points=row_points, fused_rows=fused_rows, traces=traces)
 
     def backbone(self, x: np.ndarray, executed: np.ndarray) -> tuple[np.ndarray, int]:
         """Logits of stem, the `executed` blocks (empty-cell rule applied) and head; and how many

@@ -203,12 +203,12 @@ class FusedCache:
         if size > 0 and onnx is None:
             log.warning("fused graphs disabled: the onnx package is not installed")
         self._bundle = bundle
-        self._library: GraphLibrary | None = None
+        self._libraries: dict[str | None, GraphLibrary] = {}  # by network (None: the bundle's own graphs)
         self._graphs: OrderedDict[str, FusedGraph] = OrderedDict()
         self._seen: OrderedDict[str, int] = OrderedDict()  # sightings of architectures not cached, bounded
         self._max_tracked = max(max_tracked, 4 * size)
-        self._warm: deque[np.ndarray] = deque()
-        self._admitted: deque[np.ndarray] = deque()
+        self._warm: deque[tuple[str | None, np.ndarray]] = deque()  # (network, architecture)
+        self._admitted: deque[tuple[str | None, np.ndarray]] = deque()
         self._pending: set[str] = set()  # queued or being built
         self._failed: set[str] = set()
         self._recent_builds: deque[float] = deque()  # start times of rate-limited builds, last minute
@@ -219,63 +219,76 @@ class FusedCache:
 
     # --- the request path --------------------------------------------------------------------
 
-    def get(self, code: str, images: int = 1, executed: np.ndarray | None = None) -> FusedGraph | None:
-        """The fused graph of `code` if it is compiled; else None, and the sighting is counted
-        (`executed`, the code's matrix, lets a build be queued without decoding the code)."""
+    def get(self, code: str, images: int = 1, executed: np.ndarray | None = None,
+            network: str | None = None) -> FusedGraph | None:
+        """The fused graph of `code` (of `network`, one of the bundle's networks; None: its own graphs)
+        if it is compiled; else None, and the sighting is counted (`executed`, the code's matrix, lets
+        a build be queued without decoding the code)."""
         if not self.enabled:
             return None
+        key = _key(network, code)
         with self._cond:
-            graph = self._graphs.get(code)
+            graph = self._graphs.get(key)
             if graph is not None:
-                self._graphs.move_to_end(code)
+                self._graphs.move_to_end(key)
                 self.stats.hits += images
             else:
                 self.stats.misses += images
-                self._sighted(code, images, executed)
+                self._sighted(key, images, executed, network)
         if self.metrics is not None:
             (self.metrics.fused_hits if graph is not None else self.metrics.fused_misses).inc(images)
         return graph
 
-    def _sighted(self, code: str, images: int, executed: np.ndarray | None) -> None:
-        if code in self._pending or code in self._failed:
+    def network(self, name: str) -> "NetworkCache":
+        """This cache as one of the bundle's networks sees it (the executor of a cascade's network)."""
+        return NetworkCache(self, name)
+
+    def _sighted(self, key: str, images: int, executed: np.ndarray | None, network: str | None) -> None:
+        if key in self._pending or key in self._failed:
             return
-        count = self._seen.pop(code, 0) + images
+        count = self._seen.pop(key, 0) + images
         if count < self.min_count:
-            self._seen[code] = count
+            self._seen[key] = count
             while len(self._seen) > self._max_tracked:
                 self._seen.popitem(last=False)
             return
         if len(self._admitted) >= max(self.size, 1):
-            self._seen[code] = count  # the queue is full: admitted again on a later sighting
+            self._seen[key] = count  # the queue is full: admitted again on a later sighting
             return
-        executed = self._matrix(code) if executed is None else np.array(executed, bool)
-        self._pending.add(code)
-        self._admitted.append(executed)
+        code = key.rpartition("/")[2]
+        executed = self._matrix(code, network) if executed is None else np.array(executed, bool)
+        self._pending.add(key)
+        self._admitted.append((network, executed))
         self._cond.notify_all()
 
     # --- warm-up, the builder thread ------------------------------------------------------------
 
-    def _matrix(self, code: str) -> np.ndarray:
-        matrix = architecture.decode(code, self.space.num_cells, self.space.num_modules)
-        return architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
+    def _space(self, network: str | None):
+        return self.space if network is None else self._bundle.networks[network].manifest.search_space
 
-    def warm(self, codes: list[str]) -> int:
-        """Queue builds of `codes` (most important first), not rate-limited; returns how many were queued."""
+    def _matrix(self, code: str, network: str | None = None) -> np.ndarray:
+        space = self._space(network)
+        matrix = architecture.decode(code, space.num_cells, space.num_modules)
+        return architecture.apply_empty_cell_rule(matrix[None], space)[0]
+
+    def warm(self, codes: list[str], network: str | None = None) -> int:
+        """Queue builds of `codes` (most important first; of `network`, None: the bundle's own graphs),
+        not rate-limited; returns how many were queued."""
         if not self.enabled:
             return 0
         queued = 0
         with self._cond:
             for code in codes[: self.size]:
                 try:
-                    matrix = self._matrix(code)
+                    matrix = self._matrix(code, network)
                 except ValueError as exc:
                     log.warning("frequent architecture %r skipped: %s", code, exc)
                     continue
-                key = architecture.encode(matrix)
+                key = _key(network, architecture.encode(matrix))
                 if key in self._pending or key in self._graphs:
                     continue
                 self._pending.add(key)
-                self._warm.append(matrix)
+                self._warm.append((network, matrix))
                 queued += 1
             self._cond.notify_all()
         return queued
@@ -308,16 +321,16 @@ class FusedCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def peek(self, code: str) -> FusedGraph | None:
+    def peek(self, code: str, network: str | None = None) -> FusedGraph | None:
         """The compiled graph of `code`, if any, counting neither a hit nor a sighting (warm-up checks)."""
         with self._cond:
-            return self._graphs.get(code)
+            return self._graphs.get(_key(network, code))
 
     def codes(self) -> list[str]:
         with self._cond:
             return list(self._graphs)
 
-    def _next(self) -> tuple[np.ndarray, bool] | None:
+    def _next(self) -> tuple[tuple[str | None, np.ndarray], bool] | None:
         """The next architecture to build (warm-up first), waiting for the rate limit; None to stop."""
         with self._cond:
             while True:
@@ -342,13 +355,14 @@ class FusedCache:
             item = self._next()
             if item is None:
                 return
-            executed, _warm = item
-            code = architecture.encode(executed)
+            (network, executed), _warm = item
+            code = _key(network, architecture.encode(executed))
             t0 = time.perf_counter()
             try:
-                if self._library is None:
-                    self._library = GraphLibrary(self._bundle)
-                graph = build(self._library, self.space, executed, self.intra_op_threads)
+                if network not in self._libraries:
+                    self._libraries[network] = GraphLibrary(self._bundle if network is None
+                                                            else self._bundle.networks[network])
+                graph = build(self._libraries[network], self._space(network), executed, self.intra_op_threads)
             except Exception as exc:  # noqa: BLE001 - a failed build must never reach requests: per-block serves
                 log.warning("fused graph for %s not built: %s", code, exc)
                 with self._cond:
@@ -382,3 +396,31 @@ class FusedCache:
                 if evicted:
                     self.metrics.fused_evictions.inc(evicted)
             log.debug("fused graph for %s built in %.3f s", code, seconds)
+
+
+def _key(network: str | None, code: str) -> str:
+    """The cache's key of an architecture: its code, after `<network>/` for one of the bundle's networks."""
+    return code if network is None else f"{network}/{code}"
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """(network, code) of a cache key (`codes()`); network None for the bundle's own graphs."""
+    network, _, code = key.rpartition("/")
+    return network or None, code
+
+
+class NetworkCache:
+    """A FusedCache seen from one of its bundle's networks: `get` and `warm` name the network."""
+
+    def __init__(self, cache: FusedCache, network: str):
+        self.cache, self.name = cache, network
+
+    @property
+    def enabled(self) -> bool:
+        return self.cache.enabled
+
+    def get(self, code: str, images: int = 1, executed: np.ndarray | None = None) -> FusedGraph | None:
+        return self.cache.get(code, images, executed, self.name)
+
+    def warm(self, codes: list[str]) -> int:
+        return self.cache.warm(codes, self.name)

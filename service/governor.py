@@ -24,7 +24,7 @@ class LoadGovernor:
     def __init__(self, manifest: Manifest, target_ms: float, *, cooldown_s: float = 1.0, smoothing: float = 0.2,
                  horizon_s: float = 1.0, clock=time.monotonic):
         default = manifest.default_controller
-        timed = {c.name: mean_latency_ms(c) for c in manifest.controllers}
+        timed = {p.name: mean_latency_ms(p) for p in manifest.points}
         faster = [] if default is None or timed.get(default) is None else sorted(
             (name for name, ms in timed.items() if ms is not None and ms < timed[default]), key=lambda n: -timed[n])
         self.ladder = [default, *faster]  # the default, then ever faster points

@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 1 had one `controller` and a bundle-level `evaluation`; `upgrade` reads it as a
-# version-2 bundle with one operating point named "default".
+# bundle with one operating point named "default". Version 3 added `networks` and `cascades`.
 
 
 class _Strict(BaseModel):
@@ -148,6 +148,8 @@ class Evaluation(_Strict):
     mean_measured_latency_ms: float | None = Field(
         default=None, description="Mean wall-clock per image through the service's executor at batch 1.")
     architectures: int | None = Field(default=None, description="Distinct architectures chosen.")
+    escalated: float | None = Field(default=None, ge=0, le=1,
+                                    description="A cascade's share of images that ran more than its first stage.")
 
 
 GREEDY_THRESHOLD = 0.5  # a module runs where the controller's probability is at least this
@@ -162,6 +164,49 @@ class Controller(GraphFile):
     evaluation: Evaluation | None = None
 
 
+class Network(_Strict):
+    """Another network a cascade runs: a static bundle of its own in the folder `path` (its manifest
+    pinned by sha256), over the same classes and cells, at `resolution`. A stage at a lower
+    resolution than this bundle's input reads the input average-pooled by the whole factor."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,47}$")
+    path: str = Field(description="The network's bundle folder, relative to this bundle's.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Of the network's manifest.json.")
+    resolution: int = Field(ge=1, description="Height = width of the network's input.")
+
+
+CONFIDENCES = ("max_softmax", "margin")
+
+
+class Stage(_Strict):
+    """One stage of a cascade: an architecture of a network. The image stops here when the
+    stage's confidence in its answer is at least `threshold`; the last stage always answers."""
+
+    network: str | None = Field(default=None, description="A name in `networks`; null: this bundle's own graphs.")
+    architecture: str = Field(description="The architecture code that runs (service.architecture).")
+    confidence: Literal["max_softmax", "margin"] = Field(
+        default="max_softmax", description="The top class's probability, or its lead over the runner-up.")
+    threshold: float | None = Field(default=None, ge=0, le=1, description="Null on the last stage only.")
+
+
+class Cascade(_Strict):
+    """An operating point whose images escalate through stages of rising cost until one is confident."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+    description: str = ""
+    stages: list[Stage] = Field(min_length=1)
+    evaluation: Evaluation | None = None
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "Cascade":
+        if self.stages[-1].threshold is not None:
+            raise ValueError(f"cascade {self.name!r}: its last stage answers every image it gets, so has no threshold")
+        for i, stage in enumerate(self.stages[:-1]):
+            if stage.threshold is None:
+                raise ValueError(f"cascade {self.name!r}: stage {i} needs a threshold (only the last has none)")
+        return self
+
+
 class FrequentArchitecture(_Strict):
     """An architecture the controllers chose often on held-out data (fused-graph cache warm-up)."""
 
@@ -170,7 +215,7 @@ class FrequentArchitecture(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[2] = SCHEMA_VERSION
+    schema_version: Literal[3] = SCHEMA_VERSION
     name: str
     version: str
     created: str
@@ -183,7 +228,10 @@ class Manifest(_Strict):
     blocks: list[BlockFile]
     controllers: list[Controller] = Field(
         default_factory=list, description="Operating points over the same blocks; empty for a static bundle.")
-    default_controller: str | None = Field(default=None, description="The operating point served by default.")
+    networks: list[Network] = Field(default_factory=list, description="Other networks the cascades run.")
+    cascades: list[Cascade] = Field(default_factory=list, description="Operating points that escalate through stages.")
+    default_controller: str | None = Field(default=None, description="The operating point served by default "
+                                           "(a controller's or a cascade's name).")
     fixed_architecture: str | None = Field(
         default=None, description="Architecture code served for every image by a static bundle."
     )
@@ -199,15 +247,29 @@ class Manifest(_Strict):
             raise ValueError(f"{len(self.classes)} classes but the head has {space.num_classes} outputs")
         if self.preprocessing.input_size != space.input_size:
             raise ValueError("preprocessing.input_size differs from search_space.input_size")
-        if bool(self.controllers) == (self.fixed_architecture is not None):
-            raise ValueError("a bundle has either controllers or a fixed_architecture, not both")
-        names = [c.name for c in self.controllers]
+        names = self.point_names
+        if bool(names) == (self.fixed_architecture is not None):
+            raise ValueError("a bundle has either operating points (controllers, cascades) or a fixed_architecture, "
+                             "not both")
         if len(set(names)) != len(names):
             raise ValueError(f"operating point names repeat: {names}")
-        if self.controllers and self.default_controller not in names:
+        if names and self.default_controller not in names:
             raise ValueError(f"default_controller {self.default_controller!r} is not one of {names}")
-        if not self.controllers and self.default_controller is not None:
+        if not names and self.default_controller is not None:
             raise ValueError("a static bundle has no default_controller")
+        networks = [n.name for n in self.networks]
+        if len(set(networks)) != len(networks):
+            raise ValueError(f"network names repeat: {networks}")
+        size = self.preprocessing.input_size
+        for n in self.networks:
+            if n.resolution > size or size % n.resolution:
+                raise ValueError(f"network {n.name!r}: resolution {n.resolution} does not divide the input size "
+                                 f"{size} (a lower resolution is the input average-pooled by a whole factor)")
+        for cascade in self.cascades:
+            for i, stage in enumerate(cascade.stages):
+                if stage.network is not None and stage.network not in networks:
+                    raise ValueError(f"cascade {cascade.name!r}, stage {i}: network {stage.network!r} is not one of "
+                                     f"{networks or 'the bundle (it has no networks)'}")
         expected = {(c.index, m) for c in space.cells for m in range(len(c.modules))}
         listed = [(b.cell, b.module) for b in self.blocks]
         if sorted(listed) != sorted(expected):
@@ -219,6 +281,29 @@ class Manifest(_Strict):
 
     def _block_index(self) -> dict[tuple[int, int], BlockFile]:
         return {(b.cell, b.module): b for b in self.blocks}
+
+    @property
+    def points(self) -> list[Controller | Cascade]:
+        """Every operating point: the controllers, then the cascades."""
+        return [*self.controllers, *self.cascades]
+
+    @property
+    def point_names(self) -> list[str]:
+        return [p.name for p in self.points]
+
+    def point(self, name: str | None = None) -> Controller | Cascade:
+        """The operating point `name` (a controller or a cascade), or the default one."""
+        name = name or self.default_controller
+        for p in self.points:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def cascade(self, name: str) -> Cascade | None:
+        return next((c for c in self.cascades if c.name == name), None)
+
+    def network(self, name: str) -> Network:
+        return next(n for n in self.networks if n.name == name)
 
     def controller(self, name: str | None = None) -> Controller:
         """The operating point `name`, or the default one."""
@@ -234,11 +319,13 @@ class Manifest(_Strict):
 
 
 def upgrade(data: dict) -> dict:
-    """A manifest's JSON in the current schema: version 1 becomes one operating point "default"."""
-    if data.get("schema_version") != 1:
+    """A manifest's JSON in the current schema: version 1 becomes one operating point "default";
+    versions 1 and 2 have no networks and no cascades."""
+    version = data.get("schema_version")
+    if version not in (1, 2):
         return data
     data = {**data, "schema_version": SCHEMA_VERSION}
-    controller = data.pop("controller", None)
+    controller = data.pop("controller", None) if version == 1 else None
     if controller is not None:
         data["controllers"] = [{"name": "default", **controller, "evaluation": data.pop("evaluation", None)}]
         data["default_controller"] = "default"

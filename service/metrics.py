@@ -136,6 +136,12 @@ class Metrics:
         self.operating_points = Counter("instanas_operating_point_total",
                                         "Images by the operating point that chose their architecture, and why.",
                                         ["model", "operating_point", "reason"], registry=r)
+        self.resolutions = Counter("instanas_resolution_total",
+                                   "Images by the input resolution of the network that answered them.",
+                                   ["model", "resolution"], registry=r)
+        self.escalations = Counter("instanas_escalations_total",
+                                   "Images a cascade operating point sent past its first stage.",
+                                   ["model", "operating_point"], registry=r)
 
     def model(self, name: str, num_cells: int, num_modules: int) -> ModelMetrics:
         """The metrics of the model served as `name` (its (cell, module) counters exported at 0 from the start)."""
@@ -186,7 +192,8 @@ class _Bound:
 
 _PER_MODEL = ("stage_duration", "architecture_latency", "architecture_mflops", "architecture_modules",
               "module_executions", "batch_size", "batch_wait", "fused_hits", "fused_misses", "fused_cache_size",
-              "fused_builds", "fused_build_duration", "fused_evictions", "operating_points")
+              "fused_builds", "fused_build_duration", "fused_evictions", "operating_points", "resolutions",
+              "escalations")
 
 
 class ModelMetrics:

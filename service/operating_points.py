@@ -1,7 +1,8 @@
-"""Which operating point (controller) answers a request, and why.
+"""Which operating point answers a request, and why.
 
-A bundle may carry several controllers over the same blocks (variants A..E of one search),
-each with the accuracy and latency its export measured. A request names one, gives a
+A bundle may carry several operating points: controllers over the same blocks (variants A..E
+of one search) and cascades (service/cascade.py), each with the accuracy and latency its export
+measured. A request names one, gives a
 latency budget, fixes the architecture itself, or takes the bundle's default.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from service import architecture
 from service.errors import ApiError
-from service.manifest import Controller, Manifest
+from service.manifest import Cascade, Controller, Manifest
 
 # `architecture` values besides an explicit architecture code
 AUTO, MOBILENET_V2, ALL = "auto", "mobilenet_v2", "all"
@@ -28,7 +29,7 @@ class Choice:
     executed: np.ndarray | None = None  # (cells, modules) when the architecture is given
 
 
-def mean_latency_ms(point: Controller) -> float | None:
+def mean_latency_ms(point: Controller | Cascade) -> float | None:
     """The point's measured mean per-image latency (estimated where it was not measured)."""
     e = point.evaluation
     if e is None:
@@ -38,7 +39,7 @@ def mean_latency_ms(point: Controller) -> float | None:
 
 def by_budget(manifest: Manifest, max_latency_ms: float) -> tuple[str, str]:
     """The most accurate point whose mean latency fits the budget; the fastest one if none does."""
-    measured = [(p, mean_latency_ms(p)) for p in manifest.controllers if mean_latency_ms(p) is not None]
+    measured = [(p, mean_latency_ms(p)) for p in manifest.points if mean_latency_ms(p) is not None]
     if not measured:
         raise ApiError(422, "no_measured_operating_points",
                        "this bundle's operating points carry no measured latency, so max_latency_ms cannot be applied")
@@ -53,7 +54,7 @@ def choose(manifest: Manifest, *, operating_point: str | None = None, max_latenc
     """Resolve a request's options; raises ApiError (422) for options that do not fit the bundle.
     With none of them, the bundle's default answers, or `governor`'s (service.governor) under load."""
     space = manifest.search_space
-    names = [c.name for c in manifest.controllers]
+    names = manifest.point_names
     given = architecture_code not in (None, "", AUTO)
     if given and (operating_point or max_latency_ms is not None):
         raise ApiError(422, "conflicting_options", "architecture fixes what runs; do not combine it with "
@@ -72,7 +73,7 @@ def choose(manifest: Manifest, *, operating_point: str | None = None, max_latenc
                 raise ApiError(422, "invalid_architecture",
                                f"{exc}; use auto, {MOBILENET_V2}, {ALL} or a code as /classify returns it") from None
         return Choice(None, "architecture", matrix)
-    if not manifest.controllers:
+    if not names:
         if operating_point or max_latency_ms is not None:
             raise ApiError(422, "unknown_operating_point", "this bundle is static (one architecture); "
                            "it has no operating points")

@@ -24,11 +24,30 @@ class CellChoice(BaseModel):
 
 class Architecture(BaseModel):
     code: str = Field(description="Reversible code of the cells x modules matrix that ran (service.architecture).")
+    resolution: int = Field(description="Height = width of the input the answering network ran at.")
+    network: str | None = Field(default=None, description="The bundle's network that answered (a cascade stage's); "
+                                "null: the bundle's own graphs.")
     cells: list[CellChoice]
     modules_executed: int
-    mflops: float = Field(description="Controller, stem, executed modules and head, per image.")
-    estimated_latency_ms: float = Field(description="Sum of the bundle's measured batch-1 latencies of what ran.")
+    mflops: float = Field(description="Controller (or every cascade stage run), stem, executed modules and head, "
+                          "per image.")
+    estimated_latency_ms: float = Field(description="Sum of the bundle's measured batch-1 latencies of what ran "
+                                        "(every cascade stage that ran).")
     relative_to_baseline: float = Field(description="estimated latency / static MobileNetV2 in the same space.")
+
+
+class StageRun(BaseModel):
+    network: str | None = Field(description="null: the bundle's own graphs.")
+    resolution: int
+    code: str = Field(description="The stage's architecture code.")
+    confidence: float = Field(description="The stage's confidence in its answer (its kind: the manifest's stage).")
+    threshold: float | None = Field(description="The image stops here when confidence >= threshold; null: last stage.")
+    answered: bool
+
+
+class CascadeRun(BaseModel):
+    stages: list[StageRun] = Field(description="The stages that ran, in order; the last one answered.")
+    escalated: bool = Field(description="More than the first stage ran.")
 
 
 class Latency(BaseModel):
@@ -53,6 +72,7 @@ class ClassifyResponse(BaseModel):
     top_k: list[ClassScore]
     architecture: Architecture
     operating_point: OperatingPointChoice
+    cascade: CascadeRun | None = Field(default=None, description="What a cascade operating point ran; null for others.")
     latency_ms: Latency
 
 

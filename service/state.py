@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service import architecture, classification
+from service import classification
 from service.bundle import Bundle
 from service.executor import Executor
 from service.fused import FusedCache
@@ -35,17 +35,26 @@ class ServiceState:
                                 builds_per_minute=settings.fused_builds_per_minute,
                                 intra_op_threads=settings.intra_op_threads, metrics=self.metrics)
         self.executor = Executor(bundle, fused=self.fused)
-        self.costs = architecture.CostTable.of_manifest(bundle.manifest)
+        self.costs = self.executor.costs
         self.governor = LoadGovernor(self.manifest, settings.queue_target_ms, cooldown_s=settings.load_cooldown_s)
         self.batcher = classification.make_batcher(self)
         self.ready = False
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
         self.model_json = self.model_ref.model_dump()  # as responses carry it
         self.module_names = [[m.name for m in cell.modules] for cell in space.cells]
+        # every series a cascade can move, exported at 0 from the start
+        for point, runner in self.executor.cascades.items():
+            self.metrics.escalations.labels(point)
+            for stage in runner.stages:
+                self.metrics.resolutions.labels(str(stage.resolution))
+        self.metrics.resolutions.labels(str(bundle.manifest.preprocessing.input_size))
 
     def start(self) -> None:
         """Start the fused-graph builder and queue the manifest's frequent architectures (warm-up)."""
         self.fused.start()
+        for runner in self.executor.cascades.values():  # every image of a cascade runs its first stage
+            for stage in runner.stages:
+                self.fused.warm([stage.code], stage.network)
         frequent = sorted(self.manifest.frequent_architectures, key=lambda a: -a.share)
         self.fused.warm([a.code for a in frequent])
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from service import architecture
 from service.bundle import Bundle, BundleError
+from service.cascade import pool
+from service.fused import split_key
 
 log = logging.getLogger("instanas.service")
 
@@ -47,7 +49,10 @@ def _run(bundle: Bundle, what: str, session, x: np.ndarray, expected: tuple[int,
 
 
 def check_graphs(bundle: Bundle) -> None:
-    """Run every graph once on a deterministic batch; BundleError on any failure or wrong shape."""
+    """Run every graph once (the networks' too) on a deterministic batch; BundleError on any failure
+    or wrong shape."""
+    for network in bundle.networks.values():
+        check_graphs(network)
     manifest = bundle.manifest
     space = manifest.search_space
     n, size = WARMUP_BATCH, space.input_size
@@ -83,12 +88,17 @@ def prepare(state, fused_timeout_s: float = 120.0) -> None:
     x = np.random.default_rng(1).standard_normal((WARMUP_BATCH, 3, space.input_size, space.input_size))
     x = x.astype(np.float32)
     executor = state.executor
-    points = executor.operating_points or [None]
+    points = [p for p in executor.operating_points if p not in executor.cascades] or [None]
     try:  # the per-block path, so the warm-up neither counts towards fusing nor moves the cache's metrics
         for point in points:
             logits = executor.per_block(x, executor.policy(x, point))
             if logits.shape != (WARMUP_BATCH, space.num_classes):
                 raise BundleError(f"{bundle.path}: the executor gives logits of shape {logits.shape}")
+        for runner in executor.cascades.values():
+            for stage in runner.stages:
+                logits = stage.executor.per_block(pool(x, stage.resolution), stage.executed[None].repeat(WARMUP_BATCH, 0))
+                if logits.shape != (WARMUP_BATCH, space.num_classes):
+                    raise BundleError(f"{bundle.path}: cascade {runner.name!r} gives logits of shape {logits.shape}")
     except BundleError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -97,20 +107,24 @@ def prepare(state, fused_timeout_s: float = 120.0) -> None:
     state.start()  # the fused builder, with the manifest's frequent architectures queued
     if fused.enabled and not fused.wait_idle(fused_timeout_s):
         log.warning("fused warm-up not finished after %g s; it goes on in the background", fused_timeout_s)
-    for code in fused.codes():
-        graph = fused.peek(code)
+    for key in fused.codes():
+        network, code = split_key(key)
+        graph = fused.peek(code, network)
         if graph is None:
             continue
-        matrix = architecture.decode(code, space.num_cells, space.num_modules)
-        executed = architecture.apply_empty_cell_rule(np.broadcast_to(matrix, (WARMUP_BATCH, *matrix.shape)), space)
+        runs = executor if network is None else executor.networks[network]
+        own = runs.space
+        matrix = architecture.decode(code, own.num_cells, own.num_modules)
+        executed = architecture.apply_empty_cell_rule(np.broadcast_to(matrix, (WARMUP_BATCH, *matrix.shape)), own)
+        xs = pool(x, own.input_size)
         try:
-            logits = graph(x)
+            logits = graph(xs)
         except Exception as exc:  # noqa: BLE001
             raise BundleError(f"{bundle.path}: the fused graph of architecture {code} does not run: {exc}") from None
         if logits.shape != (WARMUP_BATCH, space.num_classes):
             raise BundleError(f"{bundle.path}: the fused graph of architecture {code} gives shape {logits.shape}; "
                               f"the manifest implies {(WARMUP_BATCH, space.num_classes)}")
-        reference = executor.per_block(x, executed)
+        reference = runs.per_block(xs, executed)
         if np.abs(logits - reference).max() > FUSED_TOLERANCE:
             raise BundleError(f"{bundle.path}: the fused graph of architecture {code} disagrees with its blocks")
     log.info("warm-up of %s: every graph ran (%d fused) in %.2f s", bundle.path, len(fused.codes()),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from service.manifest import Preprocessing
@@ -68,3 +69,45 @@ def export_test_bundle(out: Path, space, *, with_controller: bool = True, seed: 
         fixed_architecture=None if with_controller else "1" * space.num_cells,
     )
     return metagraph, controller, manifest
+
+
+def export_cascade_bundle(out: Path, *, seed: int = 0, name: str = "cascade") -> dict:
+    """A tiny-space bundle with one controller ("A") and a cascade ("fast", the default): its
+    16x16 network answers where its max softmax is at least the median on random inputs, the
+    32x32 network the rest. Returns the PyTorch models by network name, and the threshold."""
+    from service.bundle import sha256_file
+    from service.cascade import confidence
+    from service.manifest import Cascade, Network, Stage
+    from training.evaluate import fixed_policy
+    from training.searchspace import build_tiny_space
+
+    space = build_tiny_space(10, 32)
+    models = {}
+    networks = []
+    pre = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    for resolution, network in ((16, "mobilenet_v2@16"), (32, "mobilenet_v2")):
+        own = build_tiny_space(10, resolution)
+        own = own.model_copy(update={"cells": [c.model_copy(update={"modules": c.modules[:1]}) for c in own.cells]})
+        torch.manual_seed(seed + resolution)
+        model = randomise(MetaGraph(own), seed + resolution)
+        folder = out / "networks" / network
+        write_bundle(folder, model, {}, unit_table(own), name=f"{name}-{network}", version="0", dataset="none",
+                     classes=[f"class{i}" for i in range(10)], fixed_architecture="1" * own.num_cells,
+                     preprocessing=Preprocessing(input_size=resolution, **pre))
+        networks.append(Network(name=network, path=f"networks/{network}", sha256=sha256_file(folder / "manifest.json"),
+                                resolution=resolution))
+        models[network] = model
+    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((64, 3, 32, 32)).astype(np.float32))
+    low = models["mobilenet_v2@16"]
+    with torch.no_grad():
+        logits = low.forward_selected(torch.nn.functional.avg_pool2d(x, 2), fixed_policy(np.ones((space.num_cells, 1), bool))(x))
+    threshold = float(np.median(confidence("max_softmax", logits.numpy())))
+    cascade = Cascade(name="fast", stages=[
+        Stage(network="mobilenet_v2@16", architecture="1" * space.num_cells, threshold=threshold),
+        Stage(network="mobilenet_v2", architecture="1" * space.num_cells)])
+    torch.manual_seed(seed)
+    metagraph = randomise(MetaGraph(space), seed)
+    write_bundle(out, metagraph, {"A": random_controller(space, seed + 1)}, unit_table(space), name=name, version="0",
+                 dataset="none", classes=[f"class{i}" for i in range(10)], default_controller="fast",
+                 preprocessing=Preprocessing(input_size=32, **pre), networks=networks, cascades=[cascade])
+    return {"models": models, "metagraph": metagraph, "threshold": threshold}

@@ -43,7 +43,7 @@ def test_default_bundle_is_a_real_cifar10_instanas_model(bundle):
     m = bundle.manifest
     assert m.name == "cifar10-default" and m.classes == CIFAR10 and m.dataset == "cifar10-jpeg"
     assert m.controllers and (m.search_space.num_cells, m.search_space.num_modules) == (17, 5)
-    evaluation = m.controller().evaluation
+    evaluation = m.point().evaluation
     assert evaluation.split == "test" and evaluation.images == 8000
     assert evaluation.top1 >= 0.83  # the bar for the default point; 0.8579 measured (docs/RESULTS.md)
     assert [c.name for c in m.controllers] == ["A", "B", "C", "D", "E"]  # one search's operating points
@@ -81,7 +81,7 @@ def test_served_accuracy_on_the_test_split_is_the_manifests(bundle, data_root):
     top1 = float((np.concatenate(predictions) == labels).mean())
     executed = np.concatenate(architectures)
     assert len(labels) == 8000
-    evaluation = m.controller().evaluation
+    evaluation = m.point().evaluation
     assert abs(top1 - evaluation.top1) <= 0.002, (top1, evaluation.top1)
     assert abs(executed.sum((1, 2)).mean() - evaluation.mean_modules_executed) < 0.01
 

@@ -500,3 +500,40 @@ def test_static_bundle_and_gallery_folder(browser, demo_images, tmp_path):
         assert not [e for e in page_errors(browser) if "favicon" not in e]
     finally:
         server.stop()
+
+
+def test_a_cascade_point_draws_its_stages(browser, demo_images, tmp_path):
+    """A bundle whose default point is a cascade: the page lists it with the controller, runs no
+    controller in the browser for it, draws every stage that ran at its resolution, and groups the
+    gallery by the network that answered."""
+    from tests.helpers import export_cascade_bundle
+
+    bundle = tmp_path / "cascade"
+    export_cascade_bundle(bundle)
+    server = Server(bundle, tmp_path / "server.log")
+    try:
+        open_demo(browser, server)
+        options = browser.execute_script(
+            "return Array.from(document.getElementById('operating-point').options).map((o) => o.value)")
+        assert options == ["A", "fast"]
+        assert "a cascade: mobilenet_v2@16" in browser.execute_script(
+            "return document.querySelector('[data-testid=point-rule]').textContent")
+        seen = set()
+        for path in demo_images[:12]:
+            result = upload(browser, path)
+            assert result["server_error"] is None and result["local_error"] is None and result["local_code"] is None
+            assert result["server_point"] == "fast" and result["stages"] in ([16], [16, 32])
+            assert result["resolution"] == result["stages"][-1]
+            drawn = browser.execute_script(
+                "return Array.from(document.querySelectorAll('#current [data-testid=stages] .stage'))"
+                ".map((s) => [Number(s.dataset.resolution), s.classList.contains('answered')])")
+            assert drawn == [[r, i == len(result["stages"]) - 1] for i, r in enumerate(result["stages"])]
+            seen.add(len(result["stages"]))
+        assert seen == {1, 2}, "these images must both stop at 16x16 and escalate"
+        gallery = httpx.get(server.url + "/demo/gallery").json()
+        assert gallery["operating_point"] == "fast"
+        assert {(g["network"], g["resolution"], g["stages"]) for g in gallery["groups"]} <= {
+            ("mobilenet_v2@16", 16, 1), ("mobilenet_v2", 32, 2)}
+        assert not [e for e in page_errors(browser) if "favicon" not in e]
+    finally:
+        server.stop()

@@ -137,7 +137,7 @@ def test_dashboard_covers_the_metrics_it_should():
         "instanas_architecture_estimated_latency_seconds", "instanas_architecture_mflops",
         "instanas_architecture_modules", "instanas_module_executions", "instanas_batch_size",
         "instanas_in_flight_requests", "instanas_queue_depth", "instanas_rejections", "instanas_model_info",
-        "instanas_operating_point"}
+        "instanas_operating_point", "instanas_resolution", "instanas_escalations"}
     # The distributions asked for: heatmaps of the architecture histograms' buckets.
     for title, metric in [
             ("Estimated latency of chosen architectures", "instanas_architecture_estimated_latency_seconds"),
@@ -401,6 +401,14 @@ def test_panel_values_match_the_traffic(traffic):
     counted = service_values(traffic.server, "instanas_operating_point_total", labels)
     assert moved and moved == {k for k, v in counted.items() if v > 0}
     assert sum(counted.values()) == len(traffic.modules), "one operating point per classified image"
+    by_resolution = traffic.values("Images by resolution", label="resolution")
+    exported = service_values(traffic.server, "instanas_resolution_total", ("resolution",))
+    assert {k for (k,) in exported} == set(by_resolution)
+    assert {k for k, v in by_resolution.items() if v > 0} == {k for (k,), v in exported.items() if v > 0}
+    assert sum(exported.values()) == len(traffic.modules), "one resolution per classified image"
+    escalations = traffic.values("Cascade escalations", label="operating_point")
+    assert set(escalations) == {k for (k,) in service_values(traffic.server, "instanas_escalations_total",
+                                                               ("operating_point",))}
 
     # Cells x modules: every (cell, module) pair, cells zero-padded to sort; the blocks that ran move.
     matrix = {(row["metric"]["cell"], row["metric"]["module"]): float(row["value"][1])

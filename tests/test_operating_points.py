@@ -89,7 +89,7 @@ def test_a_version_1_manifest_is_read_as_one_default_point(multi, tmp_path):
               controller={k: first[k] for k in ("file", "sha256", "latency_ms", "mflops", "params", "threshold")})
     (tmp_path / "b" / "manifest.json").write_text(json.dumps(v1))
     manifest, _ = read_manifest(tmp_path / "b")
-    assert manifest.schema_version == 2 and [c.name for c in manifest.controllers] == ["default"]
+    assert manifest.schema_version == 3 and [c.name for c in manifest.controllers] == ["default"]
     assert manifest.controller().evaluation.top1 == first["evaluation"]["top1"]
 
 

@@ -19,7 +19,7 @@ def _log(run) -> list[dict]:
 def test_smoke_run_writes_every_phase(smoke_run):
     log = _log(smoke_run)
     done = [r["phase"] for r in log if r.get("status") == "done"]
-    assert done == ["baseline", "pretrain", "profile", "search", "finetune", "route", "export", "report"]  # route: off, a no-op
+    assert done == ["baseline", "twins", "pretrain", "profile", "search", "finetune", "route", "export", "report"]  # route: off, a no-op
     assert [r["epoch"] for r in log if r["phase"] == "pretrain" and "epoch" in r] == [1, 2]
     assert [r["variant"] for r in log if r["phase"] == "search" and r.get("status") == "variant done"] == ["A", "B", "C"]
     assert all({"mean_reward", "nonzero_reward_share", "greedy_latency_ms", "alpha"} <= set(r)
@@ -35,7 +35,7 @@ def test_smoke_run_writes_every_phase(smoke_run):
 
     bundle = load_bundle(smoke_run / "bundle")
     m = bundle.manifest
-    assert [c.name for c in m.controllers] == ["A", "B", "C"] and m.default_controller in ("A", "B", "C")
+    assert [c.name for c in m.controllers] == ["A", "B", "C"] and m.default_controller in m.point_names
     for point in m.controllers:
         e = point.evaluation
         assert e.images == 200 and 0 <= e.top1 <= 1 and e.mean_measured_latency_ms > 0 and e.architectures >= 1
@@ -50,7 +50,8 @@ def test_smoke_run_writes_every_phase(smoke_run):
 
 def test_report_measures_points_baseline_and_controls(smoke_run):
     report = json.loads((smoke_run / "report" / "report.json").read_text())
-    assert report["images"] == 200 and set(report["points"]) == {"A", "B", "C"}
+    cascades = {"cascade-0", "cascade-0.3", "cascade-1", "cascade-2"}  # the twins' (tests/test_cascade.py)
+    assert report["images"] == 200 and set(report["points"]) == {"A", "B", "C"} | cascades
     for point in report["points"].values():
         assert point["latency"]["per_block"]["mean_ms"] > 0 and point["latency"]["fused"]["mean_ms"] > 0
         assert -1 <= point["difficulty_spearman"] <= 1 and point["vs_baseline"]["low"] <= point["vs_baseline"]["high"]
@@ -58,7 +59,7 @@ def test_report_measures_points_baseline_and_controls(smoke_run):
         assert 0 <= control["shuffled"]["top1"] <= 1 and control["static_twin"]["code"]
     assert report["baseline"]["curve"] and report["baseline"]["latency"]["fused"]["mean_ms"] > 0
     table = (smoke_run / "report" / "FRONTIER.md").read_text()
-    assert "MobileNetV2 baseline" in table and "| A |" in table
+    assert "MobileNetV2 baseline" in table and "| A |" in table and "| cascade-0.3 (cascade, " in table
     for png in ("frontier.png", "learning_curve.png", "difficulty.png"):
         assert (smoke_run / "report" / png).read_bytes()[:4] == b"\x89PNG"
 

@@ -22,7 +22,8 @@ from tests.conftest import Server, metric
 from tests.helpers import export_test_bundle, random_controller
 from training.searchspace import build_tiny_space
 
-OUTPUTS = ["probabilities", "label", "index", "architecture", "operating_point", "estimated_latency_ms"]
+OUTPUTS = ["probabilities", "label", "index", "architecture", "operating_point", "estimated_latency_ms", "resolution",
+           "escalated"]
 CHUNK = 25  # images per infer request (the server's default limit is 32)
 
 
@@ -92,6 +93,8 @@ def assert_same_as_classify(results: list, classified: list[dict], n_classes: in
     codes = [s for r in results for s in _as_str(r.as_numpy("architecture"))]
     points = [s for r in results for s in _as_str(r.as_numpy("operating_point"))]
     estimated = np.concatenate([r.as_numpy("estimated_latency_ms") for r in results])
+    resolution = np.concatenate([r.as_numpy("resolution") for r in results])
+    escalated = np.concatenate([r.as_numpy("escalated") for r in results])
     assert probabilities.shape == (len(classified), n_classes) and probabilities.dtype == np.float32
     assert index.dtype == np.int64 and estimated.dtype == np.float32
     for i, body in enumerate(classified):
@@ -103,6 +106,7 @@ def assert_same_as_classify(results: list, classified: list[dict], n_classes: in
         assert codes[i] == body["architecture"]["code"], i
         assert points[i] == (body["operating_point"]["name"] or "")
         assert abs(float(estimated[i]) - body["architecture"]["estimated_latency_ms"]) < 1e-3
+        assert int(resolution[i]) == body["architecture"]["resolution"] and not escalated[i]
     assert len(set(codes)) > 1  # the images really ran different architectures
 
 

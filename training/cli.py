@@ -7,10 +7,10 @@ import sys
 import time
 
 # `all` runs these in order; each resumes, or returns at once when it has finished.
-ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "route", "export", "report")
+ORDER = ("baseline", "twins", "pretrain", "profile", "search", "finetune", "route", "export", "report")
 PHASES = (*ORDER, "all")
 # Phases that train on every torchrun rank (each reads its shard); the others run on rank 0.
-DISTRIBUTED = ("baseline", "pretrain", "finetune")
+DISTRIBUTED = ("baseline", "twins", "pretrain", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +64,10 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
         from training import baseline
 
         baseline.run(ctx)
+    elif phase == "twins":
+        from training import twins
+
+        twins.run(ctx)  # nothing unless twins.resolutions
     elif phase == "pretrain":
         from training import pretrain
 

@@ -60,6 +60,19 @@ class BaselineConfig:
 
 
 @dataclass
+class TwinsConfig:
+    """The baseline fine-tuned at each lower input resolution (phase `twins`), the finished baseline teaching."""
+
+    resolutions: tuple[int, ...] = ()  # each divides space.input_size; none: the phase does nothing
+    epochs: int = 40
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+    distill: float = 0.5  # weight of the baseline's predictions (vs labels)
+
+
+@dataclass
 class PretrainConfig:
     epochs: int = 200
     lr: float = 0.1
@@ -152,6 +165,10 @@ class ProfileConfig:
 @dataclass
 class ExportConfig:
     latency_images: int = 500  # test images timed through the service's executor, per operating point
+    # With twins: one cascade point (lowest-resolution twin, then the baseline) per tolerance, the
+    # validation top-1 points it may lose against the baseline; its threshold is the cheapest within.
+    cascade_tolerances: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0)
+    default_tolerance: float = 0.3  # the default point: the fastest within this many points of the baseline (validation)
 
 
 @dataclass
@@ -172,6 +189,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    twins: TwinsConfig = field(default_factory=TwinsConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -191,6 +209,7 @@ def _preset_smoke() -> RunConfig:
         checkpoint_steps=2,
         data=DataConfig(val_images=100, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200),
         baseline=BaselineConfig(epochs=2, lr=0.05, warmup_epochs=0.5),
+        twins=TwinsConfig(resolutions=(16,), epochs=1),
         controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
         pretrain=PretrainConfig(epochs=2, lr=0.05, sampling="sandwich", warm_start=True),
         search=SearchConfig(mode="variants", names=("A", "B", "C"), targets=(1.0, 0.7, 0.5), steps_per_variant=3,
@@ -215,6 +234,8 @@ def _preset_cifar10_cpu() -> RunConfig:
         # Starts from the converged baseline: a short, gentle schedule. The baseline teaches the
         # sampled paths: as good as it will be from the first step, where the all-modules path
         # is weaker (81.5% against 85.2% on validation after 6 epochs: docs/RESULTS.md).
+        # The baseline at 16x16 (a third of its 32x32 cost), for the cascades' first stage.
+        twins=TwinsConfig(resolutions=(16,), epochs=40, lr=0.02, distill=0.5),
         pretrain=PretrainConfig(epochs=11, lr=0.02, weight_decay=1e-4, warmup_epochs=0.2, sampling="sandwich",
                                 warm_start=True, distill=0.5, teacher="baseline"),
         # 3,000 steps a point, not 400: the cheap points end on better architectures (+1.5 points at equal

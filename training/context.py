@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,12 @@ class Context:
         """The static MobileNetV2 of the same width: the search space with module 0 only in every cell."""
         cells = [cell.model_copy(update={"modules": cell.modules[:1]}) for cell in self.space.cells]
         return self.space.model_copy(update={"cells": cells})
+
+    def baseline_space_at(self, resolution: int) -> SearchSpace:
+        """The baseline's space (module 0 in every cell) for inputs of `resolution` x `resolution`."""
+        space = dataclasses.replace(self.config.space, input_size=resolution).build(len(self.train.classes))
+        cells = [cell.model_copy(update={"modules": cell.modules[:1]}) for cell in space.cells]
+        return space.model_copy(update={"cells": cells})
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -23,11 +23,13 @@ from service.bundle import sha256_file
 from service.manifest import (
     GREEDY_THRESHOLD,
     BlockFile,
+    Cascade,
     Controller,
     Evaluation,
     FrequentArchitecture,
     GraphFile,
     Manifest,
+    Network,
     Preprocessing,
     Profile,
 )
@@ -64,7 +66,7 @@ def write_bundle(out: Path, metagraph, controllers: dict[str, nn.Module], table:
                  dataset: str, classes: list[str], preprocessing: Preprocessing, default_controller: str | None = None,
                  fixed_architecture: str | None = None, evaluations: dict[str, Evaluation] | None = None,
                  evaluation: Evaluation | None = None, frequent_architectures: list[FrequentArchitecture] = (),
-                 training: dict | None = None) -> Manifest:
+                 training: dict | None = None, networks: list[Network] = (), cascades: list[Cascade] = ()) -> Manifest:
     """Export every graph of `metagraph`, and each controller of `controllers` (operating point
     name -> controller; none for a static bundle), into `out`, and write the manifest with each
     file's sha256 and its cost from `table`. `default_controller` defaults to the first point."""
@@ -95,7 +97,10 @@ def write_bundle(out: Path, metagraph, controllers: dict[str, nn.Module], table:
         controllers=[graph(net, image_shape, controller_file(point), table["controller"], Controller, name=point,
                            threshold=GREEDY_THRESHOLD, evaluation=evaluations.get(point))
                      for point, net in controllers.items()],
-        default_controller=(default_controller or next(iter(controllers))) if controllers else None,
+        networks=list(networks),
+        cascades=list(cascades),
+        default_controller=(default_controller or next(iter(controllers), None) or cascades[0].name)
+        if controllers or cascades else None,
         fixed_architecture=fixed_architecture,
         frequent_architectures=list(frequent_architectures),
         profile=Profile(**table["profile"]),
@@ -107,15 +112,18 @@ def write_bundle(out: Path, metagraph, controllers: dict[str, nn.Module], table:
 
 
 def _evaluation(dataset: str, figures: dict, measured_ms: float | None) -> Evaluation:
+    escalated = figures.get("escalated")
     return Evaluation(dataset=dataset, split="test", images=figures["images"], top1=round(figures["top1"], 4),
                       mean_estimated_latency_ms=round(figures["latency_ms"], 4), mean_mflops=round(figures["mflops"], 3),
                       mean_modules_executed=round(figures["modules"], 3), architectures=figures["architectures"],
-                      mean_measured_latency_ms=None if measured_ms is None else round(measured_ms, 4))
+                      mean_measured_latency_ms=None if measured_ms is None else round(measured_ms, 4),
+                      escalated=None if escalated is None else round(escalated, 4))
 
 
-def default_point(val: dict[str, dict], baseline_top1: float | None) -> str:
-    """The fastest point at least as accurate as the baseline on validation; else the most accurate."""
-    fit = [name for name, f in val.items() if baseline_top1 is not None and f["top1"] >= baseline_top1]
+def default_point(val: dict[str, dict], baseline_top1: float | None, tolerance: float = 0.0) -> str:
+    """The fastest point within `tolerance` points of the baseline's top-1 on validation; else the most accurate."""
+    fit = [name for name, f in val.items()
+           if baseline_top1 is not None and f["top1"] >= baseline_top1 - tolerance / 100 - 1e-12]
     if fit:
         return min(fit, key=lambda name: val[name]["latency_ms"])
     return max(val, key=lambda name: val[name]["top1"])
@@ -147,7 +155,7 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     """Export the fine-tuned meta-graph with every operating point, and the baseline as a static
     bundle; each is checked against PyTorch through the service's executor before it moves into place."""
     from training import baseline as baseline_phase
-    from training import route
+    from training import cascade_points, route  # imported here: cascade_points uses training.latency, which uses this module
     from training.evaluate import evaluate_controller
     from training.latency import costs, load_table
 
@@ -165,26 +173,42 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     version = f"{now:%Y%m%d.%H%M%S}-{revision[:12]}"
     baseline_state = ctx.run.load("baseline")
     baseline_val = (baseline_state or {}).get("figures", {}).get("val_top1")
-    default = default_point(val_figures, baseline_val)
     test = {name_: evaluate_controller(ctx, metagraph, c, cost, "test") for name_, c in points.items()}
     frequent = frequent_architectures(ctx, metagraph, points)
     x_test = next(iter(ctx.batches("test", ctx.config.export.latency_images)))[0].numpy()
-    training = {"config": ctx.config.to_dict(), "source_revision": revision,
-                "validation": {k: {m: v for m, v in f.items()} for k, f in val_figures.items()}}
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    bundle_name = name or ctx.config.name
+    nets, networks, cascades = cascade_points.members(ctx, table), [], []
+    if nets:
+        for member in nets:
+            folder = f"networks/{member.name}"
+            write_bundle(tmp / folder, member.model, {}, member.table, name=f"{bundle_name}-{member.name}",
+                         version=version, dataset=dataset, classes=ctx.train.classes, fixed_architecture=member.code,
+                         preprocessing=cascade_points.preprocessing(ctx, member.resolution),
+                         training={"network": member.name, "source_revision": revision})
+            networks.append(cascade_points.network_entry(folder, member, sha256_file(tmp / folder / "manifest.json")))
+        cascades, cascade_val = cascade_points.fit_points(ctx, nets)
+        val_figures = {**val_figures, **cascade_val}
+        test.update({c.name: cascade_points.test_figures(ctx, nets, c) for c in cascades})
+    default = default_point(val_figures, baseline_val, ctx.config.export.default_tolerance)
+    training = {"config": ctx.config.to_dict(), "source_revision": revision,
+                "validation": {k: {m: v for m, v in f.items()} for k, f in val_figures.items()}}
     manifest = write_bundle(
-        tmp, metagraph, points, table, name=name or ctx.config.name, version=version, dataset=dataset,
+        tmp, metagraph, points, table, name=bundle_name, version=version, dataset=dataset,
         classes=ctx.train.classes, default_controller=default,
         preprocessing=Preprocessing(input_size=ctx.space.input_size, mean=ctx.mean, std=ctx.std),
-        frequent_architectures=frequent, training=training)
+        frequent_architectures=frequent, training=training, networks=networks, cascades=cascades)
     diffs = {p: check_parity(ctx, tmp, metagraph, c, p) for p, c in points.items()}
-    measured = {p: measured_latency_ms(tmp, x_test, p) for p in points}
-    manifest = manifest.model_copy(update={"controllers": [
-        c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name])})
-        for c in manifest.controllers]})
+    diffs.update({c.name: cascade_points.check_parity(ctx, tmp, nets, c) for c in cascades})
+    measured = {p: measured_latency_ms(tmp, x_test, p) for p in [*points, *(c.name for c in cascades)]}
+    manifest = manifest.model_copy(update={
+        "controllers": [c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name])})
+                        for c in manifest.controllers],
+        "cascades": [c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name])})
+                     for c in manifest.cascades]})
     _finish(tmp, out, manifest)
-    for p in points:
+    for p in [*points, *(c.name for c in cascades)]:
         ctx.run.log("export", variant=p, parity_max_abs_diff=diffs[p], measured_latency_ms=measured[p],
                     **{f"test_{k}": v for k, v in test[p].items()})
         print(f"exported {p}: test top1={test[p]['top1']:.4f}, {measured[p]:.3f} ms measured, "

@@ -60,19 +60,33 @@ def run(ctx: Context, force: bool = True) -> dict:
     costs its search was rewarded with)."""
     if not force and (ctx.run.path / "latency.json").exists():
         return load_table(ctx.run)
-    cfg = ctx.config.profile
-    space = ctx.space
     metagraph, controller = ctx.new_metagraph(), ctx.new_controller()
+    table = measure(ctx, metagraph, controller)
+    table["profile"]["dispatch_ms"] = round(measure_dispatch(ctx, metagraph, controller, table), 5)
+    write_atomic(ctx.run.path / "latency.json", json.dumps(table, indent=1).encode())
+    blocks = block_latency(table)
+    ctx.run.log("profile", sum_blocks_ms=float(blocks.sum()), mobilenet_v2_ms=float(blocks[:, 0].sum()),
+                stem_ms=table["stem"]["latency_ms"], head_ms=table["head"]["latency_ms"],
+                controller_ms=table["controller"]["latency_ms"], dispatch_ms=table["profile"]["dispatch_ms"])
+    return table
+
+
+def measure(ctx: Context, metagraph, controller=None) -> dict:
+    """The table of every graph of `metagraph` (over its own space, at its input size) and of
+    `controller` when given: each exported alone and timed in onnxruntime at batch 1."""
+    cfg = ctx.config.profile
+    space = metagraph.space
     image = (3, space.input_size, space.input_size)
     last = space.cells[-1]
-    graphs = [("stem", metagraph.stem, image), ("head", metagraph.head, (last.out_channels, last.output_size, last.output_size)),
-              ("controller", controller, image)]
+    graphs = [("stem", metagraph.stem, image), ("head", metagraph.head, (last.out_channels, last.output_size, last.output_size))]
+    if controller is not None:
+        graphs.append(("controller", controller, image))
     for cell in space.cells:
         for m in range(len(cell.modules)):
             graphs.append(((cell.index, m), metagraph.cells[cell.index][m], (cell.in_channels, cell.input_size, cell.input_size)))
     table: dict = {"blocks": [[None] * len(c.modules) for c in space.cells]}
     with tempfile.TemporaryDirectory() as tmp:
-        for key, module, shape in tqdm(graphs, desc="profile", unit="graph"):
+        for key, module, shape in tqdm(graphs, desc=f"profile at {space.input_size}x{space.input_size}", unit="graph"):
             path = Path(tmp) / "graph.onnx"
             export_graph(module, shape, path)
             mflops, params = flops.count(module.to(ctx.device), shape)
@@ -84,12 +98,6 @@ def run(ctx: Context, force: bool = True) -> dict:
                 table[key] = entry
     table["profile"] = {"runtime": f"onnxruntime {ort.__version__} CPUExecutionProvider",
                         "intra_op_threads": cfg.intra_op_threads, "repeats": cfg.repeats, "machine": _machine()}
-    table["profile"]["dispatch_ms"] = round(measure_dispatch(ctx, metagraph, controller, table), 5)
-    write_atomic(ctx.run.path / "latency.json", json.dumps(table, indent=1).encode())
-    blocks = block_latency(table)
-    ctx.run.log("profile", sum_blocks_ms=float(blocks.sum()), mobilenet_v2_ms=float(blocks[:, 0].sum()),
-                stem_ms=table["stem"]["latency_ms"], head_ms=table["head"]["latency_ms"],
-                controller_ms=table["controller"]["latency_ms"], dispatch_ms=table["profile"]["dispatch_ms"])
     return table
 
 

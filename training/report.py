@@ -95,12 +95,28 @@ class Served:
 
     def run(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None, batch: int = 500):
         """(logits, executed) of every row, in batches."""
-        logits, chosen = [], []
+        logits, chosen, _ = self.run_traced(x, point, executed, batch)
+        return logits, chosen
+
+    def run_traced(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None,
+                   batch: int = 500):
+        """(logits, executed, traces) of every row, in batches; traces: how a cascade point answered
+        each row (service.cascade.Trace), None for other points."""
+        logits, chosen, traces = [], [], []
         for i in range(0, len(x), batch):
             result = self.executor.run(x[i : i + batch], None if executed is None else executed[i : i + batch], point)
             logits.append(result.logits)
             chosen.append(result.executed)
-        return np.concatenate(logits), np.concatenate(chosen)
+            traces += result.traces if result.traces is not None else [None] * len(result.logits)
+        return np.concatenate(logits), np.concatenate(chosen), traces
+
+    def warm_cascades(self) -> None:
+        """Compile every cascade stage's graph (a server warms them at start-up: service/state.py)."""
+        if self.cache is not None:
+            for runner in self.executor.cascades.values():
+                for stage in runner.stages:
+                    self.cache.warm([stage.code], stage.network)
+            self.cache.wait_idle(600)
 
     def call(self, x: np.ndarray, point: str | None = None, executed: np.ndarray | None = None):
         """`i -> Executor.run` on row i of `x` alone (batch 1), for `time_in_rounds`."""
@@ -268,6 +284,19 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
         print(f"report {point}: top1={correct.mean():.4f}, shuffled {s_correct.mean():.4f}, "
               f"static twin {twin['correct'].mean():.4f}", flush=True)
 
+    for point in manifest.cascades:
+        entry, control, per_image[point.name] = cascade_figures(ctx, dynamic[False], point.name, x, labels, base_correct,
+                                                                difficulty, rng)
+        report["points"][point.name], report["controls"][point.name] = entry, control
+        calls[f"{point.name}/per_block"] = dynamic[False].call(xt, point.name)
+        calls[f"{point.name}/fused"] = dynamic[True].call(xt, point.name)
+        calls[f"{point.name}/static_twin"] = _stage_call(dynamic[False].executor.cascades[point.name].stages[
+            control["static_twin"]["stage"]], xt)
+        print(f"report {point.name}: top1={entry['top1']:.4f}, escalated {entry['escalated']:.3f}, random escalation "
+              f"{control['shuffled']['top1']:.4f}, best static {control['static_twin']['code']} "
+              f"{control['static_twin']['top1']:.4f}", flush=True)
+    dynamic[True].warm_cascades()
+
     # a warm server: the timed images' most frequent architectures compiled before timing starts
     counts: dict[str, int] = {}
     for p in per_image.values():
@@ -285,7 +314,9 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
         p["relative_to_baseline"] = p["latency"]["per_block"]["mean_ms"] / base_ms
         p["relative_to_baseline_fused"] = p["latency"]["fused"]["mean_ms"] / base_fused_ms
         for kind in ("shuffled", "static_twin"):
-            report["controls"][point][kind]["latency"] = {"per_block": timing[f"{point}/{kind}"]}
+            # a cascade's shuffled control runs its stages as often as it does: the same cost
+            timed_as = f"{point}/{kind}" if f"{point}/{kind}" in timing else f"{point}/per_block"
+            report["controls"][point][kind]["latency"] = {"per_block": timing[timed_as]}
         print(f"report {point}: {p['latency']['per_block']['mean_ms']:.3f} ms per block "
               f"({p['relative_to_baseline']:.2f}x baseline), {p['latency']['fused']['mean_ms']:.3f} ms fused "
               f"({p['relative_to_baseline_fused']:.2f}x)", flush=True)
@@ -296,6 +327,65 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
     plots(report, ctx, per_image, difficulty, out_dir)
     ctx.run.log("report", folder=str(out_dir), **{f"{p}_top1": v["top1"] for p, v in report["points"].items()})
     return report
+
+
+def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, labels: np.ndarray,
+                    base_correct: np.ndarray, difficulty: np.ndarray, rng: np.random.Generator) -> tuple[dict, dict, dict]:
+    """A cascade point's figures on the test split, and its controls: the same escalations dealt to
+    images at random (the same stages run as often, so the same mean cost), and the best static
+    network among its stages that costs no more than the point (its stages' own architectures,
+    chosen on validation)."""
+    cfg = ctx.config.report
+    logits, executed, traces = served.run_traced(x, point)
+    correct = logits.argmax(1) == labels
+    answered = np.array([t.answered for t in traces])
+    estimated = np.array([t.estimated_ms for t in traces])
+    runner = served.executor.cascades[point]
+    stage_correct = np.stack([_stage_logits(stage, x).argmax(1) == labels for stage in runner.stages])
+    shuffled = rng.permutation(answered)
+    s_correct = stage_correct[shuffled, np.arange(len(labels))]
+    val_x = np.stack([imaging.to_input(pixels, served.manifest.preprocessing) for pixels in ctx.val.images])
+    affordable = [s for s, stage in enumerate(runner.stages) if stage.estimated_ms <= estimated.mean()]
+    best = max(affordable or [0], key=lambda s: (_stage_logits(runner.stages[s], val_x).argmax(1) == ctx.val.labels).mean())
+    stage = runner.stages[best]
+    resolutions = {str(r): int(n) for r, n in zip(*np.unique([t.ran[-1].resolution for t in traces], return_counts=True))}
+    entry = {
+        "top1": float(correct.mean()), "estimated_latency_ms": float(estimated.mean()),
+        "mflops": float(np.mean([t.mflops for t in traces])), "modules": float(executed.sum((1, 2)).mean()),
+        "architectures": int(len(np.unique(answered))), "escalated": float((answered > 0).mean()),
+        "resolutions": resolutions,
+        "most_frequent": {f"{runner.stages[s].network}/{runner.stages[s].code}": int((answered == s).sum())
+                          for s in np.unique(answered)},
+        "difficulty_spearman": spearman(estimated, difficulty),
+        "vs_baseline": bootstrap_difference(correct, base_correct, cfg.resamples, ctx.config.seed),
+    }
+    control = {
+        "shuffled": {"top1": float(s_correct.mean()), "escalated": float((shuffled > 0).mean()),
+                     "point_minus_control": bootstrap_difference(correct, s_correct, cfg.resamples, ctx.config.seed)},
+        "static_twin": {"code": f"{stage.network}/{stage.code}", "stage": best, "resolution": stage.resolution,
+                        "estimated_latency_ms": stage.estimated_ms, "top1": float(stage_correct[best].mean()),
+                        "point_minus_control": bootstrap_difference(correct, stage_correct[best], cfg.resamples,
+                                                                    ctx.config.seed)},
+    }
+    return entry, control, {"correct": correct, "executed": executed, "estimated": estimated}
+
+
+def _stage_call(stage, x: np.ndarray):
+    """`i -> ` a cascade stage's network alone on row i (batch 1), for `time_in_rounds`."""
+    from service.cascade import pool
+
+    return lambda i: stage.executor.backbone(pool(x[i : i + 1], stage.resolution), stage.executed[None])
+
+
+def _stage_logits(stage, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """A cascade stage's network alone on every row (its architecture, the input pooled to its resolution)."""
+    from service.cascade import pool
+
+    out = []
+    for i in range(0, len(x), batch):
+        rows = pool(x[i : i + batch], stage.resolution)
+        out.append(stage.executor.per_block(rows, np.broadcast_to(stage.executed, (len(rows), *stage.executed.shape))))
+    return np.concatenate(out)
 
 
 def _baseline_curve(ctx: Context) -> list[dict]:
@@ -313,10 +403,14 @@ def frontier_table(report: dict) -> str:
                  f"{bl['fused']['mean_ms']:.3f} | 1.00 | {base['mflops']:.2f} | 17 | 1 |")
     for name, p in report["points"].items():
         lat = p["latency"]
+        if "escalated" in p:
+            name = f"{name} (cascade, {p['escalated'] * 100:.1f}% escalated)"
         lines.append(f"| {name} | {p['top1']:.4f} | {lat['per_block']['mean_ms']:.3f} | {p['relative_to_baseline']:.2f} | "
                      f"{lat['fused']['mean_ms']:.3f} | {p['relative_to_baseline_fused']:.2f} | {p['mflops']:.2f} | "
                      f"{p['modules']:.1f} | {p['architectures']} |")
-    lines += ["", "Controls (accuracy difference, point minus control, paired bootstrap 95% interval):", "",
+    lines += ["", "Controls (accuracy difference, point minus control, paired bootstrap 95% interval). For a cascade, "
+              "\"shuffled\" deals its escalations to images at random (the same stages run as often), and its "
+              "static twin is the best of its stages' networks alone that costs no more than it:", "",
               "| point | shuffled top-1 | point - shuffled | static twin | twin top-1 | point - twin | "
               "rank corr. latency vs difficulty | point - baseline |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]

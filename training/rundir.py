@@ -20,10 +20,10 @@ class RunError(RuntimeError):
 
 # The phases whose results depend on each config section; a section not listed (space, data,
 # seed, name...) shapes every phase, and `device` and `threads` change no result.
-_SECTION_PHASES = {"baseline": ("baseline",), "pretrain": ("pretrain",), "search": ("search",),
+_SECTION_PHASES = {"baseline": ("baseline",), "twins": ("twins",), "pretrain": ("pretrain",), "search": ("search",),
                    "controller": ("search",), "finetune": ("finetune",), "route": ("route",), "profile": ("profile",), "export": (), "report": (),
                    "device": (), "threads": (), "checkpoint_steps": ()}
-PHASE_FILES = {"baseline": "baseline.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
+PHASE_FILES = {"baseline": "baseline.pt", "twins": "twins.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
                "search": "search.pt", "finetune": "finetune.pt", "route": "route.pt"}
 # Sections whose change makes a checkpoint's tensors another shape: refused even with --reconfigure.
 _STRUCTURAL = ("space",)

@@ -207,9 +207,19 @@ def rows() -> list[tuple[str, list[tuple[object, int, int]]]]:
             (timeseries("Images by operating point",
                         [target("sum by (operating_point, reason) (" + rate("instanas_operating_point_total") + ")",
                                 "{{operating_point}} ({{reason}})")],
-                        "reqps", "Classified images per second by the operating point (named controller) that "
-                        "chose their architecture, and why it was chosen (default, requested, budget, ...)."),
+                        "reqps", "Classified images per second by the operating point (a controller or a "
+                        "cascade) that chose their architecture, and why it was chosen (default, requested, budget, "
+                        "...)."),
              24, 8),
+            (timeseries("Images by resolution",
+                        [target("sum by (resolution) (" + rate("instanas_resolution_total") + ")", "{{resolution}}x{{resolution}}")],
+                        "reqps", "Classified images per second by the input resolution of the network that answered "
+                        "them (a cascade's first stage runs at a lower one)."), 12, 8),
+            (timeseries("Cascade escalations",
+                        [target("sum by (operating_point) (" + rate("instanas_escalations_total") + ")",
+                                "{{operating_point}}")],
+                        "reqps", "Images per second a cascade operating point sent past its first stage (not "
+                        "confident enough there), by point."), 12, 8),
         ]),
         ("Executor", [
             (timeseries("Batch size",

@@ -159,9 +159,9 @@ def _gallery_images(cache: DemoCache, max_bytes: int) -> list[GalleryImage]:
     return out
 
 
-@router.get("/demo/gallery", summary="Sample images grouped by the architecture the controller chose for them")
+@router.get("/demo/gallery", summary="Sample images grouped by the architecture that answered them")
 async def gallery(request: Request, state: State,
-                  operating_point: str | None = Query(None, description="The controller (default: the bundle's).")):
+                  operating_point: str | None = Query(None, description="The operating point (default: the bundle's).")):
     choice = operating_points.choose(state.manifest, operating_point=operating_point)
     cache = demo_cache(request)
     async with cache.lock:  # one classification per operating point, however many visitors ask at once
@@ -202,19 +202,28 @@ def _classify_gallery(state, images: list[GalleryImage], choice: operating_point
         n = len(chunk)
         result = state.executor.run_batch(np.stack(inputs), [choice.operating_point] * n, [None] * n)
         for i, image in enumerate(chunk):
-            rows.append((image, result.executed[i], result.probabilities[i], result.point(i)))
-    groups: dict[str, dict] = {}
+            rows.append((image, result.executed[i], result.probabilities[i], result.point(i), result.trace(i)))
+    groups: dict[tuple, dict] = {}
     correct = labelled = 0
-    for image, executed, probs, point in rows:
+    for image, executed, probs, point, trace in rows:
         code = architecture.encode(executed)
-        group = groups.get(code)
+        answer = None if trace is None else trace.ran[-1]
+        key = (code, None if answer is None else answer.network)
+        group = groups.get(key)
         if group is None:
-            latency_ms = float(costs.latency_ms(executed[None], point)[0])
-            group = groups[code] = {
+            if trace is None:
+                latency_ms = float(costs.latency_ms(executed[None], point)[0])
+                mflops = float(costs.mflops(executed[None], point)[0])
+            else:
+                latency_ms, mflops = trace.estimated_ms, trace.mflops
+            group = groups[key] = {
                 "code": code,
+                "resolution": manifest.preprocessing.input_size if answer is None else answer.resolution,
+                "network": None if answer is None else answer.network,
+                "stages": None if trace is None else len(trace.ran),
                 "cells": [[int(m) for m in np.flatnonzero(cell)] for cell in executed],
                 "modules_executed": int(executed.sum()),
-                "mflops": round(float(costs.mflops(executed[None], point)[0]), 4),
+                "mflops": round(mflops, 4),
                 "estimated_latency_ms": round(latency_ms, 4),
                 "relative_to_baseline": round(latency_ms / costs.baseline_ms, 4),
                 "images": [],
@@ -226,7 +235,7 @@ def _classify_gallery(state, images: list[GalleryImage], choice: operating_point
             correct += label == classes[top]
         group["images"].append({"name": image.name, "url": image.url, "label": label, "prediction": classes[top],
                                 "probability": round(float(probs[top]), 4)})
-    ordered = sorted(groups.values(), key=lambda g: (-g["estimated_latency_ms"], g["code"]))
+    ordered = sorted(groups.values(), key=lambda g: (-g["estimated_latency_ms"], g["code"], g["network"] or ""))
     return {
         "operating_point": choice.operating_point,
         "images": len(rows),

@@ -56,8 +56,8 @@ HEADER_LENGTH = "inference-header-content-length"
 BINARY_EXTENSION = "binary_tensor_data"
 # The outputs, in order: name -> datatype
 OUTPUTS = {"probabilities": "FP32", "label": "BYTES", "index": "INT64", "architecture": "BYTES",
-           "operating_point": "BYTES", "estimated_latency_ms": "FP32"}
-_NUMPY = {"FP32": "<f4", "INT64": "<i8"}
+           "operating_point": "BYTES", "estimated_latency_ms": "FP32", "resolution": "INT64", "escalated": "BOOL"}
+_NUMPY = {"FP32": "<f4", "INT64": "<i8", "BOOL": "|b1"}
 # /classify's statuses that mean "this request does not fit" are 400 in this protocol.
 _STATUS = {415: 400, 422: 400}
 
@@ -421,6 +421,8 @@ def render(wanted: Wanted, state, result, rows: Sequence[int], request, stages: 
         "architecture": [codes[row] for row in rows],
         "operating_point": [result.point(row) or "" for row in rows],
         "estimated_latency_ms": estimated,
+        "resolution": np.array([classification.resolution(state, result, row) for row in rows], np.int64),
+        "escalated": np.array([result.trace(row) is not None and result.trace(row).escalated for row in rows], bool),
     }
     outputs, chunks = [], []
     for name, binary in wanted.outputs:

@@ -76,6 +76,19 @@
     return state.manifest.controllers.find((c) => c.name === name) || null;
   }
 
+  function cascadeOf(name) {
+    return (state.manifest.cascades || []).find((c) => c.name === name) || null;
+  }
+
+  function pointsOf() {
+    return [...state.manifest.controllers, ...(state.manifest.cascades || [])];
+  }
+
+  function stagesText(cascade) {
+    return cascade.stages.map((st) => `${st.network || "own graphs"}` +
+      (st.threshold === null ? "" : ` (answers where its ${st.confidence.replace("_", " ")} ≥ ${fmt(st.threshold, 3)})`)).join(" → ");
+  }
+
   function pointLabel(c) {
     const e = c.evaluation;
     const ms = e ? (e.mean_measured_latency_ms ?? e.mean_estimated_latency_ms) : c.latency_ms;
@@ -94,13 +107,13 @@
       `${m.preprocessing.input_size} · ${m.classes.length} classes (${m.dataset})`);
     const select = $("operating-point");
     select.replaceChildren();
-    if (!m.controllers.length) {
+    if (!pointsOf().length) {
       select.append(el("option", { value: "", text: `static: ${m.fixed_architecture}` }));
       select.disabled = true;
       $("point-info").textContent = "A static bundle: one fixed architecture for every image.";
       return;
     }
-    for (const c of m.controllers) select.append(el("option", { value: c.name, text: pointLabel(c) }));
+    for (const c of pointsOf()) select.append(el("option", { value: c.name, text: pointLabel(c) }));
     select.disabled = false;
     select.value = state.point;
     select.addEventListener("change", () => selectPoint(select.value));
@@ -108,8 +121,8 @@
   }
 
   function renderPointInfo() {
-    const c = controllerOf(state.point);
-    const rows = state.manifest.controllers.map((p) => {
+    const c = controllerOf(state.point), cascade = cascadeOf(state.point);
+    const rows = pointsOf().map((p) => {
       const e = p.evaluation;
       return el("tr", { class: p.name === state.point ? "selected" : "" },
         el("td", { text: p.name }),
@@ -123,17 +136,21 @@
       el("table", { class: "points" },
         el("thead", {}, el("tr", {}, ["point", "top-1", "ms/img", "MFLOPs", "modules"].map((h) => el("th", { text: h })))),
         el("tbody", {}, rows)),
-      el("p", { class: "muted" }, e
-        ? `${state.point}: measured on ${e.images} ${e.dataset} ${e.split} images; a module runs where p ≥ ${c.threshold}.`
-        : `${state.point}: a module runs where p ≥ ${c ? c.threshold : 0.5}.`));
+      el("p", { class: "muted", "data-testid": "point-rule" }, cascade
+        ? `${state.point}, a cascade: ${stagesText(cascade)}` + (cascade.evaluation
+          ? `; ${pct(cascade.evaluation.escalated ?? 0)} of ${cascade.evaluation.images} ${cascade.evaluation.dataset} ` +
+            `${cascade.evaluation.split} images escalated.` : ".")
+        : e
+          ? `${state.point}: measured on ${e.images} ${e.dataset} ${e.split} images; a module runs where p ≥ ${c.threshold}.`
+          : `${state.point}: a module runs where p ≥ ${c ? c.threshold : 0.5}.`));
   }
 
   async function selectPoint(name) {
-    if (!controllerOf(name)) throw new Error(`no operating point ${name}`);
+    if (!controllerOf(name) && !cascadeOf(name)) throw new Error(`no operating point ${name}`);
     state.point = name;
     $("operating-point").value = name;
     renderPointInfo();
-    controllerSession(name).catch(() => {});  // start loading it now; errors show on use
+    if (controllerOf(name)) controllerSession(name).catch(() => {});  // start loading it now; errors show on use
     await loadGallery();
   }
 
@@ -166,7 +183,7 @@
     const pre = state.manifest.preprocessing, size = pre.input_size;
     const prepared = await P.prepare(blob, pre);
     const local = { pixels: prepared.pixels, width: prepared.width, height: prepared.height, draft: prepared.draft };
-    if (!point) return local;  // a static bundle has no controller to run
+    if (!point || !controllerOf(point)) return local;  // a static bundle or a cascade: no controller to run
     const session = await controllerSession(point);
     const input = new ort.Tensor("float32", prepared.input, [1, 3, size, size]);
     const t0 = performance.now();
@@ -229,6 +246,8 @@
       seq, name, point,
       server_code: result.server?.architecture.code ?? null, label: result.server?.prediction.label ?? null,
       server_point: result.server?.operating_point?.name ?? null,
+      resolution: result.server?.architecture.resolution ?? null,
+      stages: result.server?.cascade ? result.server.cascade.stages.map((st) => st.resolution) : null,
       local_code: result.local?.code ?? null, agree: result.agree ?? null, margin: result.local?.margin ?? null,
       probabilities: result.local?.probabilities ?? null, threshold: result.local?.threshold ?? null,
       pixels: result.local ? Array.from(result.local.pixels) : null, draft: result.local?.draft ?? null,
@@ -340,8 +359,19 @@
           `vs previous: ${signed(a.mflops - pa.mflops)} MFLOPs, ${signed(a.estimated_latency_ms - pa.estimated_latency_ms, 3)} ms estimated, `,
           `${changed} module${changed === 1 ? "" : "s"} differ${changed === 1 ? "s" : ""}`));
       }
+      if (s.cascade) {
+        /* every stage that ran, each at its resolution: the last one answered */
+        children.push(el("div", { class: "stages", "data-testid": "stages" }, s.cascade.stages.map((st) =>
+          el("div", { class: `stage ${st.answered ? "answered" : "passed"}`, "data-resolution": String(st.resolution) },
+            el("div", { class: "code" }, `${st.resolution}×${st.resolution} `, el("code", { text: st.code }),
+              ` ${st.network || ""}: ${st.confidence.toFixed(3)}` +
+              (st.threshold === null ? "" : st.answered ? ` ≥ ${fmt(st.threshold, 3)}, answered` : ` < ${fmt(st.threshold, 3)}, escalated`) +
+              (st.threshold === null ? " (last stage, answered)" : "")),
+            gridElement(A.decode(st.code, state.space.cells.length, state.modules), { mini: true })))));
+      }
       children.push(el("div", { class: "arch" },
-        el("div", { class: "code" }, "architecture ", el("code", { "data-testid": "code", text: a.code })),
+        el("div", { class: "code" }, "architecture ", el("code", { "data-testid": "code", text: a.code }),
+          ` at ${a.resolution}×${a.resolution}`),
         gridElement(r.executed, { compare: previous && previous.executed ? previous.executed : null,
           chosen: r.local && r.local.code === a.code ? A.policy(r.local.probabilities, state.space, r.local.threshold) : null }),
         legend()));
@@ -354,7 +384,11 @@
 
   function localBox(r) {
     if (r.localError) return el("div", { class: "local" }, el("span", { class: "badge differ", text: "no browser result" }), ` ${r.localError}`);
-    if (!r.local || !r.local.code) return el("div", { class: "local muted", text: "static bundle: no controller to run in the browser" });
+    if (!r.local || !r.local.code) {
+      return el("div", { class: "local muted", text: cascadeOf(r.point)
+        ? "cascade: its stages run on the server, no controller runs in the browser"
+        : "static bundle: no controller to run in the browser" });
+    }
     const near = r.local.margin < NEAR_THRESHOLD;
     return el("div", { class: "local" },
       el("span", { class: `badge ${r.agree ? "agree" : "differ"}`, "data-testid": "badge", text: r.agree ? "agree" : "differ" }),
@@ -524,6 +558,8 @@
       return el("div", { class: "row", "data-code": group.code },
         el("div", { class: "row-arch" },
           el("code", { text: group.code }),
+          group.network ? el("span", { class: "muted", text: ` ${group.resolution}×${group.resolution} ${group.network}` +
+            (group.stages > 1 ? ` (after ${group.stages - 1} stage${group.stages > 2 ? "s" : ""})` : "") }) : null,
           gridElement(executed, { mini: true }),
           el("div", { class: "muted", text: `${group.images.length} image${group.images.length === 1 ? "" : "s"} · ` +
             `${fmt(group.mflops, 1)} MFLOPs · ${fmt(group.estimated_latency_ms, 3)} ms · ${fmt(group.relative_to_baseline, 2)}× MobileNetV2 · ` +
@@ -584,12 +620,12 @@
       state.manifest = await getJSON("/model");
       state.space = state.manifest.search_space;
       state.modules = A.numModules(state.space);
-      state.point = state.manifest.controllers.length ? state.manifest.default_controller : null;
+      state.point = pointsOf().length ? state.manifest.default_controller : null;
       renderModel();
       drawChart();
       window.addEventListener("resize", drawChart);
       await loadSamples();
-      if (state.point) {
+      if (controllerOf(state.point)) {
         try {
           await controllerSession(state.point);
         } catch (error) {

@@ -1,0 +1,138 @@
+"""Resolution cascades: lower-resolution networks, threshold fitting, the `twins` phase."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.bundle import session_options
+from training import cascade
+from training.evaluate import fixed_policy
+from training.export import export_graph
+from training.metagraph import MetaGraph
+from training.resolution import AtResolution, check, downsample
+from training.searchspace import build_tiny_space
+
+
+def test_downsample_is_the_mean_of_each_square():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    low = downsample(x, 2)
+    assert low.shape == (2, 3, 2, 2)
+    assert low[1, 2, 1, 0].item() == pytest.approx(x[1, 2, 2:4, 0:2].mean().item())
+    assert downsample(x, 4) is x
+
+
+@pytest.mark.parametrize("resolution, message", [(24, "does not divide"), (64, "does not divide"), (0, "positive"),
+                                                 (2, "total stride"), (16.0, "positive"), (True, "positive")])
+def test_a_resolution_a_network_cannot_run_at_is_refused(resolution, message):
+    with pytest.raises(ValueError, match=message):
+        check(resolution, 32, 4)
+
+
+def test_a_network_at_a_lower_resolution_exports_to_onnx_exactly(tmp_path):
+    """The pooling is part of the graph: onnxruntime on the full-size input equals PyTorch to 1e-5."""
+    space = build_tiny_space(10, 32)
+    torch.manual_seed(0)
+    model = MetaGraph(space).eval()
+    path = np.ones((space.num_cells, space.num_modules), bool)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.low = AtResolution(model, 16)
+
+        def forward(self, x):
+            return self.low.forward_selected(x, fixed_policy(path)(x))
+
+    export_graph(Net(), (3, 32, 32), tmp_path / "net.onnx")
+    x = torch.randn(5, 3, 32, 32)
+    session = ort.InferenceSession(str(tmp_path / "net.onnx"), session_options(1), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model.forward_selected(torch.nn.functional.avg_pool2d(x, 2), fixed_policy(path)(x)).numpy()
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - expected).max() < 1e-5
+
+
+def test_the_frontier_of_a_hand_case():
+    """Four images, the first stage right on the first and third; ties stop or escalate together."""
+    confidence = np.array([0.9, 0.8, 0.8, 0.5])
+    first = np.array([1, 0, 1, 0], bool)
+    last = np.array([1, 1, 1, 1], bool)
+    front = cascade.frontier(confidence, first, last)
+    assert front.thresholds.tolist() == [0.5, 0.8, 0.9, np.inf]
+    assert front.escalated.tolist() == [0.0, 0.25, 0.75, 1.0]
+    assert front.top1.tolist() == [0.5, 0.75, 1.0, 1.0]
+    # costs 0.4 and 1.0: the cheapest cascade at 75% escalates one image, at 100% three
+    assert cascade.fit(front, 0.4, 1.0, floor=0.75) == (0.8, 0.25, 0.75)
+    assert cascade.fit(front, 0.4, 1.0, floor=1.0) == (0.9, 0.75, 1.0)
+    # out of reach: every image escalates
+    assert cascade.fit(front, 0.4, 1.0, floor=1.01) == (np.inf, 1.0, 1.0)
+    assert cascade.apply(confidence, 0.8).tolist() == [False, False, False, True]
+    assert cascade.apply(confidence, np.inf).all()
+
+
+def test_the_frontier_agrees_with_applying_each_threshold():
+    rng = np.random.default_rng(0)
+    confidence = np.round(rng.random(300), 2)  # many ties
+    first, last = rng.random(300) < 0.7, rng.random(300) < 0.9
+    front = cascade.frontier(confidence, first, last)
+    for t, escalated, top1 in zip(front.thresholds, front.escalated, front.top1):
+        up = cascade.apply(confidence, t)
+        assert up.mean() == pytest.approx(escalated)
+        assert np.where(up, last, first).mean() == pytest.approx(top1)
+    assert len(front.thresholds) == len(np.unique(confidence)) + 1
+
+
+def test_confidences():
+    logits = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]))
+    assert cascade.confidence("max_softmax", logits) == pytest.approx([0.7, 0.4])
+    assert cascade.confidence("margin", logits) == pytest.approx([0.5, 0.0])
+    with pytest.raises(ValueError, match="one entry per image"):
+        cascade.frontier(np.ones(3), np.ones(2, bool), np.ones(3, bool))
+
+
+def test_twins_fine_tunes_the_baseline_at_each_resolution(smoke_run):
+    state = torch.load(smoke_run / "twins.pt", weights_only=False)
+    assert state["done"] and [set(c) >= {"val_top1_16"} for c in state["curve"]] == [True]
+    base = torch.load(smoke_run / "baseline.pt", weights_only=False)["model"]
+    moved = [k for k, v in base.items() if v.dtype.is_floating_point
+             and not torch.equal(state["model"][f"twins.0.model.{k}"], v)]
+    assert moved, "the twin starts from the baseline and trains"
+
+
+def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_run):
+    from service.bundle import load_bundle
+
+    m = load_bundle(smoke_run / "bundle").manifest
+    assert [(n.name, n.resolution) for n in m.networks] == [("mobilenet_v2", 32), ("mobilenet_v2@16", 16)]
+    assert [c.name for c in m.cascades] == ["cascade-0", "cascade-0.3", "cascade-1", "cascade-2"]
+    validation = m.training["validation"]
+    for point in m.cascades:
+        first, last = point.stages
+        assert (first.network, last.network) == ("mobilenet_v2@16", "mobilenet_v2") and last.threshold is None
+        assert first.threshold == pytest.approx(validation[point.name]["threshold"], abs=1e-6)
+        e = point.evaluation
+        assert e.images == 200 and 0 <= e.escalated <= 1 and e.mean_measured_latency_ms > 0
+    assert m.default_controller in validation
+    report = json.loads((smoke_run / "report" / "report.json").read_text())
+    for point in m.cascades:
+        entry, control = report["points"][point.name], report["controls"][point.name]
+        assert entry["escalated"] == pytest.approx(point.evaluation.escalated, abs=1e-9)
+        assert entry["top1"] == pytest.approx(point.evaluation.top1, abs=1e-4)
+        assert control["shuffled"]["escalated"] == pytest.approx(entry["escalated"])
+        assert control["static_twin"]["code"] in ("mobilenet_v2@16/1111", "mobilenet_v2/1111")
+        assert entry["latency"]["per_block"]["mean_ms"] > 0 and entry["latency"]["fused"]["mean_ms"] > 0
+
+
+def test_the_default_point_is_the_fastest_within_the_tolerance():
+    from training.export import default_point
+
+    val = {"A": {"top1": 0.860, "latency_ms": 3.0}, "B": {"top1": 0.858, "latency_ms": 2.0},
+           "C": {"top1": 0.850, "latency_ms": 1.0}}
+    assert default_point(val, 0.860, tolerance=0.3) == "B"
+    assert default_point(val, 0.860, tolerance=0.0) == "A"
+    assert default_point(val, 0.860, tolerance=1.0) == "C"
+    assert default_point(val, 0.900, tolerance=0.3) == "A"  # none within: the most accurate

@@ -1,0 +1,69 @@
+"""Cascades: a cheap first stage answers the images it is confident about, the rest escalate.
+
+A two-stage cascade is (first, last, threshold): every image runs `first`; when its confidence
+(`CONFIDENCES`, computed as service/cascade.py serves it) is at least the threshold, that answer
+stands; otherwise the image also runs `last`, whose answer stands. Its mean cost is cost(first) + escalation rate x cost(last): the
+stages run at different resolutions, so the second reuses nothing of the first.
+
+Thresholds are fitted on held-out images, where the cascade's accuracy and cost at every
+threshold that changes anything follow from per-image confidences and correctness alone
+(`frontier`); `fit` takes the cheapest threshold whose accuracy clears a floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import cascade as serving
+
+CONFIDENCES = tuple(serving.CONFIDENCES)
+
+
+def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
+    """Each row's confidence of kind `kind` in its top class, computed as the service computes it."""
+    return serving.confidence(kind, logits)
+
+
+@dataclass(frozen=True)
+class Frontier:
+    """Every distinct cascade over one set of images, by rising threshold: from never escalating to
+    always. Under `thresholds[i]` the images whose confidence is at least it stop at the first stage."""
+
+    thresholds: np.ndarray  # +inf last: every image escalates
+    escalated: np.ndarray  # share of the images that run the last stage
+    top1: np.ndarray
+
+
+def frontier(confidence: np.ndarray, first_correct: np.ndarray, last_correct: np.ndarray) -> Frontier:
+    """The cascade's top-1 and escalation rate at each threshold where either changes: the distinct
+    confidences (images tied at a confidence stop or escalate together), and +inf."""
+    confidence = np.asarray(confidence, np.float64)
+    n = len(confidence)
+    if not (len(first_correct) == len(last_correct) == n) or n == 0:
+        raise ValueError("confidence and correctness need one entry per image, and at least one image")
+    order = np.argsort(-confidence, kind="stable")
+    conf = confidence[order]
+    gain = np.asarray(first_correct, np.float64)[order] - np.asarray(last_correct, np.float64)[order]
+    # k images answered first (the k most confident), k at the end of each run of equal confidences
+    ends = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True]) + 1
+    kept = np.r_[ends[::-1], 0]  # from all answered first to none
+    cumulative = np.r_[0.0, np.cumsum(gain)]
+    base = float(np.sum(last_correct))
+    thresholds = np.r_[conf[ends[::-1] - 1], np.inf]
+    return Frontier(thresholds=thresholds, escalated=1.0 - kept / n, top1=(base + cumulative[kept]) / n)
+
+
+def fit(front: Frontier, first_cost: float, last_cost: float, floor: float) -> tuple[float, float, float]:
+    """(threshold, escalation rate, top-1) of the cheapest cascade whose top-1 is at least `floor`;
+    the never-escalating end is as cheap as any, the always-escalating one the fallback."""
+    cost = first_cost + front.escalated * last_cost
+    ok = np.flatnonzero(front.top1 >= floor - 1e-12)
+    i = int(ok[np.argmin(cost[ok])]) if len(ok) else len(front.thresholds) - 1
+    return float(front.thresholds[i]), float(front.escalated[i]), float(front.top1[i])
+
+
+def apply(confidence: np.ndarray, threshold: float) -> np.ndarray:
+    """Which images escalate under `threshold` (True: the last stage answers)."""
+    return ~(np.asarray(confidence, np.float64) >= threshold)

@@ -1,0 +1,173 @@
+"""The export's cascade operating points: the baseline and its twins as networks of the bundle,
+thresholds fitted on the validation split, figures measured on the test split.
+
+Each cascade runs the lowest-resolution twin first and sends the images it is not confident
+about to the baseline at full resolution. One point per `export.cascade_tolerances`: the cheapest
+threshold (and confidence kind) whose validation top-1 is within that many points of the
+baseline's, cost estimated from the networks' measured tables as the service estimates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service import architecture
+from service.manifest import Cascade, Network, Preprocessing, Stage
+from training import baseline as baseline_phase
+from training import cascade, twins
+from training.context import Context
+from training.evaluate import fixed_policy
+from training.latency import costs, measure
+from training.resolution import downsample
+
+BASELINE = "mobilenet_v2"  # the baseline's network name in a bundle
+
+
+def network_name(resolution: int, input_size: int) -> str:
+    """`mobilenet_v2` at the input size, `mobilenet_v2@16` at 16x16."""
+    return BASELINE if resolution == input_size else f"{BASELINE}@{resolution}"
+
+
+@dataclass
+class Member:
+    """A network of the bundle: its model (over its own space), resolution and cost table."""
+
+    name: str
+    resolution: int
+    model: torch.nn.Module  # a MetaGraph over the network's space, eval mode
+    table: dict
+
+    @property
+    def code(self) -> str:
+        return architecture.encode(np.ones((self.model.space.num_cells, 1), bool))
+
+    def cost(self) -> tuple[float, float]:
+        """(estimated ms, MFLOPs) of its one architecture, as the service's cost model charges it."""
+        table = costs({**self.table, "controller": {"latency_ms": 0.0, "mflops": 0.0}}, self.model.space)
+        matrix = np.ones((1, self.model.space.num_cells, 1), bool)
+        return float(table.latency_ms(matrix)[0]), float(table.mflops(matrix)[0])
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> np.ndarray:
+        """Its logits for full-size inputs `x` (pooled to its resolution)."""
+        model = self.model.cpu().float()
+        path = fixed_policy(np.ones((model.space.num_cells, 1), bool))
+        return model.forward_selected(downsample(x.cpu(), self.resolution), path(x)).numpy()
+
+    def logits(self, ctx: Context, split: str) -> np.ndarray:
+        return np.concatenate([self.predict(x) for x, _ in ctx.batches(split)])
+
+
+def members(ctx: Context, table: dict) -> list[Member]:
+    """The baseline at full resolution, then each twin (highest resolution first); empty without twins."""
+    lows = twins.load(ctx)
+    if not lows:
+        return []
+    size = ctx.space.input_size
+    base = baseline_phase.load(ctx).cpu()
+    sub_table = {**table, "blocks": [[row[0]] for row in table["blocks"]]}
+    out = [Member(BASELINE, size, base, sub_table)]
+    for r in sorted(lows, reverse=True):
+        model = ctx.new_metagraph(ctx.baseline_space_at(r)).cpu()
+        model.load_state_dict(lows[r].model.state_dict())
+        model.eval()
+        own = measure(ctx, model)
+        own["profile"]["dispatch_ms"] = table["profile"].get("dispatch_ms", 0.0)
+        out.append(Member(network_name(r, size), r, model, own))
+    return out
+
+
+def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[str, dict]]:
+    """One cascade per tolerance (first: the lowest resolution, last: the baseline), fitted on
+    validation; and each point's validation figures {top1, latency_ms, escalated}."""
+    first, last = nets[-1], nets[0]
+    labels = np.concatenate([y.numpy() for _, y in ctx.batches("val")])
+    logits = {n.name: n.logits(ctx, "val") for n in (first, last)}
+    right = {name: out.argmax(1) == labels for name, out in logits.items()}
+    (first_ms, _), (last_ms, _) = first.cost(), last.cost()
+    base_top1 = float(right[last.name].mean())
+    points, figures = [], {}
+    for tolerance in ctx.config.export.cascade_tolerances:
+        best = None
+        for kind in cascade.CONFIDENCES:
+            front = cascade.frontier(cascade.confidence(kind, logits[first.name]), right[first.name], right[last.name])
+            threshold, escalated, top1 = cascade.fit(front, first_ms, last_ms, base_top1 - tolerance / 100)
+            ms = first_ms + escalated * last_ms
+            if best is None or ms < best[3]:
+                best = (kind, threshold, escalated, ms, top1)
+        kind, threshold, escalated, ms, top1 = best
+        name = f"cascade-{tolerance:g}"
+        if name in figures:
+            continue
+        stages = [Stage(network=first.name, architecture=first.code, confidence=kind, threshold=round(threshold, 6)),
+                  Stage(network=last.name, architecture=last.code)]
+        points.append(Cascade(name=name, stages=stages, description=(
+            f"{first.resolution}x{first.resolution} twin, then the baseline where its {kind.replace('_', ' ')} is "
+            f"below {threshold:.4f}: within {tolerance:g} points of the baseline on validation")))
+        figures[name] = {"top1": top1, "latency_ms": ms, "escalated": escalated, "confidence": kind,
+                         "threshold": threshold}
+    return points, figures
+
+
+def test_figures(ctx: Context, nets: list[Member], point: Cascade) -> dict:
+    """The cascade's figures on the test split, from PyTorch logits (what the service computes)."""
+    by_name = {n.name: n for n in nets}
+    labels = np.concatenate([y.numpy() for _, y in ctx.batches("test")])
+    n = len(labels)
+    answered = np.full(n, -1)
+    answer = np.zeros(n, bool)
+    ms, mflops = np.zeros(n), np.zeros(n)
+    for s, stage in enumerate(point.stages):
+        net = by_name[stage.network]
+        out = net.logits(ctx, "test")
+        cost_ms, cost_mflops = net.cost()
+        reach = answered < 0
+        ms[reach] += cost_ms
+        mflops[reach] += cost_mflops
+        stop = reach if stage.threshold is None else reach & (cascade.confidence(stage.confidence, out) >= stage.threshold)
+        answered[stop] = s
+        answer[stop] = out[stop].argmax(1) == labels[stop]
+    return {"top1": float(answer.mean()), "images": n, "latency_ms": float(ms.mean()), "mflops": float(mflops.mean()),
+            "modules": float(ctx.space.num_cells), "architectures": int(len(np.unique(answered))),
+            "escalated": float((answered > 0).mean())}
+
+
+def check_parity(ctx: Context, bundle: Path, nets: list[Member], point: Cascade, images: int = 64,
+                 tolerance: float = 1e-4) -> float:
+    """Real test images through the service's executor and through PyTorch: every row must stop at
+    the same stage (rows within 1e-5 of a threshold aside) with the same logits."""
+    from service.bundle import load_bundle
+    from service.executor import Executor
+
+    executor = Executor(load_bundle(bundle))
+    x, _ = next(iter(ctx.batches("test", images)))
+    result = executor.run(x.numpy(), operating_point=point.name)
+    by_name = {n.name: n for n in nets}
+    expected = [by_name[stage.network].predict(x) for stage in point.stages]
+    worst = 0.0
+    for row, trace in enumerate(result.traces):
+        for s, stage in enumerate(point.stages[:-1]):
+            sure = float(cascade.confidence(stage.confidence, expected[s][row : row + 1])[0])
+            if abs(sure - stage.threshold) < 1e-5:
+                break  # on the threshold: either side is right to rounding
+            if (sure >= stage.threshold) != (trace.answered == s):
+                raise RuntimeError(f"cascade {point.name}: image {row} stops at stage {trace.answered} served, "
+                                   f"but its stage-{s} confidence {sure:.6f} against {stage.threshold} says otherwise")
+            if sure >= stage.threshold:
+                break
+        worst = max(worst, float(np.abs(result.logits[row] - expected[trace.answered][row]).max()))
+    if worst > tolerance:
+        raise RuntimeError(f"cascade {point.name}: the served logits differ from PyTorch's by {worst:.3g} (> {tolerance})")
+    return worst
+
+
+def network_entry(folder: Path, member: Member, sha256: str) -> Network:
+    return Network(name=member.name, path=str(folder), sha256=sha256, resolution=member.resolution)
+
+
+def preprocessing(ctx: Context, resolution: int) -> Preprocessing:
+    return Preprocessing(input_size=resolution, mean=ctx.mean, std=ctx.std)
