@@ -42,12 +42,18 @@ def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
 
 
 def pool(x: np.ndarray, resolution: int) -> np.ndarray:
-    """(N, C, S, S) -> (N, C, resolution, resolution): the mean of each (S / resolution)-square."""
-    n, c, size, _ = x.shape
-    factor = size // resolution
+    """(N, C, S, S) -> (N, C, resolution, resolution): the mean of each (S / resolution)-square
+    (summed as strided views: a tenth of the time of a reduction over the reshaped axes at batch 1)."""
+    factor = x.shape[-1] // resolution
     if factor == 1:
         return x
-    return np.ascontiguousarray(x.reshape(n, c, resolution, factor, resolution, factor).mean((3, 5), dtype=np.float32))
+    total = x[:, :, ::factor, ::factor].copy()
+    for i in range(factor):
+        for j in range(factor):
+            if i or j:
+                total += x[:, :, i::factor, j::factor]
+    total *= np.float32(1.0 / (factor * factor))
+    return total
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,16 @@ class StageRunner:
     threshold: float | None
     estimated_ms: float
     mflops: float
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """The stage's architecture on full-size rows `x`: pooled to its resolution, then its fused
+        graph where the cache has compiled it (it is warmed at start-up), else block by block."""
+        xs = pool(x, self.resolution)
+        fused = self.executor.fused
+        graph = None if fused is None or not fused.enabled else fused.get(self.code, len(xs), self.executed)
+        if graph is not None:
+            return graph(xs)
+        return self.executor.per_block(xs, np.broadcast_to(self.executed, (len(xs), *self.executed.shape)))
 
 
 @dataclass(frozen=True)
@@ -129,8 +145,7 @@ class CascadeRunner:
         rows = np.arange(n)
         for s, stage in enumerate(self.stages):
             t0 = time.perf_counter()
-            xs = pool(x if len(rows) == n else x[rows], stage.resolution)
-            out, _ = stage.executor.backbone(xs, np.broadcast_to(stage.executed, (len(rows), *stage.executed.shape)))
+            out = stage.logits(x if len(rows) == n else x[rows])
             if logits is None:
                 logits = np.empty((n, out.shape[1]), np.float32)
             sure = confidence(stage.confidence, out)
