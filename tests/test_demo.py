@@ -152,7 +152,8 @@ def sharpened_bundle(src: Path, dst: Path, factor: float) -> Path:
     logits multiplied by `factor` before the sigmoid, as the bundle's default."""
     shutil.copytree(src, dst)
     manifest = upgrade(json.loads((dst / "manifest.json").read_text()))
-    base = next(c for c in manifest["controllers"] if c["name"] == manifest["default_controller"])
+    base = next((c for c in manifest["controllers"] if c["name"] == manifest["default_controller"]),
+                manifest["controllers"][0])  # the default point may be a cascade
     model = onnx.load(dst / base["file"])
     sigmoids = [n for n in model.graph.node if n.op_type == "Sigmoid"]
     assert len(sigmoids) == 1, "the controller graph should end in one Sigmoid"
@@ -190,7 +191,7 @@ def static_bundle(src: Path, dst: Path) -> Path:
     manifest = upgrade(json.loads((dst / "manifest.json").read_text()))
     for point in manifest["controllers"]:
         (dst / point["file"]).unlink()
-    manifest.update(controllers=[], default_controller=None, evaluation=None,
+    manifest.update(controllers=[], cascades=[], networks=[], default_controller=None, evaluation=None,
                     fixed_architecture="1" * len(manifest["search_space"]["cells"]))
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dst
@@ -261,7 +262,7 @@ def test_demo_endpoints(default_server):
     gallery = httpx.get(url + "/demo/gallery").json()
     assert gallery["operating_point"] == manifest["default_controller"]
     assert gallery["images"] == len(samples) == sum(len(g["images"]) for g in gallery["groups"])
-    assert gallery["architectures"] == len(gallery["groups"]) == len({g["code"] for g in gallery["groups"]})
+    assert gallery["architectures"] == len(gallery["groups"]) == len({(g["code"], g["network"]) for g in gallery["groups"]})
     latencies = [g["estimated_latency_ms"] for g in gallery["groups"]]
     assert latencies == sorted(latencies, reverse=True)
     # The gallery's grouping is what /classify answers for the same images.
@@ -269,7 +270,7 @@ def test_demo_endpoints(default_server):
         image = group["images"][0]
         answer = httpx.post(url + "/classify", content=httpx.get(url + image["url"]).content,
                             headers={"content-type": "image/jpeg"}).json()
-        assert answer["architecture"]["code"] == group["code"]
+        assert (answer["architecture"]["code"], answer["architecture"]["network"]) == (group["code"], group["network"])
         assert answer["prediction"]["label"] == image["prediction"]
     assert httpx.get(url + "/demo/gallery", params={"operating_point": "nope"}).status_code == 422
 
@@ -351,7 +352,8 @@ def test_upload_shows_label_architecture_and_previous(browser, default_server, d
     space = manifest["search_space"]
     cells, modules = len(space["cells"]), len(space["cells"][0]["modules"])
     options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#operating-point option")]
-    assert options == [c["name"] for c in manifest["controllers"]]
+    assert options == [c["name"] for c in manifest["controllers"]] + [c["name"] for c in manifest["cascades"]]
+    cascade = manifest["default_controller"] in [c["name"] for c in manifest["cascades"]]
 
     first, second = demo_images[6], demo_images[20]  # a CIFAR-10 cat, then the same cat at 97x61
     answers = []
@@ -366,14 +368,18 @@ def test_upload_shows_label_architecture_and_previous(browser, default_server, d
         current = browser.find_element(By.ID, "current")
         assert current.find_element(By.CSS_SELECTOR, "[data-testid=label]").text == answer["prediction"]["label"]
         assert current.find_element(By.CSS_SELECTOR, "[data-testid=code]").text == answer["architecture"]["code"]
-        squares = current.find_elements(By.CSS_SELECTOR, ".grid .sq")
+        squares = current.find_elements(By.CSS_SELECTOR, ".arch .grid .sq")
         assert len(squares) == cells * modules
         ran = [s for s in squares if "on" in s.get_attribute("class").split()]
         assert len(ran) == answer["architecture"]["modules_executed"]
         empty = sum(1 for c in answer["architecture"]["cells"] if not c["modules"])
-        assert len(current.find_elements(By.CSS_SELECTOR, ".grid .sq.skip")) == empty * modules
-        badge = current.find_element(By.CSS_SELECTOR, "[data-testid=badge]").text.lower()
-        assert badge == ("agree" if result["agree"] else "differ")
+        assert len(current.find_elements(By.CSS_SELECTOR, ".arch .grid .sq.skip")) == empty * modules
+        if cascade:  # no controller in the browser; every stage that ran is drawn
+            stages = current.find_elements(By.CSS_SELECTOR, "[data-testid=stages] .stage")
+            assert len(stages) == len(answer["cascade"]["stages"]) and result["local_code"] is None
+        else:
+            badge = current.find_element(By.CSS_SELECTOR, "[data-testid=badge]").text.lower()
+            assert badge == ("agree" if result["agree"] else "differ")
         assert f"{answer['architecture']['mflops']:.2f}" in current.text
         assert f"{answer['architecture']['estimated_latency_ms']:.3f} ms" in current.text
 
@@ -421,11 +427,20 @@ def test_browser_controller_agrees_with_server(which, browser, request, demo_ima
     server = request.getfixturevalue(f"{which}_server")
     bundle = load_bundle(DEFAULT_BUNDLE if which == "default" else sharp_bundle)
     manifest = bundle.manifest
-    point = manifest.controller()
+    point = manifest.point()
+    if point not in manifest.controllers:  # a cascade runs no controller: compare the first controller's
+        point = manifest.controllers[0]
     pre = manifest.preprocessing
     gain = 1.0 if which == "default" else SHARPNESS  # the sharpened sigmoid's slope multiplies differences
     session = bundle.controllers[point.name]
     open_demo(browser, server)
+    if point.name != manifest.default_controller:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import Select
+
+        Select(browser.find_element(By.ID, "operating-point")).select_by_value(point.name)
+        wait_for(browser, f"document.getElementById('gallery-info').textContent.includes('operating point {point.name}')",
+                 f"the gallery of point {point.name}")
     rows, compared, agreed = [], 0, 0
     for path in demo_images:
         result = upload(browser, path)

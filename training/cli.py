@@ -7,7 +7,7 @@ import sys
 import time
 
 # `all` runs these in order; each resumes, or returns at once when it has finished.
-ORDER = ("baseline", "twins", "pretrain", "profile", "search", "finetune", "route", "export", "report")
+ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "route", "twins", "export", "report")
 PHASES = (*ORDER, "all")
 # Phases that train on every torchrun rank (each reads its shard); the others run on rank 0.
 DISTRIBUTED = ("baseline", "twins", "pretrain", "finetune")
