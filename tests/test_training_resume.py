@@ -115,6 +115,19 @@ def test_cli_refuses_a_changed_config_on_resume(data_root, tmp_path):
     assert done.returncode == 2 and "refusing to change" in done.stderr and "--reconfigure" in done.stderr
 
 
+def test_cli_reconfigure_resumes_a_run_on_its_saved_config(uninterrupted, data_root, tmp_path):
+    """A run whose saved config was changed with --reconfigure after a phase finished (its
+    checkpoint stamped with the old value) goes on with `--reconfigure` alone, no --config."""
+    for name in ("config.json", "baseline.pt"):
+        shutil.copy(uninterrupted / name, tmp_path / name)
+    RunDir(tmp_path, load_config("smoke", [*SMOKE, "baseline.lr=0.5"]), reconfigure=True)
+    run = [str(BIN / "instanas-train"), "baseline", "--data", str(data_root), "--out", str(tmp_path)]
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "baseline.lr: 0.05 in the checkpoint, 0.5 in this run" in refused.stderr
+    taken = subprocess.run([*run, "--reconfigure"], capture_output=True, text=True, timeout=120)
+    assert taken.returncode == 0, taken.stderr[-2000:]
+
+
 def test_validation_split_is_held_out_of_training(data_root, cache_dir, tmp_path):
     ctx = Context.open(RunDir(tmp_path, load_config("smoke", ["data.train_limit=null", "data.val_images=1000"])),
                        str(data_root))

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config:
             run = RunDir(args.out, load_config(args.config, args.set), reconfigure=args.reconfigure)
         else:  # continue a run with its saved config, overrides applied on top
-            run = RunDir(args.out)
+            run = RunDir(args.out, reconfigure=args.reconfigure)
             if args.set:
                 run = RunDir(args.out, apply_overrides(run.config, args.set), reconfigure=args.reconfigure)
         ctx = Context.open(run, args.data)
