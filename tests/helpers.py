@@ -9,7 +9,7 @@ import torch
 
 from service.manifest import Preprocessing
 from training.controller import Controller
-from training.export import write_bundle
+from training.bundle_writer import write_bundle
 from training.metagraph import MetaGraph
 
 

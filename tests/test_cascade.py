@@ -12,7 +12,7 @@ import torch
 from service.bundle import session_options
 from training import cascade
 from training.evaluate import fixed_policy
-from training.export import export_graph
+from training.bundle_writer import export_graph
 from training.metagraph import MetaGraph
 from training.resolution import AtResolution, check, downsample
 from training.searchspace import build_tiny_space
@@ -90,6 +90,10 @@ def test_confidences():
     logits = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.4, 0.2]]))
     assert cascade.confidence("max_softmax", logits) == pytest.approx([0.7, 0.4])
     assert cascade.confidence("margin", logits) == pytest.approx([0.5, 0.0])
+    shifted = np.array([[1000.0, 999.0, -50.0]])  # no overflow: softmax of (1, 0, -1050)
+    e = np.exp(-1.0)
+    assert cascade.confidence("max_softmax", shifted) == pytest.approx([1 / (1 + e)])
+    assert cascade.confidence("margin", shifted) == pytest.approx([(1 - e) / (1 + e)])
     with pytest.raises(ValueError, match="one entry per image"):
         cascade.frontier(np.ones(3), np.ones(2, bool), np.ones(3, bool))
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from service import architecture
+from service.bundle import load_bundle
+from service.executor import Executor
 from service.manifest import Cascade, Network, Preprocessing, Stage
 from training import baseline as baseline_phase
 from training import cascade, twins
@@ -140,9 +142,6 @@ def check_parity(ctx: Context, bundle: Path, nets: list[Member], point: Cascade,
                  tolerance: float = 1e-4) -> float:
     """Real test images through the service's executor and through PyTorch: every row must stop at
     the same stage (rows within 1e-5 of a threshold aside) with the same logits."""
-    from service.bundle import load_bundle
-    from service.executor import Executor
-
     executor = Executor(load_bundle(bundle))
     x, _ = next(iter(ctx.batches("test", images)))
     result = executor.run(x.numpy(), operating_point=point.name)

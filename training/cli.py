@@ -6,11 +6,9 @@ import argparse
 import sys
 import time
 
-# `all` runs these in order; each resumes, or returns at once when it has finished.
-ORDER = ("baseline", "pretrain", "profile", "search", "finetune", "route", "twins", "export", "report")
+from training.phases import DISTRIBUTED, ORDER
+
 PHASES = (*ORDER, "all")
-# Phases that train on every torchrun rank (each reads its shard); the others run on rank 0.
-DISTRIBUTED = ("baseline", "twins", "pretrain", "finetune")
 
 
 def main(argv: list[str] | None = None) -> int:

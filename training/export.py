@@ -9,106 +9,23 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import warnings
+import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
-from torch import nn
-from tqdm import tqdm
 
 from service import architecture
-from service.bundle import sha256_file
-from service.manifest import (
-    GREEDY_THRESHOLD,
-    BlockFile,
-    Cascade,
-    Controller,
-    Evaluation,
-    FrequentArchitecture,
-    GraphFile,
-    Manifest,
-    Network,
-    Preprocessing,
-    Profile,
-)
+from service.bundle import load_bundle, sha256_file
+from service.executor import Executor
+from service.manifest import GREEDY_THRESHOLD, Evaluation, FrequentArchitecture, Manifest, Preprocessing
+from training import baseline as baseline_phase
+from training import cascade_points, route
+from training.bundle_writer import write_bundle
 from training.context import Context
+from training.evaluate import evaluate, evaluate_controller, fixed_policy, greedy
+from training.latency import costs, load_table
 from training.rundir import source_revision, write_atomic
-
-OPSET = 17
-
-
-def export_graph(module: nn.Module, input_shape: tuple[int, ...], path: Path) -> None:
-    """Write `module` (eval mode, fp32) as an ONNX graph `input` -> `output` with a dynamic batch."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    module = module.eval().to("cpu", memory_format=torch.contiguous_format)
-    example = torch.zeros(1, *input_shape)
-    with warnings.catch_warnings():
-        # The TorchScript exporter writes these small static graphs in a fraction of a second
-        # each, against seconds for the torch.export one; the bundle has 80+ of them.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-                          opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-
-
-def block_file(cell: int, module: int) -> str:
-    return f"blocks/{cell:02d}_{module}.onnx"
-
-
-def controller_file(name: str) -> str:
-    return f"controllers/{name}.onnx"
-
-
-def write_bundle(out: Path, metagraph, controllers: dict[str, nn.Module], table: dict, *, name: str, version: str,
-                 dataset: str, classes: list[str], preprocessing: Preprocessing, default_controller: str | None = None,
-                 fixed_architecture: str | None = None, evaluations: dict[str, Evaluation] | None = None,
-                 evaluation: Evaluation | None = None, frequent_architectures: list[FrequentArchitecture] = (),
-                 training: dict | None = None, networks: list[Network] = (), cascades: list[Cascade] = ()) -> Manifest:
-    """Export every graph of `metagraph`, and each controller of `controllers` (operating point
-    name -> controller; none for a static bundle), into `out`, and write the manifest with each
-    file's sha256 and its cost from `table`. `default_controller` defaults to the first point."""
-    evaluations = evaluations or {}
-    space = metagraph.space
-
-    def graph(net: nn.Module, shape, file: str, cost: dict, cls=GraphFile, **extra):
-        export_graph(net, shape, out / file)
-        return cls(file=file, sha256=sha256_file(out / file), latency_ms=cost["latency_ms"],
-                   mflops=cost["mflops"], params=cost["params"], **extra)
-
-    image_shape = (3, space.input_size, space.input_size)
-    last = space.cells[-1]
-    manifest = Manifest(
-        name=name,
-        version=version,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        dataset=dataset,
-        classes=classes,
-        preprocessing=preprocessing,
-        search_space=space,
-        stem=graph(metagraph.stem, image_shape, "stem.onnx", table["stem"]),
-        head=graph(metagraph.head, (last.out_channels, last.output_size, last.output_size), "head.onnx", table["head"]),
-        blocks=[graph(metagraph.cells[cell.index][m], (cell.in_channels, cell.input_size, cell.input_size),
-                      block_file(cell.index, m), table["blocks"][cell.index][m], BlockFile, cell=cell.index, module=m)
-                for cell, m in tqdm([(c, m) for c in space.cells for m in range(len(c.modules))],
-                                    desc="export blocks", unit="graph", mininterval=5)],
-        controllers=[graph(net, image_shape, controller_file(point), table["controller"], Controller, name=point,
-                           threshold=GREEDY_THRESHOLD, evaluation=evaluations.get(point))
-                     for point, net in controllers.items()],
-        networks=list(networks),
-        cascades=list(cascades),
-        default_controller=(default_controller or next(iter(controllers), None) or cascades[0].name)
-        if controllers or cascades else None,
-        fixed_architecture=fixed_architecture,
-        frequent_architectures=list(frequent_architectures),
-        profile=Profile(**table["profile"]),
-        evaluation=evaluation,
-        training=training or {},
-    )
-    write_atomic(out / "manifest.json", (manifest.model_dump_json(indent=2) + "\n").encode())
-    return manifest
 
 
 def _evaluation(dataset: str, figures: dict, measured_ms: float | None) -> Evaluation:
@@ -131,11 +48,6 @@ def default_point(val: dict[str, dict], baseline_top1: float | None, tolerance: 
 
 def measured_latency_ms(bundle: Path, x: np.ndarray, operating_point: str | None = None, warmup: int = 20) -> float:
     """Mean wall-clock per image of the service's executor at batch 1 over the rows of `x`."""
-    import time
-
-    from service.bundle import load_bundle
-    from service.executor import Executor
-
     executor = Executor(load_bundle(bundle))
     for row in x[:warmup]:
         executor.run(row[None], operating_point=operating_point)
@@ -154,11 +66,6 @@ def _finish(tmp: Path, out: Path, manifest: Manifest) -> None:
 def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseline_bundle: str | None = None) -> Path:
     """Export the fine-tuned meta-graph with every operating point, and the baseline as a static
     bundle; each is checked against PyTorch through the service's executor before it moves into place."""
-    from training import baseline as baseline_phase
-    from training import cascade_points, route  # imported here: cascade_points uses training.latency, which uses this module
-    from training.evaluate import evaluate_controller
-    from training.latency import costs, load_table
-
     out = Path(bundle) if bundle else ctx.run.path / "bundle"
     finetune = ctx.run.require("finetune")
     metagraph = ctx.new_metagraph()
@@ -223,9 +130,6 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
 def export_baseline(ctx: Context, out: Path, model, table: dict, *, name: str, version: str, dataset: str,
                     x_test: np.ndarray, revision: str) -> Path:
     """The standalone MobileNetV2 as a static bundle: one module per cell, its 17 blocks only."""
-    from training.evaluate import evaluate, fixed_policy
-    from training.latency import costs
-
     space = model.space
     sub_table = {**table, "blocks": [[row[0]] for row in table["blocks"]]}
     matrix = np.ones((space.num_cells, 1), bool)
@@ -252,8 +156,6 @@ def export_baseline(ctx: Context, out: Path, model, table: dict, *, name: str, v
 @torch.no_grad()
 def frequent_architectures(ctx: Context, metagraph, points: dict, keep: int = 16) -> list[FrequentArchitecture]:
     """The architectures the operating points choose most often on the validation split."""
-    from training.evaluate import evaluate, greedy
-
     counts: dict[str, int] = {}
     total = 0
     for controller in points.values():
@@ -270,9 +172,6 @@ def check_parity(ctx: Context, bundle: Path, metagraph, controller, operating_po
                  images: int = 64, tolerance: float = 1e-4) -> float:
     """Run real test images through the service's executor and the PyTorch model; they must agree.
     `controller` None checks a static bundle's fixed architecture."""
-    from service.bundle import load_bundle
-    from service.executor import Executor
-
     loaded = load_bundle(bundle)
     executor = Executor(loaded)
     x, _ = next(iter(ctx.batches("test", images)))

@@ -19,12 +19,13 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
-from service.bundle import session_options
 from service.architecture import CostTable, cheapest, mobilenet_v2
+from service.bundle import load_bundle, session_options
+from service.executor import Executor
 from service.manifest import Preprocessing
 from training import flops
+from training.bundle_writer import export_graph, write_bundle
 from training.context import Context
-from training.export import export_graph
 from training.rundir import RunDir, RunError, write_atomic
 
 
@@ -105,10 +106,6 @@ def measure_dispatch(ctx: Context, metagraph, controller, table: dict, repeats: 
     """The executor's own cost per graph call: its batch-1 wall-clock on three architectures
     (cheapest, MobileNetV2, all modules) minus the table's sum of the graphs they run, fitted
     per call by least squares through zero."""
-    from service.bundle import load_bundle
-    from service.executor import Executor
-    from training.export import write_bundle
-
     space = ctx.space
     with tempfile.TemporaryDirectory() as tmp:
         write_bundle(Path(tmp), metagraph, {"profile": controller}, table, name="profile", version="0",

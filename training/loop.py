@@ -25,6 +25,7 @@ from training import distributed
 from training.context import Context
 from training.data import derive_seed
 from training.optim import set_lr
+from training.phases import ORDER, PHASE_FILES
 from training.rundir import RunError
 
 # (x, y, generator, global step, forward) -> (loss, logits): one optimizer step's forward pass, where
@@ -115,9 +116,6 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
 
 def _later_phases_done(ctx: Context, phase: str) -> list[str]:
     """The phases after `phase` (in `instanas-train all` order) whose checkpoint exists."""
-    from training.cli import ORDER
-    from training.rundir import PHASE_FILES
-
     return [p for p in ORDER[ORDER.index(phase) + 1:] if p in PHASE_FILES and ctx.run.checkpoint(p).exists()]
 
 

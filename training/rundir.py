@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from training.config import RunConfig, from_dict
+from training.phases import PHASE_FILES, SECTION_PHASES
 
 
 class RunError(RuntimeError):
@@ -18,13 +19,6 @@ class RunError(RuntimeError):
     that cannot be used (corrupted, or written by another phase or another config)."""
 
 
-# The phases whose results depend on each config section; a section not listed (space, data,
-# seed, name...) shapes every phase, and `device` and `threads` change no result.
-_SECTION_PHASES = {"baseline": ("baseline",), "twins": ("twins",), "pretrain": ("pretrain",), "search": ("search",),
-                   "controller": ("search",), "finetune": ("finetune",), "route": ("route",), "profile": ("profile",), "export": (), "report": (),
-                   "device": (), "threads": (), "checkpoint_steps": ()}
-PHASE_FILES = {"baseline": "baseline.pt", "twins": "twins.pt", "pretrain": "pretrain.pt", "profile": "latency.json",
-               "search": "search.pt", "finetune": "finetune.pt", "route": "route.pt"}
 # Sections whose change makes a checkpoint's tensors another shape: refused even with --reconfigure.
 _STRUCTURAL = ("space",)
 STAMP = "_run"  # a checkpoint's own record of the phase and config that wrote it
@@ -84,7 +78,7 @@ class RunDir:
         blocking = {}
         for key in changes:
             section = key.split(".")[0]
-            touched = set(_SECTION_PHASES.get(section, PHASE_FILES)) & started
+            touched = set(SECTION_PHASES.get(section, PHASE_FILES)) & started
             if touched:
                 blocking[key] = sorted(touched)
         if blocking and not reconfigure:
@@ -146,7 +140,7 @@ class RunDir:
         blocking = {}
         for key, change in changes.items():
             section = key.split(".")[0]
-            if section in _STRUCTURAL or (not self.reconfigure and phase in _SECTION_PHASES.get(section, PHASE_FILES)):
+            if section in _STRUCTURAL or (not self.reconfigure and phase in SECTION_PHASES.get(section, PHASE_FILES)):
                 blocking[key] = change
         if blocking:
             lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} in this run" for k, (a, b) in blocking.items())
