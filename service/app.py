@@ -11,6 +11,7 @@ process's metrics and the repository (`models`, which a reload swaps).
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 
@@ -20,7 +21,7 @@ from service import errors, limits, logs, security, warmup
 from service.bundle import Bundle
 from service.metrics import Metrics
 from service.repository import Repository, load_repository
-from service.routes import classify, health, model, monitoring, v2
+from service.routes import admin, classify, demo, health, model, monitoring, v2
 from service.settings import Settings
 from service.state import ServiceState
 
@@ -55,6 +56,14 @@ class RequestMetrics:
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml); a source tree run without installing has none."""
+    try:
+        return version("instanas")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *,
                before_batch: Callable[[list], None] | None = None) -> FastAPI:
     """`bundle`: one bundle already loaded, served alone (tests and benchmarks); default: `settings.model`.
@@ -86,7 +95,7 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
             current.ready = False
             current.stop()
 
-    app = FastAPI(title="instanas", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="instanas", version=_version(), lifespan=lifespan,
                   description="Instance-aware NAS: each image runs the architecture its controller picks.")
     app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
     app.state.before_batch = before_batch  # for the models of a reload (service/reload.py)
@@ -100,13 +109,9 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
     security.install_cors(app, settings)  # off unless INSTANAS_CORS_ORIGINS is set
     # Outermost: request ids and the access log line (service/logs.py) cover every response.
     app.add_middleware(logs.AccessLog, enabled=settings.access_log)
-    for router in (classify.router, health.router, model.router, monitoring.router, v2.router):
+    # demo: the live demo page at GET / (service/static/); admin: POST /admin/reload
+    for router in (classify.router, health.router, model.router, monitoring.router, v2.router, demo.router,
+                   admin.router):
         app.include_router(router)
-    from service.routes import demo  # the live demo page at GET / (service/static/)
-
-    app.include_router(demo.router)
-    from service.routes import admin  # POST /admin/reload
-
-    app.include_router(admin.router)
     limits.document_limits(app)
     return app

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import logging
 import sys
 
 from pydantic import ValidationError
 
 from service import logs
-from service.bundle import BundleError
 from service.settings import Settings
-
-
-def fast_server() -> dict[str, str]:
-    """uvicorn's event loop and HTTP parser: uvloop and httptools where installed (the serve extra),
-    else asyncio and h11."""
-    found = {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")}
-    return {"loop": "uvloop" if found["uvloop"] else "asyncio", "http": "httptools" if found["httptools"] else "h11"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,30 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return workers.serve(settings)
 
-    return run(settings)
-
-
-def run(settings: Settings, sockets: list | None = None, on_serving=None) -> int:
-    """Load every bundle and serve until a signal stops the server: on `settings`' host and port,
-    or on `sockets` already bound (a worker's, service/workers.py). `on_serving()` is called once
-    the server accepts requests and handles its signals. 2 when a bundle cannot be served."""
     from service import server  # uvicorn, with the limits it lacks and a draining shutdown
-    from service.app import create_app
 
-    try:
-        app = create_app(settings)
-    except BundleError as exc:
-        print(f"instanas-serve: cannot serve the bundle: {exc}", file=sys.stderr, flush=True)
-        return 2
-    models = app.state.models
-    for state in models.states.values():
-        logging.getLogger("instanas.service").info(
-            "serving %s %s (manifest sha256 %s%s) on http://%s:%d", state.manifest.name, state.manifest.version,
-            state.bundle.sha256, ", the default" if state.name == models.default else "", settings.host, settings.port)
-    # The access log is service.logs.AccessLog's (INSTANAS_ACCESS_LOG), not uvicorn's.
-    server.serve(app, settings, sockets=sockets, on_serving=on_serving, host=settings.host, port=settings.port, log_level=settings.log_level,
-                 access_log=False, log_config=None, **fast_server())
-    return 0
+    return server.run(settings)
 
 
 if __name__ == "__main__":

@@ -61,9 +61,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.reload_file import RELOAD_FILE, RELOAD_FILE_ENV, read_reload, reload_target
+
 log = logging.getLogger("instanas.service")
 
-RELOAD_FILE_ENV = "INSTANAS_RELOAD_FILE"  # set for the workers: where a reload's folder is written (JSON: path, pid)
 RESTART_DELAY_S = 1.0  # before a crashed worker is started again
 START_TIMEOUT_S = 600.0  # for a worker to load its bundles and answer
 
@@ -81,50 +82,15 @@ def metrics_folder(wanted: Path | None) -> Path:
     return wanted
 
 
-RELOAD_FILE = "reload.json"
-
-
-def _read_reload() -> dict | None:
-    """The reload file's {"path", "pid"}: the last reload any worker took; None when there is none."""
-    file = os.environ.get(RELOAD_FILE_ENV)
-    if not file or not Path(file).is_file():
-        return None
-    try:
-        return json.loads(Path(file).read_text())
-    except (ValueError, OSError):
-        log.warning("unreadable reload file %s", file)
-        return None
-
-
-def reload_target(default: Path) -> Path:
-    """The folder a worker serves: the last one reloaded by any worker, or `default`."""
-    done = _read_reload()
-    return Path(done["path"]) if done and "path" in done else default
-
-
-def announce_reload(path: Path) -> None:
-    """Called by a worker after its own successful reload: every other worker reloads `path` too."""
-    file = os.environ.get(RELOAD_FILE_ENV)
-    if not file:
-        return  # a single process: nothing else to tell
-    try:
-        tmp = Path(file).with_suffix(f".{os.getpid()}.tmp")  # one a worker: two reloads at once do not collide
-        tmp.write_text(json.dumps({"path": str(path), "pid": os.getpid()}))
-        tmp.replace(file)
-        os.kill(os.getppid(), signal.SIGUSR1)
-    except OSError as exc:  # this worker did reload; the others keep what they serve
-        log.error("could not pass the reload on to the other workers: %s", exc)
-
-
 def _worker(settings, sock: socket.socket, ready) -> None:
     """One worker process: a whole server on the supervisor's socket."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server handles it: a reload now would kill the worker
     os.setpgrp()  # a terminal's signals reach the supervisor only, which passes them on once
     _die_with_parent()
-    from service import cli, logs
+    from service import logs, server
 
     logs.configure(settings.log_format, settings.log_level)
-    sys.exit(cli.run(settings.model_copy(update={"model": reload_target(settings.model)}), sockets=[sock],
+    sys.exit(server.run(settings.model_copy(update={"model": reload_target(settings.model)}), sockets=[sock],
                      on_serving=ready.release))
 
 
@@ -264,7 +230,7 @@ class Supervisor:
                 self._signal_all(signal.SIGHUP)
             elif sig == signal.SIGUSR1:  # a worker reloaded: the others follow
                 self.reloads += 1
-                done = _read_reload() or {}
+                done = read_reload() or {}
                 self._signal_all(signal.SIGHUP, skip=done.get("pid"))
 
     def _signal_all(self, sig: int, skip: int | None = None) -> None:

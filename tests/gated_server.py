@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import threading
 
-from service import cli, logs, server
+from service import logs, server
 from service.app import create_app
 from service.settings import Settings
 
@@ -43,7 +43,7 @@ def main() -> None:
         gate.set()
 
     server.serve(app, settings, host=settings.host, port=settings.port, log_level=settings.log_level,
-                 access_log=False, log_config=None, **cli.fast_server())
+                 access_log=False, log_config=None, **server.fast_server())
 
 
 if __name__ == "__main__":

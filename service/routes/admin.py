@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Depends, Request
 from pydantic import BaseModel, Field
 
-from service import reload, workers
+from service import reload, reload_file
 from service.schemas import ErrorResponse, ModelRef
 from service.security import require_token
 
@@ -27,7 +27,7 @@ class ReloadResponse(BaseModel):
 @router.post("/reload", response_model=ReloadResponse, summary="Load, verify and warm up bundles, then swap them in",
              responses={code: {"model": ErrorResponse} for code in (401, 409, 422, 503)})
 async def reload_bundle(request: Request, body: ReloadRequest | None = Body(default=None)):
-    """With several workers, the others reload the same folder right after (service/workers.py)."""
+    """With several workers, the others reload the same folder right after (service/reload_file.py)."""
     result = await reload.reload(request.app, body.path if body else None)
-    workers.announce_reload(request.app.state.models.path)
+    reload_file.announce_reload(request.app.state.models.path)
     return result
