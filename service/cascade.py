@@ -12,7 +12,6 @@ The confidence functions here are the ones training fits thresholds with (traini
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,15 +19,16 @@ import numpy as np
 from service import architecture
 
 
-def max_softmax(probabilities: np.ndarray) -> np.ndarray:
-    """The top class's probability, per row."""
-    return probabilities.max(1)
+def max_softmax(exps: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """The top class's probability, per row, from exp(logit - max logit) and its row sums: the
+    top class's exp is exp(0) = 1."""
+    return 1.0 / total
 
 
-def margin(probabilities: np.ndarray) -> np.ndarray:
+def margin(exps: np.ndarray, total: np.ndarray) -> np.ndarray:
     """The top class's probability minus the runner-up's, per row."""
-    top2 = np.partition(probabilities, -2, axis=1)[:, -2:]
-    return top2[:, 1] - top2[:, 0]
+    second = np.partition(exps, -2, axis=1)[:, -2]
+    return (1.0 - second) / total
 
 
 CONFIDENCES = {"max_softmax": max_softmax, "margin": margin}
@@ -37,8 +37,8 @@ CONFIDENCES = {"max_softmax": max_softmax, "margin": margin}
 def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
     """Each row's confidence of kind `kind` (CONFIDENCES) in its top class, from its logits, in float64."""
     z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return CONFIDENCES[kind](z / z.sum(axis=1, keepdims=True))
+    exps = np.exp(z - z.max(axis=1, keepdims=True))
+    return CONFIDENCES[kind](exps, exps.sum(axis=1))
 
 
 def pool(x: np.ndarray, resolution: int) -> np.ndarray:
@@ -94,6 +94,11 @@ class Trace:
         return self.answered > 0
 
     @property
+    def stage(self) -> StageRunner:
+        """The stage that answered."""
+        return self.runner.stages[self.answered]
+
+    @property
     def ran(self) -> list[StageRunner]:
         return self.runner.stages[: self.answered + 1]
 
@@ -104,20 +109,6 @@ class Trace:
     @property
     def mflops(self) -> float:
         return sum(stage.mflops for stage in self.ran)
-
-
-@dataclass
-class CascadeRun:
-    """What a cascade did to each of its rows."""
-
-    logits: np.ndarray  # (N, classes): the answering stage's
-    answered: np.ndarray  # (N,) index of the stage that answered (stages 0..answered ran)
-    confidences: np.ndarray  # (N, stages): each stage's confidence, NaN where it did not run
-    seconds: list[float]  # per stage, for the rows it ran
-
-    def trace(self, runner: "CascadeRunner", row: int) -> Trace:
-        answered = int(self.answered[row])
-        return Trace(runner, answered, tuple(float(c) for c in self.confidences[row, : answered + 1]))
 
 
 class CascadeRunner:
@@ -135,16 +126,17 @@ class CascadeRunner:
                 executor, stage.network, space.input_size, executed, architecture.encode(executed), stage.confidence,
                 stage.threshold, float(costs.latency_ms(executed[None])[0]), float(costs.mflops(executed[None])[0])))
 
-    def run(self, x: np.ndarray) -> CascadeRun:
-        """Every row through the stages until one is confident (the last always answers)."""
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, list[Trace]]:
+        """Every row through the stages until one is confident (the last always answers): the
+        answering stage's logits, (N, classes), and each row's trace."""
         n = x.shape[0]
+        if n == 1:
+            return self._run_one(x)
         logits = None
         answered = np.zeros(n, np.int64)
         confidences = np.full((n, len(self.stages)), np.nan)
-        seconds = []
         rows = np.arange(n)
         for s, stage in enumerate(self.stages):
-            t0 = time.perf_counter()
             out = stage.logits(x if len(rows) == n else x[rows])
             if logits is None:
                 logits = np.empty((n, out.shape[1]), np.float32)
@@ -154,7 +146,18 @@ class CascadeRunner:
             logits[rows[stop]] = out[stop]
             answered[rows[stop]] = s
             rows = rows[~stop]
-            seconds.append(time.perf_counter() - t0)
             if not len(rows):
                 break
-        return CascadeRun(logits, answered, confidences, seconds)
+        return logits, [Trace(self, int(a), tuple(confidences[i, : a + 1].tolist())) for i, a in enumerate(answered)]
+
+    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, list[Trace]]:
+        """`run` for one row (the common case at batch 1): the same stages and rule, none of the
+        row bookkeeping."""
+        confidences = []
+        for s, stage in enumerate(self.stages):
+            out = stage.logits(x)
+            sure = float(confidence(stage.confidence, out)[0])
+            confidences.append(sure)
+            if stage.threshold is None or sure >= stage.threshold:
+                return out, [Trace(self, s, tuple(confidences))]
+        raise AssertionError("the last stage has no threshold: it always answers")

@@ -232,7 +232,7 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
         "architecture": {
             "code": code or architecture.encode(executed),
             "resolution": resolution(state, result, row),
-            "network": None if trace is None else trace.ran[-1].network,
+            "network": None if trace is None else trace.stage.network,
             "cells": [{"cell": c, "modules": [names[c][m] for m in np.flatnonzero(executed[c])]}
                       for c in range(len(names))],
             "modules_executed": int(executed.sum()),
@@ -275,4 +275,4 @@ def observe(state, result, row: int, choice: Choice, stages: dict[str, float]) -
 def resolution(state, result, row: int) -> int:
     """The input resolution of the network that answered row `row`."""
     trace = result.trace(row)
-    return state.manifest.preprocessing.input_size if trace is None else trace.ran[-1].resolution
+    return state.manifest.preprocessing.input_size if trace is None else trace.stage.resolution

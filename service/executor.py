@@ -148,12 +148,11 @@ class Executor:
         logits = np.empty((n, self.space.num_classes), np.float32)
         traces: list[Trace | None] = [None] * n
         for point, rows in cascaded.items():
-            runner = self.cascades[point]
-            done = runner.run(x[rows])
-            logits[rows] = done.logits
-            for i, row in enumerate(rows):
-                trace = traces[row] = done.trace(runner, i)
-                answer = trace.ran[-1].executed
+            point_logits, point_traces = self.cascades[point].run(x[rows])
+            logits[rows] = point_logits
+            for row, trace in zip(rows, point_traces):
+                traces[row] = trace
+                answer = trace.stage.executed
                 executed[row] = False
                 executed[row, :, : answer.shape[1]] = answer
         rest = np.array([i for i in range(n) if traces[i] is None], np.int64)
@@ -167,14 +166,12 @@ class Executor:
     def _run_cascade(self, x: np.ndarray, point: str) -> Result:
         """Every row through the cascade `point` (the common case at batch 1: no bookkeeping of other points)."""
         t0 = time.perf_counter()
-        runner = self.cascades[point]
-        done = runner.run(x)
-        traces = [done.trace(runner, i) for i in range(x.shape[0])]
+        logits, traces = self.cascades[point].run(x)
         executed = np.zeros((x.shape[0], self.space.num_cells, self.space.num_modules), bool)
         for row, trace in enumerate(traces):
-            answer = trace.ran[-1].executed
+            answer = trace.stage.executed
             executed[row, :, : answer.shape[1]] = answer
-        return Result(done.logits, softmax(done.logits), executed,
+        return Result(logits, softmax(logits), executed,
                       {"controller": 0.0, "backbone": time.perf_counter() - t0}, point, traces=traces)
 
     def backbone(self, x: np.ndarray, executed: np.ndarray) -> tuple[np.ndarray, int]:

@@ -58,7 +58,22 @@ def test_each_stage_answers_as_its_network_run_alone(cascade_bundle):
     # and each equals the network's own executor, run alone on the pooled input
     alone = executor.networks["mobilenet_v2@16"].run(serving.pool(x, 16))
     assert np.abs(result.logits[stops] - alone.logits[stops]).max() < 1e-5
-    assert [t.ran[-1].resolution for t in result.traces] == [16 if s else 32 for s in stops]
+    assert [t.stage.resolution for t in result.traces] == [16 if s else 32 for s in stops]
+
+
+def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle):
+    """The single-row path (batch 1, the common case) stops each image at the same stage, with the
+    same logits and confidences, as the batched path."""
+    out, _ = cascade_bundle
+    executor = Executor(load_bundle(out))
+    x = _inputs(24, seed=3)
+    batch = executor.run(x, operating_point="fast")
+    assert len({t.answered for t in batch.traces}) == 2
+    for row in range(len(x)):
+        alone = executor.run(x[row : row + 1], operating_point="fast")
+        assert alone.traces[0].answered == batch.traces[row].answered
+        assert alone.traces[0].confidences == pytest.approx(batch.traces[row].confidences, abs=1e-9)
+        assert np.abs(alone.logits[0] - batch.logits[row]).max() < 1e-5
 
 
 def test_a_batch_mixing_cascade_and_controller_rows(cascade_bundle):

@@ -348,7 +348,7 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
     affordable = [s for s, stage in enumerate(runner.stages) if stage.estimated_ms <= estimated.mean()]
     best = max(affordable or [0], key=lambda s: (_stage_logits(runner.stages[s], val_x).argmax(1) == ctx.val.labels).mean())
     stage = runner.stages[best]
-    resolutions = {str(r): int(n) for r, n in zip(*np.unique([t.ran[-1].resolution for t in traces], return_counts=True))}
+    resolutions = {str(r): int(n) for r, n in zip(*np.unique([t.stage.resolution for t in traces], return_counts=True))}
     entry = {
         "top1": float(correct.mean()), "estimated_latency_ms": float(estimated.mean()),
         "mflops": float(np.mean([t.mflops for t in traces])), "modules": float(executed.sum((1, 2)).mean()),

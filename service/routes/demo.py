@@ -207,7 +207,7 @@ def _classify_gallery(state, images: list[GalleryImage], choice: operating_point
     correct = labelled = 0
     for image, executed, probs, point, trace in rows:
         code = architecture.encode(executed)
-        answer = None if trace is None else trace.ran[-1]
+        answer = None if trace is None else trace.stage
         key = (code, None if answer is None else answer.network)
         group = groups.get(key)
         if group is None:
