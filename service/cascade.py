@@ -5,9 +5,11 @@ runs the first stage; those whose confidence in its answer is below the stage's 
 next, and so on; the last stage answers whatever reaches it. A stage at a lower resolution than
 the bundle's input reads the prepared input average-pooled by the whole factor (as training's
 `training.resolution.downsample` does), so an image is decoded and prepared once, whatever runs.
-Stages at other resolutions share nothing else, so nothing else is reused.
+Stages at other resolutions share no computation. What a later stage can reuse is the previous
+stage's answer: with `blend` > 0 its answer mixes the previous stage's probabilities into its own
+(`blend`), since two networks that see the image at different resolutions err on different images.
 
-The confidence functions here are the ones training fits thresholds with (training/cascade.py).
+The confidence and blend functions here are the ones training fits thresholds with (training/cascade.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,19 @@ def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
     return CONFIDENCES[kind](exps, exps.sum(axis=1))
 
 
+def blend(own: np.ndarray, previous: np.ndarray, share: float) -> np.ndarray:
+    """A later stage's answer, as logits (float64): log((1 - share) x softmax(own) + share x
+    softmax(previous)); `own` itself when `share` is 0."""
+    if not share:
+        return own
+
+    def probabilities(z: np.ndarray) -> np.ndarray:
+        e = np.exp(np.asarray(z, np.float64) - np.max(z, axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return np.log((1.0 - share) * probabilities(own) + share * probabilities(previous))
+
+
 def pool(x: np.ndarray, resolution: int) -> np.ndarray:
     """(N, C, S, S) -> (N, C, resolution, resolution): the mean of each (S / resolution)-square
     (summed as strided views: a tenth of the time of a reduction over the reshaped axes at batch 1)."""
@@ -67,6 +82,7 @@ class StageRunner:
     code: str
     confidence: str
     threshold: float | None
+    blend: float  # the previous stage's share in this stage's answer (service.manifest.Stage)
     estimated_ms: float
     mflops: float
 
@@ -124,7 +140,8 @@ class CascadeRunner:
             costs = executor.costs
             self.stages.append(StageRunner(
                 executor, stage.network, space.input_size, executed, architecture.encode(executed), stage.confidence,
-                stage.threshold, float(costs.latency_ms(executed[None])[0]), float(costs.mflops(executed[None])[0])))
+                stage.threshold, stage.blend, float(costs.latency_ms(executed[None])[0]),
+                float(costs.mflops(executed[None])[0])))
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, list[Trace]]:
         """Every row through the stages until one is confident (the last always answers): the
@@ -136,8 +153,10 @@ class CascadeRunner:
         answered = np.zeros(n, np.int64)
         confidences = np.full((n, len(self.stages)), np.nan)
         rows = np.arange(n)
+        out = None
         for s, stage in enumerate(self.stages):
-            out = stage.logits(x if len(rows) == n else x[rows])
+            own = stage.logits(x if len(rows) == n else x[rows])
+            out = own if out is None else blend(own, out, stage.blend)
             if logits is None:
                 logits = np.empty((n, out.shape[1]), np.float32)
             sure = confidence(stage.confidence, out)
@@ -145,7 +164,7 @@ class CascadeRunner:
             stop = np.ones(len(rows), bool) if stage.threshold is None else sure >= stage.threshold
             logits[rows[stop]] = out[stop]
             answered[rows[stop]] = s
-            rows = rows[~stop]
+            rows, out = rows[~stop], out[~stop]
             if not len(rows):
                 break
         return logits, [Trace(self, int(a), tuple(confidences[i, : a + 1].tolist())) for i, a in enumerate(answered)]
@@ -154,10 +173,12 @@ class CascadeRunner:
         """`run` for one row (the common case at batch 1): the same stages and rule, none of the
         row bookkeeping."""
         confidences = []
+        out = None
         for s, stage in enumerate(self.stages):
-            out = stage.logits(x)
+            own = stage.logits(x)
+            out = own if out is None else blend(own, out, stage.blend)
             sure = float(confidence(stage.confidence, out)[0])
             confidences.append(sure)
             if stage.threshold is None or sure >= stage.threshold:
-                return out, [Trace(self, s, tuple(confidences))]
+                return out.astype(np.float32, copy=False), [Trace(self, s, tuple(confidences))]
         raise AssertionError("the last stage has no threshold: it always answers")

@@ -187,6 +187,9 @@ class Stage(_Strict):
     confidence: Literal["max_softmax", "margin"] = Field(
         default="max_softmax", description="The top class's probability, or its lead over the runner-up.")
     threshold: float | None = Field(default=None, ge=0, le=1, description="Null on the last stage only.")
+    blend: float = Field(default=0.0, ge=0, lt=1, description=(
+        "The share of the previous stage's answer in this stage's: its probabilities are (1 - blend) x its "
+        "own + blend x the previous stage's (which the image has already paid for); 0 on the first stage."))
 
 
 class Cascade(_Strict):
@@ -204,6 +207,8 @@ class Cascade(_Strict):
         for i, stage in enumerate(self.stages[:-1]):
             if stage.threshold is None:
                 raise ValueError(f"cascade {self.name!r}: stage {i} needs a threshold (only the last has none)")
+        if self.stages[0].blend:
+            raise ValueError(f"cascade {self.name!r}: the first stage has no previous answer to blend")
         return self
 
 

@@ -40,7 +40,8 @@ class StageRun(BaseModel):
     network: str | None = Field(description="null: the bundle's own graphs.")
     resolution: int
     code: str = Field(description="The stage's architecture code.")
-    confidence: float = Field(description="The stage's confidence in its answer (its kind: the manifest's stage).")
+    confidence: float = Field(description="The stage's confidence in its answer (its kind: the manifest's stage; "
+                              "the answer blends the previous stage's where the stage's `blend` is above 0).")
     threshold: float | None = Field(description="The image stops here when confidence >= threshold; null: last stage.")
     answered: bool
 

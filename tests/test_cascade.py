@@ -98,6 +98,23 @@ def test_confidences():
         cascade.frontier(np.ones(3), np.ones(2, bool), np.ones(3, bool))
 
 
+def test_cascade_answers_by_hand():
+    """Two rows: the first stops at the twin (max softmax 0.7 >= 0.6), the second escalates and the
+    last stage blends a quarter of the twin's answer into its own."""
+    from service.manifest import Cascade, Stage
+    from training.cascade_points import answers
+
+    point = Cascade(name="c", stages=[Stage(network="low", architecture="x", threshold=0.6),
+                                      Stage(network="high", architecture="y", blend=0.25)])
+    low = np.log(np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]]))
+    high = np.log(np.array([[0.1, 0.1, 0.8], [0.2, 0.6, 0.2]]))
+    final, answered = answers(point, {"low": low, "high": high})
+    assert answered.tolist() == [0, 1]
+    assert np.exp(final[0]) == pytest.approx([0.7, 0.2, 0.1])
+    assert np.exp(final[1]) == pytest.approx([0.75 * 0.2 + 0.25 * 0.5, 0.75 * 0.6 + 0.25 * 0.3, 0.75 * 0.2 + 0.25 * 0.2])
+    assert cascade.blend(high, low, 0.0) is high
+
+
 def test_twins_fine_tunes_the_baseline_at_each_resolution(smoke_run):
     state = torch.load(smoke_run / "twins.pt", weights_only=False)
     assert state["done"] and [set(c) >= {"val_top1_16"} for c in state["curve"]] == [True]

@@ -76,6 +76,35 @@ def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle):
         assert np.abs(alone.logits[0] - batch.logits[row]).max() < 1e-5
 
 
+def test_a_blending_stage_mixes_the_previous_answer_in(cascade_bundle, tmp_path):
+    """With blend 0.3 on the last stage, an escalated image's answer is log(0.7 softmax(32x32) +
+    0.3 softmax(16x16)) of the networks run alone in PyTorch; the rows the first stage answers are
+    unchanged; one image at a time answers as the batch does."""
+    out = tmp_path / "bundle"
+    shutil.copytree(cascade_bundle[0], out)
+    _edit(out, lambda d: d["cascades"][0]["stages"][1].update(blend=0.3))
+    built = cascade_bundle[1]
+    executor = Executor(load_bundle(out))
+    x = _inputs()
+    result = executor.run(x, operating_point="fast")
+    low = _torch(built["models"]["mobilenet_v2@16"], x, 16).astype(np.float64)
+    high = _torch(built["models"]["mobilenet_v2"], x, 32).astype(np.float64)
+    stops = serving.confidence("max_softmax", low) >= built["threshold"]
+    assert 0 < stops.sum() < len(x)
+
+    def softmax(z):
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    mixed = np.log(0.7 * softmax(high) + 0.3 * softmax(low))
+    assert np.abs(result.logits[~stops] - mixed[~stops]).max() < 1e-5
+    assert np.abs(result.logits[stops] - low[stops]).max() < 1e-5
+    assert np.abs(result.probabilities[~stops] - np.exp(mixed[~stops])).max() < 1e-6
+    for row in np.flatnonzero(~stops)[:3]:
+        alone = executor.run(x[row : row + 1], operating_point="fast")
+        assert alone.traces[0].answered == 1 and np.abs(alone.logits[0] - result.logits[row]).max() < 1e-5
+
+
 def test_a_batch_mixing_cascade_and_controller_rows(cascade_bundle):
     out, _ = cascade_bundle
     executor = Executor(load_bundle(out))
@@ -106,6 +135,8 @@ def _edit(out, change) -> None:
     (lambda d: d["cascades"][0]["stages"][1].update(threshold=0.5), "last stage answers every image"),
     (lambda d: d["cascades"][0]["stages"][0].update(threshold=None), "stage 0 needs a threshold"),
     (lambda d: d["cascades"][0]["stages"][0].update(confidence="entropy"), "max_softmax"),
+    (lambda d: d["cascades"][0]["stages"][0].update(blend=0.2), "the first stage has no previous answer to blend"),
+    (lambda d: d["cascades"][0]["stages"][1].update(blend=1.0), "blend"),
     (lambda d: d["cascades"][0].update(name="A"), "operating point names repeat"),
     (lambda d: d["networks"][1].update(name="mobilenet_v2@16"), "network names repeat"),
     (lambda d: d.update(default_controller="slow"), "default_controller 'slow' is not one of"),

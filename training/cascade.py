@@ -2,8 +2,10 @@
 
 A two-stage cascade is (first, last, threshold): every image runs `first`; when its confidence
 (`CONFIDENCES`, computed as service/cascade.py serves it) is at least the threshold, that answer
-stands; otherwise the image also runs `last`, whose answer stands. Its mean cost is cost(first) + escalation rate x cost(last): the
-stages run at different resolutions, so the second reuses nothing of the first.
+stands; otherwise the image also runs `last`, whose answer stands (blended, when `blend` > 0,
+with the first stage's: the escalated image has paid for both). Its mean cost is cost(first) +
+escalation rate x cost(last): the stages run at different resolutions, so the second reuses no
+computation of the first.
 
 Thresholds are fitted on held-out images, where the cascade's accuracy and cost at every
 threshold that changes anything follow from per-image confidences and correctness alone
@@ -24,6 +26,11 @@ CONFIDENCES = tuple(serving.CONFIDENCES)
 def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
     """Each row's confidence of kind `kind` in its top class, computed as the service computes it."""
     return serving.confidence(kind, logits)
+
+
+def blend(own: np.ndarray, previous: np.ndarray, share: float) -> np.ndarray:
+    """A later stage's answer blending `share` of the previous stage's, computed as the service computes it."""
+    return serving.blend(own, previous, share)
 
 
 @dataclass(frozen=True)

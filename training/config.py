@@ -168,6 +168,8 @@ class ExportConfig:
     # With twins: one cascade point (lowest-resolution twin, then the baseline) per tolerance, the
     # validation top-1 points it may lose against the baseline; its threshold is the cheapest within.
     cascade_tolerances: tuple[float, ...] = (0.0, 0.3, 1.0, 2.0)
+    # The shares of the first stage's answer a cascade's last stage may blend into its own; the fit takes the cheapest.
+    cascade_blends: tuple[float, ...] = (0.0,)
     default_tolerance: float = 0.3  # the default point: the fastest within this many points of the baseline (validation)
 
 
@@ -216,7 +218,7 @@ def _preset_smoke() -> RunConfig:
                             batch_size=32, alpha=0.9, beta=0.1, entropy="one_sided", log_steps=2),
         finetune=FinetuneConfig(epochs=1, bn_images=128),
         profile=ProfileConfig(repeats=5, warmup=2),
-        export=ExportConfig(latency_images=20),
+        export=ExportConfig(latency_images=20, cascade_blends=(0.0, 0.3)),
         report=ReportConfig(latency_images=30, resamples=200, twin_candidates=2),
     )
 

@@ -29,6 +29,7 @@ import torch
 
 from service import architecture, imaging
 from service.bundle import load_bundle
+from service.cascade import blend, pool
 from service.executor import Executor
 from service.fused import FusedCache
 from training.batchnorm import reestimate
@@ -341,9 +342,14 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
     answered = np.array([t.answered for t in traces])
     estimated = np.array([t.estimated_ms for t in traces])
     runner = served.executor.cascades[point]
-    stage_correct = np.stack([_stage_logits(stage, x).argmax(1) == labels for stage in runner.stages])
+    own = [_stage_logits(stage, x) for stage in runner.stages]
+    stage_correct = np.stack([out.argmax(1) == labels for out in own])  # each stage's network alone
+    chained = [own[0]]  # each stage's answer as the cascade gives it, blends included
+    for stage, out in zip(runner.stages[1:], own[1:]):
+        chained.append(blend(out, chained[-1], stage.blend))
+    answer_correct = np.stack([out.argmax(1) == labels for out in chained])
     shuffled = rng.permutation(answered)
-    s_correct = stage_correct[shuffled, np.arange(len(labels))]
+    s_correct = answer_correct[shuffled, np.arange(len(labels))]
     val_x = np.stack([imaging.to_input(pixels, served.manifest.preprocessing) for pixels in ctx.val.images])
     affordable = [s for s, stage in enumerate(runner.stages) if stage.estimated_ms <= estimated.mean()]
     best = max(affordable or [0], key=lambda s: (_stage_logits(runner.stages[s], val_x).argmax(1) == ctx.val.labels).mean())
@@ -372,15 +378,11 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
 
 def _stage_call(stage, x: np.ndarray):
     """`i -> ` a cascade stage's network alone on row i (batch 1), for `time_in_rounds`."""
-    from service.cascade import pool
-
     return lambda i: stage.executor.backbone(pool(x[i : i + 1], stage.resolution), stage.executed[None])
 
 
 def _stage_logits(stage, x: np.ndarray, batch: int = 500) -> np.ndarray:
     """A cascade stage's network alone on every row (its architecture, the input pooled to its resolution)."""
-    from service.cascade import pool
-
     out = []
     for i in range(0, len(x), batch):
         rows = pool(x[i : i + batch], stage.resolution)
