@@ -35,6 +35,7 @@ from service import architecture, imaging  # noqa: E402
 from service.bundle import load_bundle  # noqa: E402
 from service.executor import Executor  # noqa: E402
 from service.fused import GraphLibrary, build  # noqa: E402
+from service.manifest import static_twin_folder  # noqa: E402
 from training.report import time_in_rounds  # noqa: E402
 
 RATIOS = (0.6, 0.7, 0.8, 0.9, 1.0)
@@ -85,7 +86,7 @@ def main() -> int:
     started = time.perf_counter()
 
     bundle = load_bundle(args.model, intra_op_threads=1)
-    base_bundle = load_bundle(args.baseline or args.model.rstrip("/") + "-mobilenet_v2", intra_op_threads=1)
+    base_bundle = load_bundle(args.baseline or static_twin_folder(Path(args.model)), intra_op_threads=1)
     manifest, space = bundle.manifest, bundle.manifest.search_space
     executor, base_executor = Executor(bundle), Executor(base_bundle)
     costs, base_costs = (architecture.CostTable.of_manifest(b.manifest) for b in (bundle, base_bundle))

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import ApiError
+from service.errors import ApiError, retry_after
 
 
 @dataclass(eq=False)
@@ -152,7 +152,7 @@ class Batcher:
                     self._on_queue(-1)
                 if not job.future.done():
                     job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down or reloading; "
-                                                      "retry", {"Retry-After": "1"}))
+                                                      "retry", retry_after()))
             return
         while self._queue and self._free > 0:
             now = self._clock()

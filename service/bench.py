@@ -37,6 +37,7 @@ from service import architecture, imaging
 from service.bundle import load_bundle
 from service.executor import Executor
 from service.fused import FusedCache, GraphLibrary, build
+from service.manifest import static_twin_folder, static_twin_name
 
 
 def _progress(iterable, total: int, desc: str):
@@ -72,7 +73,7 @@ def static_view(bundle_dir: Path, out: Path, name: str | None = None) -> Path:
     space = manifest.search_space
     cells = [c.model_copy(update={"modules": c.modules[:1]}) for c in space.cells]
     static = manifest.model_copy(update={
-        "name": name or manifest.name + "-mobilenet_v2-view", "search_space": space.model_copy(update={"cells": cells}),
+        "name": name or static_twin_name(manifest.name) + "-view", "search_space": space.model_copy(update={"cells": cells}),
         "blocks": [b for b in manifest.blocks if b.module == 0], "controllers": [], "cascades": [], "networks": [],
         "default_controller": None,
         "fixed_architecture": "1" * space.num_cells, "frequent_architectures": [], "evaluation": None})
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [imaging.to_input(imaging.to_pixels(imaging.decode(b), pre.input_size), pre) for b in sample]
     with tempfile.TemporaryDirectory() as tmp:
         baseline = args.baseline
-        sibling = args.model.with_name(args.model.name + "-mobilenet_v2")
+        sibling = static_twin_folder(args.model)
         if baseline is None:
             baseline = sibling if (sibling / "manifest.json").exists() else static_view(args.model, Path(tmp) / "static")
         result = {"model": str(args.model), "baseline": str(args.baseline or baseline),

@@ -16,6 +16,7 @@ default JSON may shape the answer (service/routes/v2.py renders tensors).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 from service import architecture, imaging
 from service.batching import Batcher, Job
-from service.errors import ApiError
+from service.errors import ApiError, retry_after
 from service.operating_points import Choice
 
 log = logging.getLogger("instanas.service")
@@ -72,7 +73,21 @@ def admit(state) -> None:
     service/batching.py). Call `state.batcher.expect()` right after, with no await between."""
     batcher = state.batcher
     if batcher.queued + batcher.arriving - batcher.free >= state.settings.max_queue:
-        raise ApiError(503, "overloaded", "the server is at capacity; retry later", {"Retry-After": "1"})
+        raise ApiError(503, "overloaded", "the server is at capacity; retry later", retry_after())
+
+
+@contextlib.asynccontextmanager
+async def admitted(state):
+    """Admission for a request whose body is still to be read: refused at once when the server is
+    full (`admit`), else announced to the batcher (a batch that is not full may wait for it) until
+    the block ends; a block that raises (a body refused or unreadable) withdraws the announcement."""
+    admit(state)
+    state.batcher.expect()
+    try:
+        yield
+    except BaseException:
+        state.batcher.cancel()
+        raise
 
 
 def image_error(exc: imaging.ImageError, index: int | None = None) -> ApiError:

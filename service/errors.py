@@ -16,6 +16,19 @@ log = logging.getLogger("instanas.service")
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 408, 413, 415, 422, 503)}
 
 
+RETRY_AFTER_S = 1  # what every 503 tells the client to wait before it tries again
+
+
+def retry_after() -> dict[str, str]:
+    """The `Retry-After` header of a 503 (as HTTP headers for an ApiError or a response)."""
+    return {"Retry-After": str(RETRY_AFTER_S)}
+
+
+def retry_after_raw() -> tuple[bytes, bytes]:
+    """The same header, as the (name, value) bytes the server writes below the app."""
+    return b"retry-after", str(RETRY_AFTER_S).encode()
+
+
 class ApiError(Exception):
     """A refusal with an HTTP status, a stable `code` for clients, and a message for people."""
 

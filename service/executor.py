@@ -64,7 +64,7 @@ class Executor:
         manifest = bundle.manifest
         self.space = manifest.search_space
         self.residual = [cell.skippable for cell in self.space.cells]
-        self.default_point = manifest.default_controller
+        self.manifest = manifest
         self._controllers = {c.name: (_Graph(bundle.controllers[c.name]), c.threshold) for c in manifest.controllers}
         self.fixed = None
         if manifest.fixed_architecture is not None:
@@ -86,7 +86,7 @@ class Executor:
         `operating_point` names the controller (default: the bundle's default)."""
         if self.fixed is not None:
             return np.broadcast_to(self.fixed, (x.shape[0], *self.fixed.shape)).copy()
-        point = operating_point or self.default_point
+        point = self.manifest.point_name(operating_point)
         if point in self.cascades:
             raise ValueError(f"operating point {point!r} is a cascade: its stages choose, not a controller")
         controller, threshold = self._controllers[point]
@@ -96,13 +96,13 @@ class Executor:
         """Classify a (N, 3, H, W) float32 batch with the controller of `operating_point` (default:
         the bundle's); `executed` (N, cells, modules) gives the architectures instead."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if executed is None and self.fixed is None and (operating_point or self.default_point) in self.cascades:
-            return self._run_cascade(x, operating_point or self.default_point)
+        if executed is None and self.fixed is None and self.manifest.point_name(operating_point) in self.cascades:
+            return self._run_cascade(x, self.manifest.point_name(operating_point))
         t0 = time.perf_counter()
         point = None
         if executed is None:
             if self.fixed is None:
-                point = operating_point or self.default_point
+                point = self.manifest.point_name(operating_point)
             executed = self.policy(x, point)
         else:
             executed = architecture.apply_empty_cell_rule(executed, self.space)
@@ -131,7 +131,7 @@ class Executor:
             elif self.fixed is not None:
                 executed[i] = self.fixed
             else:
-                row_points[i] = points[i] or self.default_point
+                row_points[i] = self.manifest.point_name(points[i])
                 by_point.setdefault(row_points[i], []).append(i)
         cascaded = {point: rows for point, rows in by_point.items() if point in self.cascades}
         for point, rows in by_point.items():

@@ -2,7 +2,7 @@
 
 Raw bodies are one image as they are. A multipart body may carry several `file` parts, a JSON
 body `{"images": ["<base64>", ...]}` or `{"image": "<base64>"}`; each image in order, at most
-`limit` of them. Refusals are ApiErrors with their own codes (see README.md).
+`limit` of them. Refusals are ApiErrors with their own codes (docs/API.md, "Errors").
 """
 
 from __future__ import annotations

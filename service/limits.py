@@ -25,9 +25,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from service.errors import ApiError, error_response
-
-RETRY_AFTER = {"Retry-After": "1"}
+from service.errors import ApiError, error_response, retry_after
 
 
 class ByteBudget:
@@ -71,7 +69,7 @@ class Reservation:
         if not self.budget._take(more):
             raise ApiError(503, "buffer_full",
                            f"the server holds as many request bodies as it may ({self.budget.limit} bytes); "
-                           "retry later", dict(RETRY_AFTER))
+                           "retry later", retry_after())
         self.bytes = total
 
     def release(self) -> None:

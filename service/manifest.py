@@ -7,11 +7,18 @@ here, and every file in the bundle is listed with its sha256.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 3
+# A bundle folder still being written ends in this; it moves into place, renamed, once checked,
+# and repositories skip it meanwhile.
+PARTIAL_SUFFIX = ".partial"
+# A run's static MobileNetV2 bundle (the baseline every point is measured against) is named after
+# the run's bundle with this suffix, and lies beside it.
+STATIC_TWIN_SUFFIX = "-mobilenet_v2"
 # Version 1 had one `controller` and a bundle-level `evaluation`; `upgrade` reads it as a
 # bundle with one operating point named "default". Version 3 added `networks` and `cascades`.
 
@@ -296,9 +303,14 @@ class Manifest(_Strict):
     def point_names(self) -> list[str]:
         return [p.name for p in self.points]
 
+    def point_name(self, name: str | None = None) -> str | None:
+        """The operating point that answers a request naming `name`: `name` itself, or the
+        default when it names none (None for a static bundle)."""
+        return name or self.default_controller
+
     def point(self, name: str | None = None) -> Controller | Cascade:
         """The operating point `name` (a controller or a cascade), or the default one."""
-        name = name or self.default_controller
+        name = self.point_name(name)
         for p in self.points:
             if p.name == name:
                 return p
@@ -312,7 +324,7 @@ class Manifest(_Strict):
 
     def controller(self, name: str | None = None) -> Controller:
         """The operating point `name`, or the default one."""
-        name = name or self.default_controller
+        name = self.point_name(name)
         for c in self.controllers:
             if c.name == name:
                 return c
@@ -321,6 +333,24 @@ class Manifest(_Strict):
     def files(self) -> list[GraphFile]:
         """Every file the bundle holds besides the manifest itself."""
         return [self.stem, self.head, *self.blocks, *self.controllers]
+
+
+def partial_folder(folder: Path) -> Path:
+    """Where a bundle bound for `folder` is written until it is checked."""
+    return folder.with_name(folder.name + PARTIAL_SUFFIX)
+
+
+def is_partial(folder: Path) -> bool:
+    return folder.name.endswith(PARTIAL_SUFFIX)
+
+
+def static_twin_folder(folder: Path) -> Path:
+    """The static MobileNetV2 bundle beside the bundle in `folder`."""
+    return folder.with_name(static_twin_name(folder.name))
+
+
+def static_twin_name(name: str) -> str:
+    return name + STATIC_TWIN_SUFFIX
 
 
 def upgrade(data: dict) -> dict:

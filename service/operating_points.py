@@ -87,4 +87,4 @@ def choose(manifest: Manifest, *, operating_point: str | None = None, max_latenc
         return Choice(*by_budget(manifest, max_latency_ms))
     if governor is not None:
         return Choice(*governor.current())
-    return Choice(manifest.default_controller, "default")
+    return Choice(manifest.point_name(None), "default")

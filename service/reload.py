@@ -26,7 +26,7 @@ from pathlib import Path
 
 from service import heap
 from service.bundle import BundleError
-from service.errors import ApiError
+from service.errors import ApiError, retry_after
 from service.repository import Repository, load_repository
 from service.state import ServiceState
 
@@ -53,7 +53,7 @@ async def reload(app, path: str | None = None) -> dict:
     "models", "seconds"}; ApiError when nothing changed."""
     current: Repository = app.state.models
     if current.draining:
-        raise ApiError(503, "draining", "the server is shutting down", {"Retry-After": "1"})
+        raise ApiError(503, "draining", "the server is shutting down", retry_after())
     lock = _lock(app)
     if lock.locked():
         raise ApiError(409, "reload_in_progress", "another reload is running; retry when it has finished")

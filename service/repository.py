@@ -25,6 +25,7 @@ from fastapi import Depends, Request
 from service import warmup
 from service.bundle import BundleError, load_bundle
 from service.errors import ApiError
+from service.manifest import is_partial
 from service.metrics import Metrics
 from service.settings import Settings
 from service.state import ServiceState
@@ -43,7 +44,7 @@ def bundle_folders(path: Path) -> dict[str, Path]:
         raise BundleError(f"{path}: neither a model bundle (no manifest.json) nor a model repository folder")
     found: dict[str, Path] = {}
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
-        if sub.name.startswith(".") or sub.name.endswith(".partial"):  # hidden, or an export still being written
+        if sub.name.startswith(".") or is_partial(sub):  # hidden, or an export still being written
             continue
         if not (sub / "manifest.json").is_file():
             log.info("model repository %s: %s holds no manifest.json, not served", path, sub.name)

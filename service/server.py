@@ -57,6 +57,7 @@ import uvicorn
 from service import heap, reload
 from service.app import create_app
 from service.bundle import BundleError
+from service.errors import retry_after, retry_after_raw
 from service.reload_file import reload_target
 from service.settings import Settings
 
@@ -222,7 +223,7 @@ class Guard:
         if not self.guard_connections.add(self):
             transport.write(_json_response(503, "Service Unavailable", "overloaded",
                                            "the server holds as many connections as it may; retry later",
-                                           (("retry-after", "1"),)))
+                                           tuple(retry_after().items())))
             transport.close()
             return
         self._arm_header_timer()
@@ -304,7 +305,7 @@ class Guard:
             super().shutdown()  # a request in progress: its response closes the connection
         elif self._header_bytes:
             self._close_with(503, "Service Unavailable", "draining", "the server is shutting down",
-                             (("retry-after", "1"),))
+                             tuple(retry_after().items()))
 
     def send_400_response(self, msg: str) -> None:
         if getattr(self, "_headers_too_large", False):
@@ -388,7 +389,7 @@ class _AnswerWhenStopping:
         body = json.dumps({"error": {"code": "draining", "message": "the server is shutting down"}}).encode()
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"), (b"retry-after", b"1")]})
+            (b"connection", b"close"), retry_after_raw()]})
         await send({"type": "http.response.body", "body": body})
 
 

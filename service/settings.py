@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     access_log: bool = Field(default=True, description=(
         "The access log line per request (service/logs.py, at log level info; it replaces uvicorn's); "
         "off saves about 10% of a request's time on small models."))
-    # Hostile clients, overload, shutdown (service/limits.py, service/server.py; README "Limits").
+    # Hostile clients, overload, shutdown (service/limits.py, service/server.py; docs/CONFIGURATION.md, "Limits").
     max_buffered_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description=(
         "Request body bytes held at once across all requests; a body that would pass it is refused "
         "at once (503 buffer_full) before it is read."))

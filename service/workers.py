@@ -49,7 +49,6 @@ What is global and what is per worker:
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os

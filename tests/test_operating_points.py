@@ -50,7 +50,7 @@ def multi(tmp_path_factory):
 def test_each_operating_point_serves_its_own_controller_exactly(multi):
     out, metagraph, controllers = multi
     executor = Executor(load_bundle(out))
-    assert executor.operating_points == ["A", "B", "C"] and executor.default_point == "B"
+    assert executor.operating_points == ["A", "B", "C"] and executor.manifest.point_name(None) == "B"
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     modules = {}
     for name, controller in controllers.items():

@@ -1,8 +1,10 @@
-"""Export a trained run to a model bundle: one ONNX graph per block, manifest with hashes.
+"""Export a trained run to a model bundle, and its baseline to a static one beside it.
 
-Layout (see docs/DESIGN.md): controller.onnx, stem.onnx, blocks/<cell>_<module>.onnx,
-head.onnx, manifest.json. Each graph takes a dynamic batch. After writing, the bundle is
-loaded by the service's own executor and compared with the PyTorch model on real images.
+A bundle holds controllers/<point>.onnx, stem.onnx, blocks/<cell>_<module>.onnx, head.onnx,
+networks/<name>/ (the cascades' networks, each a static bundle) and manifest.json
+(service/manifest.py), every graph with a dynamic batch (training/bundle_writer.py). Each bundle
+is written to a partial folder, loaded by the service's own executor and compared with the
+PyTorch model on real images, then moved into place.
 """
 
 from __future__ import annotations
@@ -18,7 +20,16 @@ import torch
 from service import architecture
 from service.bundle import load_bundle, sha256_file
 from service.executor import Executor
-from service.manifest import GREEDY_THRESHOLD, Evaluation, FrequentArchitecture, Manifest, Preprocessing
+from service.manifest import (
+    GREEDY_THRESHOLD,
+    Evaluation,
+    FrequentArchitecture,
+    Manifest,
+    Preprocessing,
+    partial_folder,
+    static_twin_folder,
+    static_twin_name,
+)
 from training import baseline as baseline_phase
 from training import cascade_points, route
 from training.bundle_writer import write_bundle
@@ -83,7 +94,7 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     test = {name_: evaluate_controller(ctx, metagraph, c, cost, "test") for name_, c in points.items()}
     frequent = frequent_architectures(ctx, metagraph, points)
     x_test = next(iter(ctx.batches("test", ctx.config.export.latency_images)))[0].numpy()
-    tmp = out.with_name(out.name + ".partial")
+    tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     bundle_name = name or ctx.config.name
     nets, networks, cascades = cascade_points.members(ctx, table), [], []
@@ -121,8 +132,8 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
         print(f"exported {p}: test top1={test[p]['top1']:.4f}, {measured[p]:.3f} ms measured, "
               f"{test[p]['latency_ms']:.3f} ms estimated, parity {diffs[p]:.2g}", flush=True)
     if baseline_state is not None and baseline_state.get("done"):
-        export_baseline(ctx, Path(baseline_bundle) if baseline_bundle else out.with_name(out.name + "-mobilenet_v2"),
-                        baseline_phase.load(ctx), table, name=f"{name or ctx.config.name}-mobilenet_v2",
+        export_baseline(ctx, Path(baseline_bundle) if baseline_bundle else static_twin_folder(out),
+                        baseline_phase.load(ctx), table, name=static_twin_name(name or ctx.config.name),
                         version=version, dataset=dataset, x_test=x_test, revision=revision)
     return out
 
@@ -137,7 +148,7 @@ def export_baseline(ctx: Context, out: Path, model, table: dict, *, name: str, v
     cost = costs(sub_table, space)
     figures = {**result, "latency_ms": float(cost.latency_ms(matrix[None])[0]),
                "mflops": float(cost.mflops(matrix[None])[0])}
-    tmp = out.with_name(out.name + ".partial")
+    tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     manifest = write_bundle(tmp, model, {}, sub_table, name=name, version=version, dataset=dataset,
                             classes=ctx.train.classes, fixed_architecture=architecture.encode(matrix),

@@ -31,6 +31,7 @@ from service import architecture, imaging
 from service.bundle import load_bundle
 from service.cascade import blend, pool
 from service.executor import Executor
+from service.manifest import static_twin_folder
 from service.fused import FusedCache
 from training.batchnorm import reestimate
 from training.context import Context
@@ -205,7 +206,7 @@ def best_static_twin(ctx: Context, metagraph, candidates: list[str]) -> dict:
 
 def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = None, out: str | None = None) -> dict:
     bundle_path = Path(bundle) if bundle else ctx.run.path / "bundle"
-    baseline_path = Path(baseline_bundle) if baseline_bundle else bundle_path.with_name(bundle_path.name + "-mobilenet_v2")
+    baseline_path = Path(baseline_bundle) if baseline_bundle else static_twin_folder(bundle_path)
     out_dir = Path(out) if out else ctx.run.path / "report"
     for path in (bundle_path, baseline_path):
         if not (path / "manifest.json").exists():

@@ -22,21 +22,12 @@ ACCEPTED_MEDIA_TYPES = sorted(imaging.SUPPORTED_MEDIA_TYPES | {MULTIPART, OCTET_
 router = APIRouter()
 
 
-# A refused body's connection is closed: the server would otherwise go on reading (and dropping) the rest.
-_CLOSE = {"Connection": "close"}
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"the body is {declared} bytes; the limit is {limit} bytes", _CLOSE)
-    chunks, size = [], 0
+async def read_body(request: Request) -> bytes:
+    """The whole body. Its size and the time it takes are bounded below the route, for every
+    route alike (service/limits.py: 413 `body_too_large`, 408 `request_timeout`)."""
+    chunks = []
     try:
         async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, "body_too_large", f"the body exceeds the limit of {limit} bytes", _CLOSE)
             chunks.append(chunk)
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended") from None
@@ -81,11 +72,8 @@ async def classify(
     choice = operating_points.choose(state.manifest, operating_point=operating_point, max_latency_ms=max_latency_ms,
                                      architecture_code=architecture, governor=state.governor)
     # Admission first: a full server refuses before reading or decoding anything.
-    classification.admit(state)
-    # Announced to the batcher: while this body is read, a batch that is not full may wait for it.
-    state.batcher.expect()
-    try:
-        body = await read_body(request, state.settings.max_body_bytes)
+    async with classification.admitted(state):
+        body = await read_body(request)
         limit = state.settings.max_images_per_request
         if media_type == MULTIPART:
             images = await inputs.files_from_multipart(request.headers, body, limit)
@@ -93,9 +81,6 @@ async def classify(
             images = inputs.images_from_json(body, limit)
         else:
             images = [body]
-    except BaseException:
-        state.batcher.cancel()
-        raise
     # The body is JSON rendered by the worker (service.classification.respond, the ClassifyResponse schema;
     # {"results": [...]} of them for several images).
     return Response(await classification.classify(state, None, choice, k, t_start, expected=True, images=images,

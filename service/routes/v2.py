@@ -210,14 +210,9 @@ async def _infer(request: Request, state, name: str) -> Response:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise ApiError(400, "unsupported_encoding", f"compressed requests ({encoding}) are not supported")
-    classification.admit(state)
-    state.batcher.expect()
-    try:
-        body = await read_body(request, state.settings.max_body_bytes)
+    async with classification.admitted(state):
+        body = await read_body(request)
         images, choice, wanted = parse(state, request.headers.get(HEADER_LENGTH), body, name)
-    except BaseException:
-        state.batcher.cancel()
-        raise
     payload = classification.Request(None, choice, 1, t_start, images=tuple(images), render=partial(render, wanted),
                                      notes=logs.notes(request.scope))
     content, header_length = await classification.submit(state, payload, expected=True)
