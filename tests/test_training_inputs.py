@@ -208,3 +208,69 @@ def test_a_corrupted_checkpoint_is_reported_by_the_cli(data_root, tmp_path):
     done = train_cli("pretrain", "--data", str(data_root), "--out", str(run.path), cache=tmp_path / "cache")
     assert done.returncode == 2, done.stderr[-2000:]
     assert "baseline.pt is not a readable checkpoint" in done.stderr and "Traceback" not in done.stderr
+
+
+# Every closed choice of the config, with a wrong value: refused at load, key and choices named.
+_CHOICES = [
+    ("space.layout", "'mobilenet_v2', 'tiny'"),
+    ("space.combine", "'mean', 'sum'"),
+    ("pretrain.sampling", "'drop_path', 'sparse', 'sandwich'"),
+    ("pretrain.teacher", "'all', 'baseline'"),
+    ("search.mode", "'paper', 'variants'"),
+    ("search.entropy", "'bernoulli', 'one_sided'"),
+    ("search.batchnorm", "'running', 'batch'"),
+    ("finetune.teacher", "'none', 'baseline'"),
+]
+
+
+@pytest.mark.parametrize("key, choices", _CHOICES)
+def test_a_choice_not_offered_is_refused_at_load(key, choices):
+    with pytest.raises(ValueError, match=f"{key}: 'nope' is not one of {choices}"):
+        load_config("smoke", [f"{key}=nope"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("baseline.epochs=1.5", "baseline.epochs: 1.5 is not an integer"),
+    ("baseline.epochs=-1", "baseline.epochs: -1 must be 0 or more"),
+    ("baseline.lr=0", "baseline.lr: 0 must be above 0"),
+    ("data.batch_size=0", "data.batch_size: 0 must be above 0"),
+    ("data.train_limit=null", None),
+    ("route.enabled=yes", "route.enabled: 'yes' is not true or false"),
+    ("controller.channels=[8,8]", r"controller.channels: \[8, 8\] needs 3 items"),
+    ("twins.resolutions=[24]", r"twins.resolutions: 24 must divide space.input_size \(32\)"),
+    ("twins.resolutions=[\"16\"]", "twins.resolutions: item '16' is not an integer"),
+    ("device=gpu", "device: 'gpu' is not one of 'auto', 'cpu', 'cuda'"),
+    ("space.modules=[\"ir_k4_e6\"]", "space.modules: module 'ir_k4_e6': kernel must be odd"),
+    ("search.targets=[1.0]", "search.names and search.targets: one target per name"),
+    ("pretrain.teacher=baseline", None),  # smoke samples sandwich-style
+    ("export.cascade_blends=[1.0]", "export.cascade_blends: 1.0 must be at least 0 and below 1"),
+])
+def test_values_the_run_could_not_use_are_refused_at_load(override, message):
+    if message is None:
+        load_config("smoke", [override])
+        return
+    with pytest.raises(ValueError, match=message):
+        load_config("smoke", [override])
+
+
+def test_every_preset_and_the_committed_runs_pass_validation():
+    import json
+
+    from training.config import PRESETS, from_dict
+
+    for name in PRESETS:
+        load_config(name)
+    runs = sorted((Path(__file__).resolve().parent.parent / "docs" / "runs").glob("*/config.json"))
+    assert runs
+    for config in runs:
+        from_dict(json.loads(config.read_text()))
+
+
+def test_the_cli_refuses_a_bad_config_before_reading_any_data(tmp_path):
+    """The data root does not exist: the config's error comes first, naming the key."""
+    done = subprocess.run([str(BIN / "instanas-train"), "baseline", "--config", "smoke", "--set",
+                           "pretrain.sampling=sparce", "--data", str(tmp_path / "no-data"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "pretrain.sampling: 'sparce' is not one of 'drop_path', 'sparse', 'sandwich'" in done.stderr
+    assert not (tmp_path / "run").exists()

@@ -96,8 +96,8 @@ def test_finetune_can_learn_from_the_baseline_as_teacher(smoke_run, data_root, t
     shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle*", "report", "finetune.pt"))
     saved = json.loads((run / "config.json").read_text())
     saved["finetune"]["teacher"] = "oracle"
-    with pytest.raises(ValueError, match="unknown finetune teacher 'oracle'"):
-        finetune.run(Context.open(RunDir(run, from_dict(saved)), str(data_root)))
+    with pytest.raises(ValueError, match="finetune.teacher: 'oracle' is not one of 'none', 'baseline'"):
+        from_dict(saved)  # at load, before any data is read
     saved["finetune"]["teacher"] = "baseline"
     taught = finetune.run(Context.open(RunDir(run, from_dict(saved)), str(data_root)))
     labels_only = torch.load(smoke_run / "finetune.pt", weights_only=False)["model"]
@@ -108,8 +108,11 @@ def test_finetune_can_learn_from_the_baseline_as_teacher(smoke_run, data_root, t
 def test_search_can_score_paths_with_batch_statistics(smoke_run, data_root):
     """`search.batchnorm=batch`: the rewarder scores sampled paths with each batch's own BatchNorm
     statistics and leaves the frozen meta-graph's running statistics as they were; an unknown value is refused."""
+    import copy
+
     from training import search
     from training.batchnorm import batch_statistics
+    from training.config import apply_overrides
     from training.context import Context
     from training.latency import load_table
     from training.reward import reward
@@ -120,9 +123,8 @@ def test_search_can_score_paths_with_batch_statistics(smoke_run, data_root):
     metagraph.load_state_dict(ctx.run.require("pretrain")["model"])
     metagraph.eval().requires_grad_(False)
     cfg = ctx.config.search
-    cfg.batchnorm = "median"
-    with pytest.raises(ValueError, match="unknown search.batchnorm 'median'"):
-        search.Rewarder(ctx, metagraph, load_table(ctx.run))
+    with pytest.raises(ValueError, match="search.batchnorm: 'median' is not one of 'running', 'batch'"):
+        apply_overrides(copy.deepcopy(ctx.config), ["search.batchnorm=median"])
     cfg.batchnorm = "batch"
     rewarder = search.Rewarder(ctx, metagraph, load_table(ctx.run))
     x, y = next(iter(ctx.batches("train", 32, seed=5)))
@@ -136,6 +138,34 @@ def test_search_can_score_paths_with_batch_statistics(smoke_run, data_root):
     with torch.no_grad():
         assert not torch.allclose(logits, metagraph.forward_selected(x, action), atol=1e-3)  # other statistics
     assert all(torch.equal(v, metagraph.state_dict()[k]) for k, v in before.items())  # nothing written back
+
+
+def test_the_papers_search_runs_and_its_points_finetune(smoke_run, data_root, tmp_path):
+    """`search.mode=paper` (the published method: a falling latency bound, controller epochs
+    alternating with meta-graph epochs) at smoke scale: each epoch logged and its controller kept,
+    operating points taken from evenly spaced epochs, the slowest first, which fine-tuning trains."""
+    from training import finetune, search
+    from training.config import apply_overrides
+    from training.context import Context
+    from training.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle*", "report", "search.pt", "finetune.pt",
+                                                                   "route.pt", "twins.pt"))
+    config = apply_overrides(RunDir(run).config, ["search.mode=paper", "search.epochs=3", "search.steps_per_epoch=2",
+                                                  "search.metagraph_steps=1"])
+    ctx = Context.open(RunDir(run, config, reconfigure=True), str(data_root))
+    state = search.run(ctx)
+    assert state["done"] and state["mode"] == "paper"
+    epochs = [r for r in _log(run) if r["phase"] == "search" and "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert all(r["upper_ms"] >= r["lower_ms"] for r in epochs)
+    assert epochs[0]["upper_ms"] >= epochs[-1]["upper_ms"]  # the bound falls
+    assert [v["name"] for v in state["variants"]] == ["A", "B", "C"]
+    assert search.run(ctx) is not None  # finished: returns its state, trains nothing
+    assert len([r for r in _log(run) if r["phase"] == "search" and "epoch" in r]) == 3
+    tuned = finetune.run(ctx)
+    assert set(tuned["figures"]) == {"A", "B", "C"}
 
 
 def test_cli_errors_are_clear(data_root, tmp_path):
@@ -175,7 +205,7 @@ def test_route_phase_exports_routers_that_choose_among_the_search_architectures(
         assert codes <= set(state["candidates"])
     # the cheapest target takes the cheapest candidate for every image
     latency = {c: lat for c, lat in zip(state["candidates"], torch.load(run / "route.pt", weights_only=False)
-                                        ["router"]["latency_ms"].tolist())}
+                                        ["model"]["latency_ms"].tolist())}
     assert set(architecture.encode_many(executor.run(x, operating_point="C").executed)) == {min(latency, key=latency.get)}
     # other targets later: the trained router is priced again, not trained again
     epochs = len([r for r in _log(run) if r["phase"] == "route" and "epoch" in r])

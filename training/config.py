@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from service.manifest import SearchSpace
 from training import searchspace
@@ -13,11 +17,11 @@ from training import searchspace
 
 @dataclass
 class SpaceConfig:
-    layout: str = "mobilenet_v2"  # or "tiny"
+    layout: Literal["mobilenet_v2", "tiny"] = "mobilenet_v2"
     width_multiplier: float = 1.0
     input_size: int = 32
     modules: tuple[str, ...] = searchspace.INSTANAS_MODULES
-    combine: str = "mean"  # how a cell merges its selected modules: "mean" or the paper's "sum"
+    combine: Literal["mean", "sum"] = "mean"  # how a cell merges its selected modules (the paper: "sum")
 
     def build(self, num_classes: int) -> SearchSpace:
         if self.layout == "tiny":
@@ -84,7 +88,8 @@ class PretrainConfig:
     # with a probability falling linearly to 0.5). "sparse": every cell keeps a uniformly
     # drawn number of modules (none included), and some rows always take the cheapest and the
     # MobileNetV2 paths, so that the sparse paths a latency reward favours are trained too.
-    sampling: str = "sparse"
+    # "sandwich": the all-modules and MobileNetV2 paths and sampled ones in every step.
+    sampling: Literal["drop_path", "sparse", "sandwich"] = "drop_path"
     dense_epochs: int = 0  # with "sparse": first epochs with every module on, before sampling starts
     fixed_path_rows: float = 0.125  # with "sparse": share of rows on each of the two fixed paths
     # with "sandwich": start from the finished baseline (module 0 = MobileNetV2, other modules silent)
@@ -92,17 +97,17 @@ class PretrainConfig:
     distill: float = 0.5  # with "sandwich": weight of distillation (vs labels) in the sampled paths' loss
     # with "sandwich": the sampled paths learn from "all" (the all-modules path, in-place distillation)
     # or "baseline" (the finished MobileNetV2, frozen: a teacher that is already good from the first step)
-    teacher: str = "all"
+    teacher: Literal["all", "baseline"] = "all"
 
 
 @dataclass
 class SearchConfig:
-    mode: str = "paper"  # "paper": one search, falling bound; "variants": one search per operating point
+    mode: Literal["paper", "variants"] = "paper"  # "paper": one search, falling bound; "variants": one per point
     batch_size: int = 32
     lr: float = 5e-4
     alpha: float = 0.8  # exploration: p' = alpha p + (1 - alpha)(1 - p); with "variants", its start
     beta: float = 0.8  # entropy bonus; with "variants", its start
-    entropy: str = "bernoulli"  # or "one_sided" (-p log p, the authors' code)
+    entropy: Literal["bernoulli", "one_sided"] = "bernoulli"  # "one_sided": -p log p, the authors' code
     pos_weight: float = 30.0
     neg_weight: float = 0.0
     names: tuple[str, ...] = ("A", "B", "C", "D", "E")  # operating points, slowest first
@@ -124,7 +129,7 @@ class SearchConfig:
     # how sampled paths are scored on the frozen meta-graph: "running" BatchNorm statistics (the
     # mixture pre-training left) or each batch's own ("batch": ranks paths as re-estimated
     # statistics do, measured by scripts/search_signal.py)
-    batchnorm: str = "running"
+    batchnorm: Literal["running", "batch"] = "running"
 
 
 @dataclass
@@ -136,7 +141,7 @@ class FinetuneConfig:
     bn_images: int = 5000  # training images the batch-norm statistics are re-estimated on, at the end
     # "none": labels only; "baseline": the finished MobileNetV2 (frozen) teaches every point's
     # path too, with weight `distill` (vs labels), as the sandwich's sampled paths in pre-training
-    teacher: str = "none"
+    teacher: Literal["none", "baseline"] = "none"
     distill: float = 0.5
 
 
@@ -224,7 +229,7 @@ def _preset_smoke() -> RunConfig:
 
 
 def _preset_cifar10_cpu() -> RunConfig:
-    """Sized for 2 CPU cores in about 5 hours (measured in docs/RESULTS.md): the default bundle."""
+    """Sized for 2 CPU cores, several hours, resumable (docs/TRAINING.md, "Presets"): the default bundle."""
     return RunConfig(
         name="cifar10-cpu",
         space=SpaceConfig(width_multiplier=0.25, combine="sum"),
@@ -235,7 +240,7 @@ def _preset_cifar10_cpu() -> RunConfig:
         controller=ControllerConfig(channels=(8, 16, 32), downsample=2),
         # Starts from the converged baseline: a short, gentle schedule. The baseline teaches the
         # sampled paths: as good as it will be from the first step, where the all-modules path
-        # is weaker (81.5% against 85.2% on validation after 6 epochs: docs/RESULTS.md).
+        # is weaker (81.5% against 85.2% on validation after 6 epochs: docs/history/2026-11-29-cifar10-default.md).
         pretrain=PretrainConfig(epochs=11, lr=0.02, weight_decay=1e-4, warmup_epochs=0.2, sampling="sandwich",
                                 warm_start=True, distill=0.5, teacher="baseline"),
         # 3,000 steps a point, not 400: the cheap points end on better architectures (+1.5 points at equal
@@ -244,19 +249,127 @@ def _preset_cifar10_cpu() -> RunConfig:
         search=SearchConfig(mode="variants", batch_size=64, lr=1e-3, alpha=0.95, beta=0.01, entropy="one_sided",
                             steps_per_variant=3000, batchnorm="batch"),
         finetune=FinetuneConfig(epochs=24, lr=0.01, weight_decay=1e-4, teacher="baseline"),
-        # The baseline at 16x16, the cascades' first stage: 40 epochs gave 78.1% on validation (still rising);
-        # the run goes on to 80 with a fresh schedule from those weights.
+        # The baseline at 16x16, the cascades' first stage: 80 epochs, the last 40 a fresh schedule from the
+        # first 40 (78.1% -> 79.2% on validation).
         twins=TwinsConfig(resolutions=(16,), epochs=80, lr=0.02, distill=0.5),
         profile=ProfileConfig(repeats=30, warmup=5),
+        # The blends of the twin's answer into the baseline's that the export tries for each cascade point:
+        # on validation, 0.2 lets 37% of images escalate instead of 42% at 0.3 points (docs/RESULTS.md).
+        export=ExportConfig(cascade_blends=(0.0, 0.1, 0.2, 0.3, 0.4)),
     )
 
 
 def _preset_cifar10_paper() -> RunConfig:
     """The published CIFAR-10 schedule (needs a GPU)."""
-    return RunConfig(name="cifar10-paper", pretrain=PretrainConfig(sampling="drop_path"))
+    return RunConfig(name="cifar10-paper", space=SpaceConfig(combine="sum"), pretrain=PretrainConfig(sampling="drop_path"))
 
 
 PRESETS = {"smoke": _preset_smoke, "cifar10-cpu": _preset_cifar10_cpu, "cifar10-paper": _preset_cifar10_paper}
+
+
+def _type_problem(value, hint) -> str | None:
+    """Why `value` does not fit the annotation `hint` (None when it does)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return None if value in args else f"{value!r} is not one of {', '.join(map(repr, args))}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if None in problems else problems[0]
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return f"{value!r} is not a list"
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        elif len(value) != len(args):
+            return f"{list(value)!r} needs {len(args)} items"
+        for item, item_hint in zip(value, args):
+            problem = _type_problem(item, item_hint)
+            if problem:
+                return f"item {problem}"
+        return None
+    if hint is bool:
+        return None if isinstance(value, bool) else f"{value!r} is not true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else f"{value!r} is not an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else f"{value!r} is not a number"
+    if hint is str:
+        return None if isinstance(value, str) else f"{value!r} is not a string"
+    return None
+
+
+def _field_problems(obj, where: str = "") -> list[str]:
+    problems = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            problems += _field_problems(value, f"{where}{f.name}.")
+            continue
+        problem = _type_problem(value, hints[f.name])
+        if problem:
+            problems.append(f"{where}{f.name}: {problem}")
+    return problems
+
+
+_NON_NEGATIVE = ("epochs", "warmup_epochs", "dense_epochs", "momentum", "weight_decay", "distill", "alpha", "beta",
+                 "alpha_end", "beta_end", "pos_weight", "neg_weight", "window", "init_strength", "fixed_path_rows",
+                 "warmup", "val_images", "default_tolerance")
+_POSITIVE = ("lr", "metagraph_lr", "batch_size", "eval_batch_size", "repeats", "intra_op_threads", "latency_images",
+             "resamples", "twin_candidates", "bn_images", "log_steps", "steps_per_variant", "checkpoint_steps",
+             "threads", "train_limit", "test_limit", "steps_per_epoch", "metagraph_steps", "grad_clip", "downsample",
+             "width_multiplier", "input_size")
+
+
+def _range_problems(obj, where: str = "") -> list[str]:
+    problems = []
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            problems += _range_problems(value, f"{key}.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        elif f.name in _POSITIVE and value <= 0:
+            problems.append(f"{key}: {value!r} must be above 0")
+        elif f.name in _NON_NEGATIVE and value < 0:
+            problems.append(f"{key}: {value!r} must be 0 or more")
+    return problems
+
+
+def validate(config: RunConfig) -> RunConfig:
+    """Refuse, naming each key and what it allows, every value the run could not use: the wrong
+    type, a choice not offered, a count or rate out of range, settings that contradict each other.
+    Called on every config loaded, before any data is read."""
+    problems = _field_problems(config)
+    if not problems:
+        problems = _range_problems(config)
+    if not problems:
+        size = config.space.input_size
+        for r in config.twins.resolutions:
+            if r <= 0 or r >= size or size % r:
+                problems.append(f"twins.resolutions: {r} must divide space.input_size ({size}) and be below it")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
+            problems.append(f"device: {config.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:<n>', 'mps'")
+        for module in config.space.modules:
+            try:
+                searchspace.parse_module(module)
+            except ValueError as exc:
+                problems.append(f"space.modules: {exc}")
+        if config.search.mode == "variants" and len(config.search.names) != len(config.search.targets):
+            problems.append("search.names and search.targets: one target per name with search.mode 'variants'")
+        if config.route.enabled and len(config.route.names) != len(config.route.targets):
+            problems.append("route.names and route.targets: one target per name")
+        if config.pretrain.teacher == "baseline" and config.pretrain.sampling != "sandwich":
+            problems.append("pretrain.teacher: 'baseline' teaches the sandwich's sampled paths; "
+                            "set pretrain.sampling to 'sandwich'")
+        for share in config.export.cascade_blends:
+            if not 0 <= share < 1:
+                problems.append(f"export.cascade_blends: {share!r} must be at least 0 and below 1")
+    if problems:
+        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    return config
 
 
 def _merge(obj, updates: dict, where: str = ""):
@@ -302,10 +415,10 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
         for part in reversed(path):
             nested = {part: nested}
         _merge(config, nested)
-    return config
+    return validate(config)
 
 
 def from_dict(data: dict) -> RunConfig:
     config = RunConfig()
     _merge(config, data)
-    return config
+    return validate(config)

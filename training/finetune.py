@@ -52,8 +52,6 @@ def run(ctx: Context) -> dict:
     optimizer = sgd(decay_groups(metagraph, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay)
     cost = costs(load_table(ctx.run), ctx.space)
     deck = list(points.values())
-    if cfg.teacher not in ("none", "baseline"):
-        raise ValueError(f"unknown finetune teacher {cfg.teacher!r}: 'none' or 'baseline'")
     teacher = baseline.teacher(ctx) if cfg.teacher == "baseline" else None
 
     def step(x, y, generator, _step, forward):

@@ -30,15 +30,18 @@ from training.rundir import RunError
 
 # (x, y, generator, global step, forward) -> (loss, logits): one optimizer step's forward pass, where
 # `forward(x, [policy, ...])` returns the logits of each path (one call, so DDP can average gradients).
+# A step whose model does not classify returns None for logits, and the epoch logs no train_top1.
 StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int,
           lr: Callable[[int, int], float], step: StepFn, validate: Callable[[], dict],
-          grad_clip: float | None = None, batch_size: int | None = None, seed: int = 0) -> dict:
+          grad_clip: float | None = None, batch_size: int | None = None, seed: int = 0,
+          extra: dict | None = None) -> dict:
     """Train `model` for `epochs` epochs of `ctx`'s training batches, resuming from the phase's
     checkpoint. `lr(step, total_steps)` sets the learning rate of every step; `validate()`
-    returns the figures logged after each epoch. Returns the finished checkpoint."""
+    returns the figures logged after each epoch; `extra` goes into every checkpoint (what the
+    phase needs to rebuild its model before resuming). Returns the finished checkpoint."""
     state = ctx.run.load(phase)
     if state is not None and state.get("done"):
         model.load_state_dict(state["model"])
@@ -64,11 +67,12 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
     every = max(1, ctx.config.checkpoint_steps)
     forward = distributed.wrap(model)
 
-    def save(done: bool = False, **extra) -> None:
+    def save(done: bool = False, **more) -> None:
         ctx.run.save(phase, {"model": model.state_dict(), "optimizer": None if done else optimizer.state_dict(),
                              "epoch": epoch, "step": first, "elapsed": elapsed, "curve": curve, "done": done,
-                             "steps_per_epoch": steps_per_epoch, "sums": sums, **extra})
+                             "steps_per_epoch": steps_per_epoch, "sums": sums, **(extra or {}), **more})
 
+    classifies = True
     while epoch < epochs:
         model.train()
         t0 = time.time()
@@ -92,8 +96,11 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
             first += 1
             seen += len(y)
             loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+            classifies = logits is not None
+            if classifies:
+                correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", **({"acc": f"{correct / seen:.3f}"} if classifies else {}),
+                            refresh=False)
             if first % every == 0 and first < steps_per_epoch:
                 elapsed += time.time() - t0
                 t0 = time.time()
@@ -101,8 +108,8 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
                 save()
         elapsed += time.time() - t0
         epoch, first, sums = epoch + 1, 0, (0, 0.0, 0)
-        figures = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
+        figures = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
+                   **({"train_top1": correct / max(seen, 1)} if classifies else {}),
                    **validate(), "elapsed_s": round(elapsed, 1)}
         curve.append(figures)
         ctx.run.log(phase, **figures)

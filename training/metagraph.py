@@ -92,27 +92,26 @@ class Stem(nn.Sequential):
 class Head(nn.Module):
     """1x1 conv to head_channels, BN, ReLU, global average pool, linear."""
 
-    def __init__(self, space: SearchSpace, dropout: float = 0.0):
+    def __init__(self, space: SearchSpace):
         super().__init__()
         last = space.cells[-1].out_channels
         self.features = nn.Sequential(*_conv_bn(last, space.head_channels, 1), nn.ReLU(inplace=True))
-        self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(space.head_channels, space.num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x).mean(dim=(2, 3))
-        return self.classifier(self.dropout(x))
+        return self.classifier(x)
 
 
 class MetaGraph(nn.Module):
-    def __init__(self, space: SearchSpace, dropout: float = 0.0):
+    def __init__(self, space: SearchSpace):
         super().__init__()
         self.space = space
         self.stem = Stem(space)
         self.cells = nn.ModuleList(
             nn.ModuleList(build_module(cell, spec) for spec in cell.modules) for cell in space.cells
         )
-        self.head = Head(space, dropout)
+        self.head = Head(space)
         self._skippable = [cell.skippable for cell in space.cells]
         for m in self.modules():
             # Convolutions keep PyTorch's default (fan-in) init: fan-out init gives depthwise

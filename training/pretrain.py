@@ -82,10 +82,6 @@ def run(ctx: Context) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
 
-    if cfg.teacher not in ("all", "baseline"):
-        raise ValueError(f"unknown pretrain teacher {cfg.teacher!r}: 'all' or 'baseline'")
-    if cfg.teacher == "baseline" and cfg.sampling != "sandwich":
-        raise ValueError("pretrain.teacher=baseline teaches the sandwich's sampled paths: set pretrain.sampling=sandwich")
     teacher = baseline.teacher(ctx) if cfg.sampling == "sandwich" and cfg.teacher == "baseline" else None
 
     def step(x, y, generator, s, forward):

@@ -2,7 +2,7 @@
 search's architectures, trained to predict which of them classify the image right.
 
 Why: on 2 CPU cores the search's policy-gradient controllers each settled on one static
-architecture (docs/RESULTS.md), while an oracle choosing per image among those same
+architecture (docs/RESULTS.md, "operating points A..E"), while an oracle choosing per image among those same
 architectures reaches the baseline's accuracy at well under their cost
 (`scripts/oracle_router.py`). So the per-image signal is in the meta-graph; the search did
 not find it in 400 REINFORCE steps over 85 independent modules.
@@ -22,13 +22,10 @@ bundle and the service do not change.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from service import architecture
 from training.context import Context
@@ -36,6 +33,7 @@ from training.controller import Controller
 from training.data import derive_seed
 from training.evaluate import evaluate, evaluate_controller, greedy
 from training.latency import costs, load_table
+from training.loop import train
 
 
 class Router(nn.Module):
@@ -145,8 +143,6 @@ def run(ctx: Context) -> dict | None:
     cfg = ctx.config.route
     if not cfg.enabled:
         return None
-    if len(cfg.names) != len(cfg.targets):
-        raise ValueError("route.names and route.targets must have the same length")
     state = ctx.run.load("route")
     if state is not None and state.get("done") and state["epoch"] >= cfg.epochs and \
             [(v["name"], v["target_ratio"]) for v in state["variants"]] == list(zip(cfg.names, cfg.targets)):
@@ -159,29 +155,13 @@ def run(ctx: Context) -> dict | None:
     codes = state["candidates"] if state else candidates_of(ctx, metagraph, search)
     router = new_router(ctx, codes, table)
     optimizer = torch.optim.Adam(router.parameters(), lr=cfg.lr)
-    start = 0
-    if state is not None:
-        router.load_state_dict(state["router"])
-        if state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-    batches = ctx.batches("train", seed=8000)
-    t0 = time.time()
-    for epoch in range(start, cfg.epochs):
-        router.train()
-        loss_sum, seen = 0.0, 0
-        for x, y in tqdm(batches.epoch(epoch), total=len(batches), desc=f"route {epoch + 1}/{cfg.epochs}",
-                         unit="batch", mininterval=5):
-            x, y = ctx.to_device(x), y.to(ctx.device)
-            target = right_with_each(metagraph, router, x, y)
-            loss = F.binary_cross_entropy_with_logits(router.correct_logits(x), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum, seen = loss_sum + loss.item() * len(y), seen + len(y)
-        ctx.run.log("route", epoch=epoch + 1, train_loss=loss_sum / max(seen, 1), seconds=round(time.time() - t0, 1))
-        ctx.run.save("route", {"candidates": codes, "router": router.state_dict(), "optimizer": optimizer.state_dict(),
-                               "epoch": epoch + 1, "done": False})
+
+    def step(x, y, _generator, _step, _forward):
+        target = right_with_each(metagraph, router, x, y)
+        return F.binary_cross_entropy_with_logits(router.correct_logits(x), target), None  # it does not classify
+
+    trained = train(ctx, "route", router, optimizer, epochs=cfg.epochs, step=step, validate=dict,
+                    lr=lambda _step, _total: cfg.lr, seed=8000, extra={"candidates": codes})
     # one price per operating point, on validation
     cost = costs(table, ctx.space)
     reference = cost.baseline_ms
@@ -203,8 +183,7 @@ def run(ctx: Context) -> dict | None:
                     **{f"val_{k}": v for k, v in figures[name].items()})
         print(f"route {name}: price {float(router.price):.4g}, "
               + ", ".join(f"val_{k}={v:.4g}" for k, v in figures[name].items()), flush=True)
-    state = {"candidates": codes, "router": router.state_dict(), "epoch": max(cfg.epochs, start), "done": True,
-             "variants": variants, "figures": figures}
+    state = {**trained, "candidates": codes, "variants": variants, "figures": figures}
     ctx.run.save("route", state)
     return state
 

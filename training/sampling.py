@@ -18,7 +18,7 @@ def sparse_policy(n: int, space: SearchSpace, fixed_path_rows: float, generator:
 
     Besides, a share of rows takes the cheapest path and another the MobileNetV2 path:
     those are the ends of the latency range the controller will explore, and paths this
-    sparse are rare under independent drop-path (see the measured pitfall in ../shared/docs/INSTANAS.md and docs/RESULTS.md).
+    sparse are rare under independent drop-path (see the measured pitfall in docs/history/2026-11-28-first-default-bundle.md).
     """
     cells, modules = space.num_cells, space.num_modules
     k = torch.randint(0, modules + 1, (n, cells, 1), generator=generator)

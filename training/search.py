@@ -59,8 +59,6 @@ class Rewarder:
     def __init__(self, ctx: Context, metagraph, table: dict):
         self.metagraph = metagraph
         self.batchnorm = ctx.config.search.batchnorm
-        if self.batchnorm not in ("running", "batch"):
-            raise ValueError(f"unknown search.batchnorm {self.batchnorm!r}: 'running' or 'batch'")
         self.cost = costs(table, ctx.space)
         self.block_ms = torch.as_tensor(self.cost.block_ms, dtype=torch.float32, device=ctx.device)
         self.fixed_ms = float(self.cost.latency_ms(np.zeros((1, *self.cost.block_ms.shape)), "controller")[0])
@@ -89,10 +87,26 @@ def run(ctx: Context) -> dict:
     raise ValueError(f"unknown search.mode {mode!r}: 'variants' or 'paper'")
 
 
+def policy_step(controller, optimizer, rewarder: Rewarder, x, y, generator, alpha: float, beta: float,
+                window: tuple[float, float], cfg) -> tuple[torch.Tensor, ...]:
+    """One REINFORCE step of the controller on a batch: policies sampled (exploration `alpha`) and
+    greedy, rewarded inside `window` (ms), the greedy reward as baseline, entropy bonus `beta`.
+    Returns (sampled reward, sampled latency, greedy reward, greedy latency, loss), per image but the loss."""
+    p = controller(x)
+    explored = policy.explore(p, alpha)
+    sampled = torch.bernoulli(explored.detach().cpu(), generator=generator).bool().to(p.device)
+    greedy = p.detach() >= GREEDY_THRESHOLD
+    r_s, latency_s = rewarder(x, y, sampled, *window, cfg)
+    r_g, latency_g = rewarder(x, y, greedy, *window, cfg)
+    loss = policy.loss(explored, sampled, r_s - r_g, beta, cfg.entropy)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return r_s, latency_s, r_g, latency_g, loss
+
+
 def _variants(ctx: Context) -> dict:
     cfg = ctx.config.search
-    if len(cfg.names) != len(cfg.targets):
-        raise ValueError("search.names and search.targets must have the same length")
     space = ctx.space
     metagraph = ctx.new_metagraph()
     metagraph.load_state_dict(ctx.run.require("pretrain")["model"])
@@ -133,17 +147,7 @@ def _variants(ctx: Context) -> dict:
             alpha = policy.annealed(cfg.alpha, cfg.alpha_end, s, cfg.steps_per_variant)
             beta = policy.annealed(cfg.beta, cfg.beta_end, s, cfg.steps_per_variant)
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 7000 + v, s))
-            p = controller(x)
-            explored = policy.explore(p, alpha)
-            sampled = torch.bernoulli(explored.detach().cpu(), generator=generator).bool().to(p.device)
-            greedy = p.detach() >= GREEDY_THRESHOLD
-            r_s, latency_s = rewarder(x, y, sampled, lower, upper, cfg)
-            r_g, latency_g = rewarder(x, y, greedy, lower, upper, cfg)
-            loss = policy.loss(explored, sampled, r_s - r_g, beta, cfg.entropy)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums.add(r_s, latency_s, r_g, latency_g, loss)
+            sums.add(*policy_step(controller, optimizer, rewarder, x, y, generator, alpha, beta, (lower, upper), cfg))
             bar.update()
             done_steps = s + 1
             if done_steps % cfg.log_steps == 0 or done_steps == cfg.steps_per_variant:
@@ -262,17 +266,7 @@ def _paper(ctx: Context) -> dict:
                 break
             x, y = ctx.to_device(x), y.to(ctx.device)
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 1000 + epoch, i))
-            p = controller(x)
-            explored = policy.explore(p, cfg.alpha)
-            sampled = torch.bernoulli(explored.detach().cpu(), generator=generator).bool().to(p.device)
-            greedy = p.detach() >= GREEDY_THRESHOLD
-            r_s, latency_s = rewarder(x, y, sampled, lower, upper, cfg)
-            r_g, latency_g = rewarder(x, y, greedy, lower, upper, cfg)
-            loss = policy.loss(explored, sampled, r_s - r_g, cfg.beta, cfg.entropy)
-            c_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            c_opt.step()
-            sums.add(r_s, latency_s, r_g, latency_g, loss)
+            sums.add(*policy_step(controller, c_opt, rewarder, x, y, generator, cfg.alpha, cfg.beta, (lower, upper), cfg))
         # Meta-graph training on the controller's sampled policies, shuffled within the batch.
         controller.eval()
         metagraph.train()
