@@ -36,7 +36,7 @@ test: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Both container images with podman and no registry: a Debian base from mmdebstrap and the
-# Python packages from a wheelhouse downloaded here first (README, "Containers").
+# Python packages from a wheelhouse downloaded here first (docs/OPERATIONS.md, "Containers").
 images: $(BIN)/python
 	PYTHON=$(BIN)/python bash scripts/build-images.sh
 

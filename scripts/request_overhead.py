@@ -1,6 +1,6 @@
 """Round-trip time of three requests that do (almost) no model work, on a real server: what HTTP,
-the app and the hand-off to the executor cost (docs/RESULTS.md, "Worker processes, and the
-request path at concurrency 1").
+the app and the hand-off to the executor cost (docs/history/2026-11-29-serving-first-bundle.md,
+"Worker processes, and the request path at concurrency 1").
 
     .venv/bin/python scripts/request_overhead.py [--model models/cifar10-default] [--requests 2000]
 

@@ -1,4 +1,4 @@
-"""Print a training run's log.jsonl as Markdown tables (the figures in docs/RESULTS.md).
+"""Print a training run's log.jsonl as Markdown tables (the per-epoch figures in docs/RESULTS.md and docs/history/).
 
     .venv/bin/python scripts/run_report.py docs/runs/cifar10-default
 

@@ -7,7 +7,7 @@ Starts a real `instanas-serve` (the settings come from the environment, as for `
 sends `--requests` classifications over `--concurrency` keep-alive connections, and prints p50 and
 p99 of the client's latency and of every stage of the response's `latency_ms` (decode, queue,
 controller, backbone, total). A total whose p99 is far above every stage's p99 is time the
-handler spent outside the stages it measures (docs/RESULTS.md, "Tail latency").
+handler spent outside the stages it measures (docs/RESULTS.md, "Start-up's objects frozen out of garbage collection").
 """
 
 from __future__ import annotations

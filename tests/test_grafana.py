@@ -231,7 +231,7 @@ def _send(traffic: Traffic, jpegs: list[bytes]) -> None:
         traffic.latencies.append(arch["estimated_latency_ms"] / 1e3)
         traffic.mflops.append(arch["mflops"])
         traffic.modules.append(arch["modules_executed"])
-        # architecture.code: one base-32 digit (5 bits) per cell, bit m set when module m ran (README).
+        # architecture.code: one base-32 digit (5 bits) per cell, bit m set when module m ran (docs/API.md).
         ran = {(c, m) for c, digit in enumerate(arch["code"]) for m in range(5) if int(digit, 32) >> m & 1}
         assert len(ran) == arch["modules_executed"]
         traffic.blocks |= ran

@@ -370,7 +370,7 @@ it cannot write. This file is generated from the test's table: `python -m tests.
 
 The `/v2` rows (the Open Inference Protocol) answer in that protocol's shape, `{"error": "<message>"}`.
 Overload (queue and body-byte limits, idle and slow connections, shutdown) is tested in
-`tests/test_overload.py`, `tests/test_connections.py` and `tests/test_shutdown.py`; see README.md,
+`tests/test_overload.py`, `tests/test_connections.py` and `tests/test_shutdown.py`; see docs/CONFIGURATION.md,
 "Limits". Shutdown resets no request a client sent: keep-alive clients sending through SIGTERM
 each get 200, or 503 `draining` with `Connection: close`, or are refused at connect
 (`test_keep_alive_clients_across_sigterm_lose_no_request`).

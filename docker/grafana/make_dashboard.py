@@ -161,7 +161,7 @@ def rows() -> list[tuple[str, list[tuple[object, int, int]]]]:
                         "reqps", "4xx and 5xx responses per second, by status code, all endpoints."), 12, 8),
             (timeseries("Rejections by reason",
                         [target("sum by (reason) (" + rate("instanas_rejections_total") + ")", "{{reason}}")],
-                        "reqps", "Refused classifications per second, by error code (README: Errors)."), 12, 8),
+                        "reqps", "Refused classifications per second, by error code (docs/API.md: Errors)."), 12, 8),
             (totals("Errors since start, by status", f"sum by (status) (instanas_requests_total{{{errors}}})",
                     "{{status}}", "4xx and 5xx responses counted since each instance started, summed."), 6, 8),
             (totals("Rejections since start, by reason", "sum by (reason) (instanas_rejections_total)",
