@@ -1,4 +1,6 @@
-"""One resumable training loop, and one checkpoint shape, for the supervised phases.
+"""The skeleton every training phase runs in (`steps`: global steps over epochs of batches, a
+progress bar, checkpoints where the phase asks), and on it the resumable loop and checkpoint
+shape of the supervised phases (`train`); the searches plug their steps into `steps` too.
 
 A checkpoint holds `model`, `optimizer`, `epoch` (epochs finished), `step` (batches of
 the current epoch finished), `elapsed` (training seconds so far), `curve` (every finished
@@ -64,61 +66,101 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
         epoch, first, elapsed, curve = state["epoch"], state["step"], state["elapsed"], state["curve"]
         sums = state.get("sums", (0, 0.0, 0))
         print(f"{phase}: resuming at epoch {epoch + 1}, step {first}", flush=True)
-    every = max(1, ctx.config.checkpoint_steps)
     forward = distributed.wrap(model)
+    t0 = time.time()
+    classifies = True
 
-    def save(done: bool = False, **more) -> None:
+    def tick() -> None:  # training time only: validation is not counted
+        nonlocal elapsed, t0
+        elapsed, t0 = elapsed + time.time() - t0, time.time()
+
+    def save(done: bool = False) -> None:
         ctx.run.save(phase, {"model": model.state_dict(), "optimizer": None if done else optimizer.state_dict(),
                              "epoch": epoch, "step": first, "elapsed": elapsed, "curve": curve, "done": done,
-                             "steps_per_epoch": steps_per_epoch, "sums": sums, **(extra or {}), **more})
+                             "steps_per_epoch": steps_per_epoch, "sums": sums, **(extra or {})})
 
-    classifies = True
-    while epoch < epochs:
-        model.train()
-        t0 = time.time()
+    def one(s: int, x: torch.Tensor, y: torch.Tensor) -> dict:
+        nonlocal sums, classifies
+        e, f = divmod(s, steps_per_epoch)
+        set_lr(optimizer, lr(s, total))
+        generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, seed, e, f))
+        x, y = ctx.to_device(x), y.to(ctx.device)
+        loss, logits = step(x, y, generator, s, forward)
+        if not distributed.all_finite(loss):  # before any update, on every rank at once
+            raise FloatingPointError(f"{phase}: loss is not finite (here {loss.item()}) at epoch {e + 1}, step {f}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
         seen, loss_sum, correct = sums
-        bar = tqdm(batches.epoch(epoch, first), total=steps_per_epoch, initial=first, disable=not ctx.run.main,
-                   desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", mininterval=5)
-        for x, y in bar:
-            global_step = epoch * steps_per_epoch + first
-            set_lr(optimizer, lr(global_step, total))
-            generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, seed, epoch, first))
-            x, y = ctx.to_device(x), y.to(ctx.device)
-            loss, logits = step(x, y, generator, global_step, forward)
-            if not distributed.all_finite(loss):  # before any update, on every rank at once
-                raise FloatingPointError(f"{phase}: loss is not finite (here {loss.item()}) at epoch {epoch + 1}, "
-                                         f"step {first}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            first += 1
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            classifies = logits is not None
-            if classifies:
-                correct += (logits.argmax(1) == y).sum().item()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", **({"acc": f"{correct / seen:.3f}"} if classifies else {}),
-                            refresh=False)
-            if first % every == 0 and first < steps_per_epoch:
-                elapsed += time.time() - t0
-                t0 = time.time()
-                sums = (seen, loss_sum, correct)
-                save()
-        elapsed += time.time() - t0
-        epoch, first, sums = epoch + 1, 0, (0, 0.0, 0)
+        classifies = logits is not None
+        if classifies:
+            correct += (logits.argmax(1) == y).sum().item()
+        sums = (seen + len(y), loss_sum + loss.item() * len(y), correct)
+        return {"loss": f"{sums[1] / sums[0]:.3f}", **({"acc": f"{correct / sums[0]:.3f}"} if classifies else {})}
+
+    def at(s: int) -> None:
+        """After step `s`: the end of an epoch (validate, log, save) or a checkpoint within one."""
+        nonlocal epoch, first, sums, t0
+        epoch, first = divmod(s, steps_per_epoch)
+        tick()
+        if first:
+            save()
+            return
+        seen, loss_sum, correct = sums
         figures = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
                    **({"train_top1": correct / max(seen, 1)} if classifies else {}),
                    **validate(), "elapsed_s": round(elapsed, 1)}
+        t0 = time.time()
         curve.append(figures)
         ctx.run.log(phase, **figures)
         if ctx.run.main:
             print(f"{phase} epoch {epoch}: " + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), flush=True)
+        sums = (0, 0.0, 0)
         save()
+
+    def train_mode() -> None:
+        model.train()  # again after every epoch's validation
+
+    steps(ctx, batches, epoch * steps_per_epoch + first, total, one, desc=phase, checkpoint=at,
+          every=lambda s: s % steps_per_epoch == 0 or s % max(1, ctx.config.checkpoint_steps) == 0,
+          before=train_mode)
     save(done=True)
     distributed.barrier()  # every rank reads back what rank 0 wrote
     return ctx.run.require(phase)
+
+
+def steps(ctx: Context, batches, start: int, total: int, step: Callable[[int, torch.Tensor, torch.Tensor], dict | None],
+          *, desc: str, checkpoint: Callable[[int], None] | None = None, every: Callable[[int], bool] | None = None,
+          before: Callable[[], None] | None = None) -> None:
+    """The skeleton every training phase runs in: global steps `start` .. `total` - 1 over `batches`,
+    epoch after epoch (each epoch's order from `Batches.epoch`, so a run resumed at any step sees
+    what an uninterrupted one would), one progress bar (the step's returned dict as its postfix),
+    and `checkpoint(s)` after step s - 1 wherever `every(s)` holds (by default every
+    `checkpoint_steps` steps and at the end). `before()` runs before the first step and after
+    each checkpoint."""
+    per_epoch = len(batches)
+    every = every or (lambda s: s % max(1, ctx.config.checkpoint_steps) == 0 or s == total)
+    bar = tqdm(total=total, initial=start, disable=not ctx.run.main, desc=desc, unit="step", mininterval=5)
+    s = start
+    if before:
+        before()
+    while s < total:
+        epoch, first = divmod(s, per_epoch)
+        for x, y in batches.epoch(epoch, first):
+            postfix = step(s, x, y)
+            s += 1
+            bar.update()
+            if postfix:
+                bar.set_postfix(postfix, refresh=False)
+            if checkpoint and every(s):
+                checkpoint(s)
+                if before:
+                    before()
+            if s >= total:
+                break
+    bar.close()
 
 
 def _later_phases_done(ctx: Context, phase: str) -> list[str]:

@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from service.architecture import cheapest, mobilenet_v2
 from service.manifest import GREEDY_THRESHOLD
@@ -34,23 +33,13 @@ from training.context import Context
 from training.data import derive_seed
 from training.evaluate import evaluate_controller
 from training.latency import costs, load_table
+from training.loop import steps
 from training.optim import sgd
 from training.reward import reward, upper_bound
 
 
 def _clone(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _stream(batches, start: int):
-    """(step, x, y) from global step `start` on, epoch after epoch."""
-    per_epoch = len(batches)
-    step = start
-    while True:
-        epoch, first = divmod(step, per_epoch)
-        for x, y in batches.epoch(epoch, first):
-            yield step, x, y
-            step += 1
 
 
 class Rewarder:
@@ -137,29 +126,28 @@ def _variants(ctx: Context) -> dict:
             print(f"search {name}: target {target:.4g} ms, reward window [{lower:.4g}, {upper:.4g}] ms", flush=True)
         controller.train()
         sums = _Sums()
-        batches = ctx.batches("train", cfg.batch_size, seed=7000 + v)
-        bar = tqdm(total=cfg.steps_per_variant, initial=start, desc=f"search {name} ({ratio}x)", unit="step", mininterval=5)
         t0 = time.time()
-        for s, x, y in _stream(batches, start):
-            if s >= cfg.steps_per_variant:
-                break
+
+        def one(s: int, x, y) -> dict | None:
             x, y = ctx.to_device(x), y.to(ctx.device)
             alpha = policy.annealed(cfg.alpha, cfg.alpha_end, s, cfg.steps_per_variant)
             beta = policy.annealed(cfg.beta, cfg.beta_end, s, cfg.steps_per_variant)
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 7000 + v, s))
             sums.add(*policy_step(controller, optimizer, rewarder, x, y, generator, alpha, beta, (lower, upper), cfg))
-            bar.update()
-            done_steps = s + 1
-            if done_steps % cfg.log_steps == 0 or done_steps == cfg.steps_per_variant:
-                figures = {"variant": name, "step": done_steps, "alpha": alpha, "beta": beta, **sums.pop()}
-                ctx.run.log("search", **figures)
-                bar.set_postfix(reward=f"{figures['mean_reward']:.2f}", greedy_ms=f"{figures['greedy_latency_ms']:.3f}",
-                                refresh=False)
-            if done_steps % every == 0 and done_steps < cfg.steps_per_variant:
-                state["current"] = {"index": v, "step": done_steps, "controller": _clone(controller),
-                                    "optimizer": optimizer.state_dict(), "window": (lower, upper)}
-                ctx.run.save("search", state)
-        bar.close()
+            if (s + 1) % cfg.log_steps and s + 1 != cfg.steps_per_variant:
+                return None
+            figures = {"variant": name, "step": s + 1, "alpha": alpha, "beta": beta, **sums.pop()}
+            ctx.run.log("search", **figures)
+            return {"reward": f"{figures['mean_reward']:.2f}", "greedy_ms": f"{figures['greedy_latency_ms']:.3f}"}
+
+        def checkpoint(s: int) -> None:
+            state["current"] = {"index": v, "step": s, "controller": _clone(controller),
+                                "optimizer": optimizer.state_dict(), "window": (lower, upper)}
+            ctx.run.save("search", state)
+
+        steps(ctx, ctx.batches("train", cfg.batch_size, seed=7000 + v), start, cfg.steps_per_variant, one,
+              desc=f"search {name} ({ratio}x)", checkpoint=checkpoint,
+              every=lambda s: s % every == 0 and s < cfg.steps_per_variant)
         figures = {f"val_{k}": val for k, val in
                    evaluate_controller(ctx, metagraph, controller, rewarder.cost, "val").items()}
         figures.update(target_ms=target, lower_ms=lower, upper_ms=upper, reference_ms=reference,
@@ -258,23 +246,14 @@ def _paper(ctx: Context) -> dict:
         controller.train()
         metagraph.eval()
         sums = _Sums()
-        batches = ctx.batches("train", cfg.batch_size, seed=1000 + epoch)
-        steps = cfg.steps_per_epoch or len(batches)
-        for i, (x, y) in enumerate(tqdm(batches.epoch(0), total=steps, desc=f"search {epoch + 1}/{cfg.epochs}",
-                                        unit="step", mininterval=5)):
-            if i >= steps:
-                break
+
+        def search_step(i: int, x, y) -> None:
             x, y = ctx.to_device(x), y.to(ctx.device)
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 1000 + epoch, i))
             sums.add(*policy_step(controller, c_opt, rewarder, x, y, generator, cfg.alpha, cfg.beta, (lower, upper), cfg))
-        # Meta-graph training on the controller's sampled policies, shuffled within the batch.
-        controller.eval()
-        metagraph.train()
-        batches = ctx.batches("train", ctx.config.data.batch_size, seed=2000 + epoch)
-        steps = cfg.metagraph_steps or len(batches)
-        for i, (x, y) in enumerate(batches.epoch(0)):
-            if i >= steps:
-                break
+
+        def metagraph_step(i: int, x, y) -> None:
+            """Meta-graph training on the controller's sampled policies, shuffled within the batch."""
             x, y = ctx.to_device(x), y.to(ctx.device)
             generator = torch.Generator().manual_seed(derive_seed(ctx.config.seed, 2000 + epoch, i))
             with torch.no_grad():
@@ -284,6 +263,15 @@ def _paper(ctx: Context) -> dict:
             m_opt.zero_grad(set_to_none=True)
             loss.backward()
             m_opt.step()
+
+        batches = ctx.batches("train", cfg.batch_size, seed=1000 + epoch)
+        steps(ctx, batches, 0, min(cfg.steps_per_epoch or len(batches), len(batches)), search_step,
+              desc=f"search {epoch + 1}/{cfg.epochs}")
+        controller.eval()
+        metagraph.train()
+        batches = ctx.batches("train", ctx.config.data.batch_size, seed=2000 + epoch)
+        steps(ctx, batches, 0, min(cfg.metagraph_steps or len(batches), len(batches)), metagraph_step,
+              desc=f"meta-graph {epoch + 1}/{cfg.epochs}")
         metagraph.eval()
         figures = {"epoch": epoch + 1, "upper_ms": upper, "lower_ms": lower, **sums.pop(),
                    **{f"val_{k}": v for k, v in evaluate_controller(ctx, metagraph, controller, rewarder.cost).items()},
