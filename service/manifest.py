@@ -159,6 +159,16 @@ class Evaluation(_Strict):
                                     description="A cascade's share of images that ran more than its first stage.")
 
 
+class Validation(_Strict):
+    """What the training run measured on its validation split, which the server's own choices rank
+    by (a latency budget's most accurate point); `evaluation`, on the test split, is for reporting."""
+
+    images: int = Field(ge=1)
+    top1: float = Field(ge=0, le=1)
+    mean_estimated_latency_ms: float = Field(ge=0)
+    escalated: float | None = Field(default=None, ge=0, le=1)
+
+
 GREEDY_THRESHOLD = 0.5  # a module runs where the controller's probability is at least this
 
 
@@ -169,6 +179,7 @@ class Controller(GraphFile):
     threshold: float = Field(default=GREEDY_THRESHOLD, gt=0, lt=1, description="Module selected where p >= threshold.")
     description: str = ""
     evaluation: Evaluation | None = None
+    validation: Validation | None = None
 
 
 class Network(_Strict):
@@ -206,6 +217,7 @@ class Cascade(_Strict):
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
     evaluation: Evaluation | None = None
+    validation: Validation | None = None
 
     @model_validator(mode="after")
     def _thresholds(self) -> "Cascade":

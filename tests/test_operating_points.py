@@ -20,7 +20,7 @@ from service.bundle import load_bundle, read_manifest
 from service.app import create_app
 from service.executor import Executor
 from service.governor import LoadGovernor
-from service.manifest import Evaluation
+from service.manifest import Evaluation, Manifest, Validation
 from service.operating_points import choose
 from service.settings import Settings
 from tests.conftest import Server, metric, wait_until
@@ -76,6 +76,24 @@ def test_choice_by_name_budget_and_default(multi):
     assert (picked.operating_point, picked.reason) == ("C", "over_budget")  # none fits: the fastest
     given = choose(manifest, architecture_code="mobilenet_v2")
     assert given.operating_point is None and given.reason == "architecture" and given.executed[:, 0].all()
+
+
+def test_a_budget_ranks_points_by_validation_not_test(multi):
+    """The test split is for reporting: where a point's validation figures rank it differently
+    from its test figures, the budget takes the validation order; a bundle without validation
+    figures falls back to the test ones."""
+    manifest, _ = read_manifest(multi[0])
+    assert choose(manifest, max_latency_ms=5).operating_point == "A"  # test: A 0.90 > B 0.85 > C 0.70
+    validation = {"A": Validation(images=50, top1=0.80, mean_estimated_latency_ms=2.7),
+                  "B": Validation(images=50, top1=0.86, mean_estimated_latency_ms=1.8),
+                  "C": Validation(images=50, top1=0.70, mean_estimated_latency_ms=0.9)}
+    ranked = manifest.model_copy(update={"controllers": [
+        c.model_copy(update={"validation": validation[c.name]}) for c in manifest.controllers]})
+    picked = choose(ranked, max_latency_ms=5)
+    assert (picked.operating_point, picked.reason) == ("B", "budget")  # validation: B first
+    assert choose(ranked, max_latency_ms=1.5).operating_point == "C"
+    again = Manifest.model_validate(json.loads(ranked.model_dump_json()))
+    assert again.controllers[1].validation.top1 == 0.86 and choose(again, max_latency_ms=5).operating_point == "B"
 
 
 def test_a_version_1_manifest_is_read_as_one_default_point(multi, tmp_path):
@@ -136,6 +154,14 @@ def test_http_selects_operating_points_and_overrides(multi_server, test_jpegs):
 def test_options_that_do_not_fit_get_422(multi_server, test_jpegs, params, code):
     response = _post(multi_server, test_jpegs[0][1], **params)
     assert response.status_code == 422 and response.json()["error"]["code"] == code, response.text
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0"])
+def test_a_budget_is_a_finite_number_of_milliseconds(multi_server, test_jpegs, value):
+    response = _post(multi_server, test_jpegs[0][1], max_latency_ms=value)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", response.text
+    message = response.json()["error"]["message"]
+    assert message.startswith("query.max_latency_ms: ") and ("finite" in message if value != "0" else "greater than 0" in message)
 
 
 def test_a_static_bundle_has_no_operating_points(tmp_path, test_jpegs):

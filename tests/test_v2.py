@@ -272,6 +272,8 @@ def _error_cases(jpeg: bytes, name: str):
     yield "conflicting options", name, _header([{**image, "shape": [1], "data": [b64]}],
                                                parameters={"architecture": "all", "operating_point": "A"}), {}, 400, \
         "architecture"
+    yield "infinite budget", name, _header([{**image, "shape": [1], "data": [b64]}],
+                                           parameters={"max_latency_ms": float("inf")}), {}, 400, "finite"
     yield "too many images", name, _header([{**image, "shape": [33], "data": [b64] * 33}]), {}, 413, "33"
 
 

@@ -106,7 +106,7 @@ def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[st
                 threshold, escalated, top1 = cascade.fit(front, first_ms, last_ms, base_top1 - tolerance / 100)
                 ms = first_ms + escalated * last_ms
                 if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
-                    best = {"top1": top1, "latency_ms": ms, "escalated": escalated, "confidence": kind,
+                    best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated, "confidence": kind,
                             "threshold": threshold, "blend": share}
         name = f"cascade-{tolerance:g}"
         if name in figures:

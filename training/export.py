@@ -26,6 +26,7 @@ from service.manifest import (
     FrequentArchitecture,
     Manifest,
     Preprocessing,
+    Validation,
     partial_folder,
     static_twin_folder,
     static_twin_name,
@@ -45,6 +46,13 @@ def _evaluation(dataset: str, figures: dict, measured_ms: float | None) -> Evalu
                       mean_estimated_latency_ms=round(figures["latency_ms"], 4), mean_mflops=round(figures["mflops"], 3),
                       mean_modules_executed=round(figures["modules"], 3), architectures=figures["architectures"],
                       mean_measured_latency_ms=None if measured_ms is None else round(measured_ms, 4),
+                      escalated=None if escalated is None else round(escalated, 4))
+
+
+def _validation(figures: dict) -> Validation:
+    escalated = figures.get("escalated")
+    return Validation(images=figures["images"], top1=round(figures["top1"], 4),
+                      mean_estimated_latency_ms=round(figures["latency_ms"], 4),
                       escalated=None if escalated is None else round(escalated, 4))
 
 
@@ -121,9 +129,11 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     diffs.update({c.name: cascade_points.check_parity(ctx, tmp, nets, c) for c in cascades})
     measured = {p: measured_latency_ms(tmp, x_test, p) for p in [*points, *(c.name for c in cascades)]}
     manifest = manifest.model_copy(update={
-        "controllers": [c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name])})
+        "controllers": [c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name]),
+                                             "validation": _validation(val_figures[c.name])})
                         for c in manifest.controllers],
-        "cascades": [c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name])})
+        "cascades": [c.model_copy(update={"evaluation": _evaluation(dataset, test[c.name], measured[c.name]),
+                                          "validation": _validation(val_figures[c.name])})
                      for c in manifest.cascades]})
     _finish(tmp, out, manifest)
     for p in [*points, *(c.name for c in cascades)]:

@@ -54,7 +54,7 @@ async def classify(
     model: str | None = Query(None, description="The model to use, by name (GET /models); default: the default model."),
     top_k: int | None = Query(None, ge=1, description="How many classes to list (at most the model's classes)."),
     operating_point: str | None = Query(None, description="The controller to use (see GET /model); default: the bundle's."),
-    max_latency_ms: float | None = Query(None, gt=0, description="Use the most accurate operating point whose measured "
+    max_latency_ms: float | None = Query(None, gt=0, allow_inf_nan=False, description="Use the most accurate operating point whose measured "
                                          "mean latency per image fits this budget (queue time not included)."),
     architecture: str = Query(operating_points.AUTO, description="auto (the controller decides), mobilenet_v2 "
                               "(module 0 in every cell), all, or an architecture code as /classify returns it."),

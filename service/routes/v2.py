@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import struct
 import time
 from collections.abc import Sequence
@@ -368,8 +369,8 @@ def _choice(state, parameters: dict) -> operating_points.Choice:
         if value is not None and not isinstance(value, str):
             raise _bad(f"parameter {key} must be a string")
     if max_latency_ms is not None and (isinstance(max_latency_ms, bool) or not isinstance(max_latency_ms, int | float)
-                                       or not max_latency_ms > 0):
-        raise _bad("parameter max_latency_ms must be a number above 0")
+                                       or not 0 < max_latency_ms < math.inf):
+        raise _bad("parameter max_latency_ms must be a finite number above 0")
     return operating_points.choose(state.manifest, operating_point=operating_point or None,
                                    max_latency_ms=max_latency_ms, architecture_code=architecture,
                                    governor=state.governor)
