@@ -552,3 +552,41 @@ def test_a_cascade_point_draws_its_stages(browser, demo_images, tmp_path):
         assert not [e for e in page_errors(browser) if "favicon" not in e]
     finally:
         server.stop()
+
+
+def test_behind_an_api_token_the_page_asks_for_it_and_keeps_it_for_the_tab(browser, demo_images, tmp_path):
+    """INSTANAS_API_TOKEN set: the manifest and controllers need the token, so the page asks for it;
+    a wrong one is refused and asked again; the right one starts the page, the browser's controller
+    included; and a reload of the tab does not ask again."""
+    from selenium.webdriver.common.by import By
+
+    server = Server(DEFAULT_BUNDLE, tmp_path / "server.log", INSTANAS_API_TOKEN="s3cret-demo-token")
+    status = "document.getElementById('status').textContent"
+
+    def give(token: str) -> None:
+        wait_for(browser, "document.getElementById('token')", "the token field")
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
+
+    try:
+        assert httpx.get(server.url + "/model").status_code == 401
+        browser.get(server.url + "/")
+        wait_for(browser, "window.instanasDemo && instanasDemo.needsToken", "the token prompt")
+        assert browser.execute_script("return instanasDemo.ready") is False
+        assert "needs its API token" in browser.execute_script(f"return {status}")
+        give("not-the-token")
+        wait_for(browser, f"{status}.includes('did not accept')", "the wrong token refused")
+        give("s3cret-demo-token")
+        wait_for(browser, "instanasDemo.ready || instanasDemo.error", "the page to start")
+        assert browser.execute_script("return {error: instanasDemo.error, ortError: instanasDemo.ortError, "
+                                      "asking: instanasDemo.needsToken, form: !!document.getElementById('token-form')}") \
+            == {"error": None, "ortError": None, "asking": False, "form": False}
+        browser.execute_script("instanasDemo.setOperatingPoint('A')")  # a controller point: its graph needs the token
+        result = upload(browser, demo_images[0])
+        assert result["server_error"] is None and result["local_error"] is None and result["local_code"]
+        browser.get(server.url + "/")  # the same tab: the token is kept
+        open_demo(browser, server)
+        assert browser.execute_script("return instanasDemo.needsToken") is False
+        assert not [e for e in page_errors(browser) if "favicon" not in e and "401" not in e]
+    finally:
+        server.stop()

@@ -5,9 +5,13 @@
  * the same operating point here (onnxruntime-web, WebAssembly), on the image as
  * preprocess.js prepares it. Both choices are shown with an "agree" / "differ" badge.
  *
- * For tests and the curious, window.instanasDemo holds the state: `ready`, `results` (one
- * summary per image: both codes, the browser's probabilities and input pixels), `classify(blob,
- * name)` and `setOperatingPoint(name)`.
+ * With INSTANAS_API_TOKEN set, the model's manifest and controllers need the token: the page
+ * asks for it, keeps it for this tab only (sessionStorage) and sends it as a bearer token to
+ * those endpoints; it asks again when the server refuses it.
+ *
+ * For tests and the curious, window.instanasDemo holds the state: `ready`, `needsToken`,
+ * `results` (one summary per image: both codes, the browser's probabilities and input pixels),
+ * `classify(blob, name)` and `setOperatingPoint(name)`.
  */
 (function () {
   "use strict";
@@ -17,13 +21,14 @@
   const CHART_POINTS = 40;
   const NEAR_THRESHOLD = 0.01;
   const SERVER_TYPES = new Set(["image/jpeg", "image/png", "image/webp", "image/bmp", "image/gif", "image/tiff"]);
+  const TOKEN_KEY = "instanas.apiToken";  // sessionStorage: this tab only
 
   const state = {
     manifest: null, space: null, modules: 0, point: null, sessions: new Map(), history: [], seq: 0,
     queue: Promise.resolve(), galleries: new Map(),
   };
   const demo = (window.instanasDemo = {
-    ready: false, error: null, results: [], ortError: null,
+    ready: false, error: null, results: [], ortError: null, needsToken: false,
     classify: (blob, name) => enqueue(blob, name),
     setOperatingPoint: (name) => selectPoint(name),
   });
@@ -54,14 +59,45 @@
   const pct = (v, digits = 1) => `${(100 * v).toFixed(digits)}%`;
   const signed = (v, digits = 2) => `${v > 0 ? "+" : v < 0 ? "−" : "±"}${Math.abs(v).toFixed(digits)}`;
 
+  /** The Authorization header for the endpoints behind INSTANAS_API_TOKEN, once the user gave it. */
+  function authHeaders() {
+    const token = sessionStorage.getItem(TOKEN_KEY);
+    return token ? { Authorization: `Bearer ${token}` } : {};
+  }
+
+  class TokenNeeded extends Error {}
+
   async function getJSON(url) {
-    const response = await fetch(url);
+    const response = await fetch(url, { headers: authHeaders() });
     const body = await response.json().catch(() => null);
-    if (response.status === 401) {
-      throw new Error(`${url} needs the server's API token (INSTANAS_API_TOKEN); this page reads the model from it`);
-    }
+    if (response.status === 401) throw new TokenNeeded(`${url} needs the server's API token (INSTANAS_API_TOKEN)`);
     if (!response.ok) throw new Error(body?.error?.message || `${url}: HTTP ${response.status}`);
     return body;
+  }
+
+  /** Ask for the API token below the status line; resolves once one is given (kept for this tab). */
+  function askToken(refused) {
+    demo.needsToken = true;
+    setStatus(refused ? "The server did not accept that token." : "This server needs its API token to show the model.",
+      refused ? "error" : "warn");
+    return new Promise((resolve) => {
+      const input = el("input", { id: "token", type: "password", autocomplete: "off", required: true });
+      const form = el("form", { id: "token-form", class: "token" },
+        el("label", { for: "token", text: "API token (INSTANAS_API_TOKEN), kept for this tab only:" }),
+        input, el("button", { type: "submit", text: "Use it" }));
+      form.addEventListener("submit", (event) => {
+        event.preventDefault();
+        const token = input.value.trim();
+        if (!token) return;
+        sessionStorage.setItem(TOKEN_KEY, token);
+        form.remove();
+        demo.needsToken = false;
+        setStatus("");
+        resolve();
+      });
+      $("status").insertAdjacentElement("afterend", form);
+      input.focus();
+    });
   }
 
   function setStatus(text, kind = "") {
@@ -168,7 +204,7 @@
     if (!state.sessions.has(name)) {
       const loading = (async () => {
         const runtime = ortReady();
-        const response = await fetch(`/model/controllers/${encodeURIComponent(name)}.onnx`);
+        const response = await fetch(`/model/controllers/${encodeURIComponent(name)}.onnx`, { headers: authHeaders() });
         if (!response.ok) throw new Error(`controller ${name}: HTTP ${response.status}`);
         const bytes = new Uint8Array(await response.arrayBuffer());
         return runtime.InferenceSession.create(bytes, { executionProviders: ["wasm"] });
@@ -551,7 +587,7 @@
 
   function renderGallery(g) {
     const acc = g.accuracy === null ? "" : `, ${pct(g.accuracy)} correct`;
-    $("gallery-info").textContent = `${g.images} images, ${g.architectures} architectures${acc}` +
+    $("gallery-info").textContent = `${g.images} images, ${g.architectures} architecture${g.architectures === 1 ? "" : "s"}${acc}` +
       `${g.operating_point ? ` (operating point ${g.operating_point})` : ""}; heaviest first. Click an image to classify it.`;
     $("gallery").replaceChildren(...g.groups.map((group) => {
       const executed = state.space.cells.map((_, c) => Array.from({ length: state.modules }, (_, m) => group.cells[c].includes(m)));
@@ -614,10 +650,24 @@
 
   /* ---------- start ---------- */
 
+  /** The manifest, asking for the API token as long as the server refuses the request without it. */
+  async function loadManifest() {
+    for (;;) {
+      try {
+        return await getJSON("/model");
+      } catch (error) {
+        if (!(error instanceof TokenNeeded)) throw error;
+        const refused = sessionStorage.getItem(TOKEN_KEY) !== null;
+        sessionStorage.removeItem(TOKEN_KEY);
+        await askToken(refused);
+      }
+    }
+  }
+
   async function init() {
     try {
       wireInput();
-      state.manifest = await getJSON("/model");
+      state.manifest = await loadManifest();
       state.space = state.manifest.search_space;
       state.modules = A.numModules(state.space);
       state.point = pointsOf().length ? state.manifest.default_controller : null;
