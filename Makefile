@@ -7,7 +7,11 @@ BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
 
-.PHONY: serve test install-serve install-train install-dev lock images train-default evaluate-default clean
+RUNS ?= runs
+MODELS ?= models
+CONFIG ?= smoke
+
+.PHONY: serve test install-serve install-train install-dev lock images train train-arguments train-default evaluate-default clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +38,17 @@ serve: install-serve
 test: install-dev
 	bash scripts/test-setup.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Train on your own images (README, "Train on your own images"): DATA holds train/ and test/, one
+# subfolder per class, images of any size; NAME names the run ($(RUNS)/NAME) and the bundle
+# ($(MODELS)/NAME, beside the default one). Inputs are normalised by statistics measured on DATA.
+# CONFIG: a preset or a JSON file (smoke: minutes, a quick look); SET: more section.key=value items.
+train: train-arguments install-train
+	$(BIN)/instanas-train all --config $(CONFIG) --data $(DATA) --out $(RUNS)/$(NAME) --bundle $(MODELS)/$(NAME) \
+		--bundle-name $(NAME) --set data.mean=null --set data.std=null $(foreach s,$(SET),--set $(s))
+
+train-arguments:
+	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make train DATA=<folder> NAME=<bundle name> [CONFIG=smoke] [SET='section.key=value ...']" >&2; exit 2; }
 
 # Both container images with podman and no registry: a Debian base from mmdebstrap and the
 # Python packages from a wheelhouse downloaded here first (docs/OPERATIONS.md, "Containers").

@@ -244,6 +244,11 @@ def test_a_choice_not_offered_is_refused_at_load(key, choices):
     ("search.targets=[1.0]", "search.names and search.targets: one target per name"),
     ("pretrain.teacher=baseline", None),  # smoke samples sandwich-style
     ("export.cascade_blends=[1.0]", "export.cascade_blends: 1.0 must be at least 0 and below 1"),
+    ("data.mean=null", None),  # measured on the training images
+    ("data.mean=[0.5,0.5,2]", r"data.mean: \[0.5, 0.5, 2\] must lie between 0 and 1"),
+    ("data.std=[0.2,0,0.2]", r"data.std: \[0.2, 0, 0.2\] must be above 0"),
+    ("data.std=[0.2,0.2]", r"data.std: \[0.2, 0.2\] needs 3 items"),
+    ("search.names=ABC", "search.names: 'ABC' is not a list"),
 ])
 def test_values_the_run_could_not_use_are_refused_at_load(override, message):
     if message is None:
@@ -251,6 +256,16 @@ def test_values_the_run_could_not_use_are_refused_at_load(override, message):
         return
     with pytest.raises(ValueError, match=message):
         load_config("smoke", [override])
+
+
+def test_channel_statistics_by_hand():
+    from training.data import ImageSet, channel_statistics
+
+    images = np.zeros((2, 2, 2, 3), np.uint8)
+    images[0, :, :, 0] = 255  # red: half the pixels at 1, half at 0
+    images[:, :, :, 1] = 51  # green: 0.2 everywhere
+    mean, std = channel_statistics(ImageSet(images, np.zeros(2, np.int64), ["a"], "by hand"))
+    assert mean == (0.5, 0.2, 0.0) and std == (0.5, 0.0, 0.0)
 
 
 def test_every_preset_and_the_committed_runs_pass_validation():

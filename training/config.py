@@ -41,6 +41,10 @@ class SpaceConfig:
         return space.model_copy(update={"combine": self.combine})
 
 
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
 @dataclass
 class DataConfig:
     # Held out from the training images (same for every phase): every choice (epochs, controller,
@@ -50,6 +54,10 @@ class DataConfig:
     test_limit: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 500
+    # Each channel's mean and standard deviation on the 0-1 pixel scale, which the inputs are normalised
+    # by and the bundle's manifest records; null: measured on the training images (your own data).
+    mean: tuple[float, float, float] | None = CIFAR10_MEAN
+    std: tuple[float, float, float] | None = CIFAR10_STD
 
 
 @dataclass
@@ -364,6 +372,11 @@ def validate(config: RunConfig) -> RunConfig:
         if config.pretrain.teacher == "baseline" and config.pretrain.sampling != "sandwich":
             problems.append("pretrain.teacher: 'baseline' teaches the sandwich's sampled paths; "
                             "set pretrain.sampling to 'sandwich'")
+        if config.data.mean is not None and not all(0 <= v <= 1 for v in config.data.mean):
+            problems.append(f"data.mean: {list(config.data.mean)} must lie between 0 and 1 (the 0-1 pixel scale), "
+                            "or null to measure it")
+        if config.data.std is not None and not all(v > 0 for v in config.data.std):
+            problems.append(f"data.std: {list(config.data.std)} must be above 0, or null to measure it")
         for share in config.export.cascade_blends:
             if not 0 <= share < 1:
                 problems.append(f"export.cascade_blends: {share!r} must be at least 0 and below 1")
@@ -382,7 +395,7 @@ def _merge(obj, updates: dict, where: str = ""):
                 raise ValueError(f"config key {where}{key} takes a mapping")
             _merge(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, tuple(value) if isinstance(current, tuple) else value)
+            setattr(obj, key, tuple(value) if isinstance(value, list) else value)  # sequences are tuples
 
 
 def load_config(preset_or_file: str, overrides: list[str] = ()) -> RunConfig:

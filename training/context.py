@@ -11,7 +11,7 @@ import torch
 from service.manifest import SearchSpace
 from training import data as datasets
 from training import distributed
-from training.config import RunConfig
+from training.config import CIFAR10_MEAN, CIFAR10_STD, RunConfig
 from training.controller import Controller
 from training.metagraph import MetaGraph
 from training.rundir import RunDir
@@ -26,8 +26,8 @@ class Context:
     val: datasets.ImageSet  # held out from the training images: every choice is made on it
     test: datasets.ImageSet  # read only for final reports
     space: SearchSpace
-    mean: tuple[float, float, float] = datasets.CIFAR10_MEAN
-    std: tuple[float, float, float] = datasets.CIFAR10_STD
+    mean: tuple[float, float, float] = CIFAR10_MEAN  # the inputs' normalisation (data.mean, data.std)
+    std: tuple[float, float, float] = CIFAR10_STD
     rank: int = 0  # this process under torchrun, of `world`
     world: int = 1
 
@@ -52,7 +52,11 @@ class Context:
         test = datasets.load(data_root, split="test", size=size).subset(config.data.test_limit, config.seed)
         if train.classes != test.classes:
             raise ValueError(f"train classes {train.classes} differ from test classes {test.classes}")
-        return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)), rank=rank, world=world)
+        measured = datasets.channel_statistics(train) if config.data.mean is None or config.data.std is None else None
+        mean = config.data.mean if config.data.mean is not None else measured[0]
+        std = config.data.std if config.data.std is not None else measured[1]
+        return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)),
+                   mean=tuple(mean), std=tuple(std), rank=rank, world=world)
 
     def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0) -> datasets.Batches:
         """`train` batches are shuffled and augmented; `val` and `test` are neither."""

@@ -23,8 +23,6 @@ from tqdm import tqdm
 from service import imaging
 from service.bundle import sha256_file
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -211,6 +209,19 @@ def load(source: str | Path, *, split: str = "train", size: int = 32) -> ImageSe
     np.savez(tmp, images=images.images, labels=images.labels, classes=np.array(images.classes))
     tmp.replace(cache)
     return images
+
+
+def channel_statistics(images: ImageSet) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Each channel's mean and standard deviation over `images`, on the 0-1 pixel scale (4 decimals)."""
+    pixels = images.images.reshape(-1, images.images.shape[-1])
+    total = np.zeros(pixels.shape[1]), np.zeros(pixels.shape[1])
+    for start in range(0, len(pixels), 1 << 22):  # chunks: float64 sums without a float copy of every pixel
+        chunk = pixels[start:start + (1 << 22)].astype(np.float64) / 255
+        total[0][:] += chunk.sum(0)
+        total[1][:] += (chunk ** 2).sum(0)
+    mean = total[0] / len(pixels)
+    std = np.sqrt(np.maximum(total[1] / len(pixels) - mean ** 2, 0))
+    return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
 
 
 def derive_seed(*parts: int) -> int:
