@@ -100,3 +100,31 @@ def test_make_serve_command_serves_the_default_bundle(tmp_path, test_jpegs):
         assert correct >= 8  # of 20; chance is 2
     finally:
         srv.stop()
+
+
+def _close(shown, fresh, where: str = "") -> list[str]:
+    """Where two parsed JSON values differ (numbers by more than 2e-4)."""
+    if isinstance(shown, dict) and isinstance(fresh, dict):
+        if shown.keys() != fresh.keys():
+            return [f"{where or '.'}: keys {sorted(shown)} != {sorted(fresh)}"]
+        return [d for k in shown for d in _close(shown[k], fresh[k], f"{where}.{k}")]
+    if isinstance(shown, list) and isinstance(fresh, list) and len(shown) == len(fresh):
+        return [d for i, (a, b) in enumerate(zip(shown, fresh)) for d in _close(a, b, f"{where}[{i}]")]
+    if isinstance(shown, (int, float)) and isinstance(fresh, (int, float)) and not isinstance(shown, bool):
+        return [] if abs(shown - fresh) <= 2e-4 else [f"{where}: {shown} != {fresh}"]
+    return [] if shown == fresh else [f"{where}: {shown!r} != {fresh!r}"]
+
+
+def test_the_readme_example_is_what_the_default_bundle_answers(data_root):
+    """README.md's example response (scripts/readme_example.py) against a fresh answer from the
+    served default bundle: same model version, prediction, architecture, point and stages."""
+    import sys
+
+    sys.path.insert(0, str(MODELS.parent / "scripts"))
+    import readme_example
+
+    shown, fresh = readme_example.in_readme(), readme_example.answer(data_root / "test.tar.gz")
+    shown.pop("latency_ms"), fresh.pop("latency_ms")
+    differences = _close(shown, fresh)
+    assert not differences, ("README.md's example response is stale; run scripts/readme_example.py --write:\n"
+                             + "\n".join(differences))
