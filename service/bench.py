@@ -166,12 +166,15 @@ def _get(url: str, timeout: float = 1.0) -> int:
 
 
 class _Server:
-    def __init__(self, model: Path, env: dict):
+    """instanas-serve on `model` (with `env`), or with `naive` the naive server (service/naive.py)."""
+
+    def __init__(self, model: Path, env: dict, naive: bool = False):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         serve = Path(sys.executable).with_name("instanas-serve")
+        command = [sys.executable, "-m", "service.naive"] if naive else [str(serve)]
         env = {**os.environ, "INSTANAS_ACCESS_LOG": "false", **env}
-        self.process = subprocess.Popen([str(serve), "--model", str(model), "--host", "127.0.0.1", "--port",
+        self.process = subprocess.Popen([*command, "--model", str(model), "--host", "127.0.0.1", "--port",
                                          str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -264,21 +267,56 @@ def over_http(model: Path, jpegs: list[bytes], levels: tuple[int, ...], requests
         server.stop()
 
 
+def against_naive(model: Path, baseline: Path, jpegs: list[bytes], levels: tuple[int, ...], requests: int) -> dict:
+    """The naive server (service/naive.py) on the static baseline, instanas-serve on the same bundle
+    and on `model`, one process each, every level run on each in turn: {name: [results by level]}."""
+    servers = {"naive": _Server(baseline, {}, naive=True), "instanas_static": _Server(baseline, {}),
+               "instanas": _Server(model, {})}
+    try:
+        for server in servers.values():
+            _load(server.port, jpegs, 4, min(300, requests))  # warm-up: fills the fused cache
+        out: dict[str, list[dict]] = {name: [] for name in servers}
+        for c in levels:
+            for name, server in servers.items():
+                result = _load(server.port, jpegs, c, requests)
+                print(f"{name} at concurrency {c}: {result['throughput_rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+                      f"p99 {result['p99_ms']:.2f} ms, {result['errors']} errors", file=sys.stderr, flush=True)
+                out[name].append(result)
+        return out
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def naive_table(compared: dict) -> str:
+    lines = [f"{'HTTP, one process each':<24} {'conc.':>5} {'req/s':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8} "
+             f"{'p99/p50':>8} {'errors':>7}"]
+    for name, results in compared.items():
+        for r, base in zip(results, compared["naive"]):
+            lines.append(f"{name:<24} {r['concurrency']:>5} {r['throughput_rps']:>8.0f} "
+                         f"{r['throughput_rps'] / base['throughput_rps']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                         f"{r['p99_ms'] / r['p50_ms']:>8.2f} {r['errors']:>7}")
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
-    ip = result["in_process"]
-    rows = [("in-process, batch 1", "p50 ms", "p99 ms", "mean ms")]
-    for key in ("instanas_per_block", "instanas_fused_cache", "mobilenet_v2_per_block", "mobilenet_v2_fused_cache",
-                "mobilenet_v2_one_graph"):
-        s = ip[key]
-        rows.append((key, f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['mean_ms']:.3f}"))
-    lines = [f"{a:<28} {b:>8} {c:>8} {d:>8}" for a, b, c, d in rows]
-    lines.append(f"instanas / mobilenet_v2 (mean, fused cache both): "
-                 f"{ip['instanas_fused_cache']['mean_ms'] / ip['mobilenet_v2_fused_cache']['mean_ms']:.2f}x")
-    lines.append(f"instanas / mobilenet_v2 (mean, per block both): "
-                 f"{ip['instanas_per_block']['mean_ms'] / ip['mobilenet_v2_per_block']['mean_ms']:.2f}x")
-    if "executor_over_fused_graph" in ip:
-        lines.append(f"Executor.run over the bare fused graph, cached architectures: {ip['executor_over_fused_graph']:.3f}x")
-    lines.append(f"fused cache hit rate over the images in order: {ip['fused_cache_hit_rate']:.3f}")
+    lines = []
+    ip = result.get("in_process")
+    if ip:
+        rows = [("in-process, batch 1", "p50 ms", "p99 ms", "mean ms")]
+        for key in ("instanas_per_block", "instanas_fused_cache", "mobilenet_v2_per_block", "mobilenet_v2_fused_cache",
+                    "mobilenet_v2_one_graph"):
+            s = ip[key]
+            rows.append((key, f"{s['p50_ms']:.3f}", f"{s['p99_ms']:.3f}", f"{s['mean_ms']:.3f}"))
+        lines += [f"{a:<28} {b:>8} {c:>8} {d:>8}" for a, b, c, d in rows]
+        lines.append(f"instanas / mobilenet_v2 (mean, fused cache both): "
+                     f"{ip['instanas_fused_cache']['mean_ms'] / ip['mobilenet_v2_fused_cache']['mean_ms']:.2f}x")
+        lines.append(f"instanas / mobilenet_v2 (mean, per block both): "
+                     f"{ip['instanas_per_block']['mean_ms'] / ip['mobilenet_v2_per_block']['mean_ms']:.2f}x")
+        if "executor_over_fused_graph" in ip:
+            lines.append(f"Executor.run over the bare fused graph, cached architectures: "
+                         f"{ip['executor_over_fused_graph']:.3f}x")
+        lines.append(f"fused cache hit rate over the images in order: {ip['fused_cache_hit_rate']:.3f}")
     if result.get("http"):
         lines.append("")
         lines.append(f"{'HTTP concurrency':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
@@ -288,9 +326,12 @@ def table(result: dict) -> str:
         first, last = result["http"][0], result["http"][-1]
         lines.append(f"throughput at {last['concurrency']} / at {first['concurrency']}: "
                      f"{last['throughput_rps'] / first['throughput_rps']:.2f}x; p99/p50 at {last['concurrency']}: "
-                     f"{last['p99_ms'] / last['p50_ms']:.2f}; HTTP p50 at {first['concurrency']} minus in-process "
-                     f"p50 (fused cache): {first['p50_ms'] - ip['instanas_fused_cache']['p50_ms']:.2f} ms")
-    return "\n".join(lines)
+                     f"{last['p99_ms'] / last['p50_ms']:.2f}" + (
+                         f"; HTTP p50 at {first['concurrency']} minus in-process p50 (fused cache): "
+                         f"{first['p50_ms'] - ip['instanas_fused_cache']['p50_ms']:.2f} ms" if ip else ""))
+    if result.get("against_naive"):
+        lines += ["", naive_table(result["against_naive"])]
+    return "\n".join(lines).strip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="HTTP requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32", help="HTTP concurrency levels, comma-separated")
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP part")
+    parser.add_argument("--naive", action="store_true",
+                        help="HTTP against the naive server (service/naive.py) of the static baseline instead: it, "
+                             "instanas-serve on the baseline and on the model, every figure a ratio to it")
+    parser.add_argument("--no-in-process", action="store_true", help="skip the in-process part")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
 
@@ -319,11 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         if baseline is None:
             baseline = sibling if (sibling / "manifest.json").exists() else static_view(args.model, Path(tmp) / "static")
         result = {"model": str(args.model), "baseline": str(args.baseline or baseline),
-                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
-                  "images": len(inputs), "in_process": in_process(args.model, baseline, inputs)}
-    if not args.no_http:
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}", "images": len(inputs)}
+        if not args.no_in_process:
+            result["in_process"] = in_process(args.model, baseline, inputs)
         levels = tuple(int(c) for c in args.concurrency.split(","))
-        result["http"] = over_http(args.model, jpegs, levels, args.requests)
+        if args.naive:
+            result["against_naive"] = against_naive(args.model, baseline, jpegs, levels, args.requests)
+        elif not args.no_http:
+            result["http"] = over_http(args.model, jpegs, levels, args.requests)
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,66 @@
+"""The naive server the benchmark holds instanas-serve to: FastAPI and one onnxruntime session.
+
+    python -m service.naive --model models/cifar10-default-mobilenet_v2 --port 8001
+
+What a user would write in twenty lines to serve a static bundle: the bundle's graphs composed
+into one (service/fused.py, as instanas-serve's fused cache does), one session with the same
+options, `POST /classify` decoding the body as instanas-serve does (service/imaging.py, so both
+servers do the same pixel work) and answering the top class. No limits, metrics, logs, batching,
+admission, governor or reload. uvicorn with uvloop and httptools where installed, as instanas-serve.
+`instanas-bench --naive` runs it beside instanas-serve and reports every figure as a ratio to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request, Response
+
+from service import architecture, imaging
+from service.bundle import load_bundle
+from service.fused import GraphLibrary, build
+from service.server import fast_server
+
+
+def create_app(model: str) -> FastAPI:
+    bundle = load_bundle(model)
+    manifest = bundle.manifest
+    if manifest.fixed_architecture is None:
+        raise SystemExit(f"{model}: the naive server serves a static bundle (one fixed architecture)")
+    space = manifest.search_space
+    executed = architecture.decode(manifest.fixed_architecture, space.num_cells, space.num_modules)
+    graph = build(GraphLibrary(bundle), space, architecture.apply_empty_cell_rule(executed[None], space)[0])
+    pre, classes = manifest.preprocessing, manifest.classes
+    app = FastAPI()
+
+    @app.get("/healthz/ready")
+    async def ready() -> dict:
+        return {"status": "ready"}
+
+    @app.post("/classify")
+    async def classify(request: Request) -> Response:
+        pixels = imaging.to_pixels(imaging.decode(await request.body()), pre.input_size)
+        logits = graph(imaging.to_input(pixels, pre)[None])[0]
+        p = np.exp(logits - logits.max())
+        top = int(p.argmax())
+        return Response(json.dumps({"label": classes[top], "probability": float(p[top] / p.sum())}),
+                        media_type="application/json")
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    args = parser.parse_args(argv)
+    uvicorn.run(create_app(args.model), host=args.host, port=args.port, log_level="warning", access_log=False,
+                **fast_server())
+
+
+if __name__ == "__main__":
+    main()
