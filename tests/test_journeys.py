@@ -2,12 +2,17 @@
 
 Own images: a folder of three classes at 64x64 goes through `make train` (the smoke preset), and
 the bundle it writes joins a running server beside the default one with one reload, the default
-staying pinned. About a minute on 2 cores, most of it the smoke training."""
+staying pinned (about a minute on 2 cores, most of it the smoke training). The quick start: the
+README's `make serve` and its curl command, as written but for the port."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from service.bundle import read_manifest
-from tests.conftest import BIN, ROOT, Server
+from tests.conftest import BIN, ROOT, Server, free_port
 
 CLASSES = ["disc", "stripes", "square"]
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -91,3 +96,46 @@ def test_own_images_train_into_a_bundle_that_joins_a_running_server(tmp_path, ca
         assert default["model"]["name"] == "cifar10-default" and default["prediction"]["label"] in CIFAR10
     finally:
         server.stop()
+
+
+def _readme_block(section: str, language: str = "sh") -> list[str]:
+    """The command lines of the first `language` block under README.md's `## <section>`."""
+    text = (ROOT / "README.md").read_text()
+    part = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    block = part.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_readme_quick_start_and_classify_commands_as_written(tmp_path, test_jpegs):
+    """`make serve` from the set-up section (its install step already done, another port), then the
+    classify section's curl command as written, on a CIFAR-10 cat saved as cat.jpg."""
+    serve = _readme_block("Set up on a fresh machine")[0].split("#")[0].split()
+    assert serve == ["make", "serve"]
+    [classify] = _readme_block("Classify an image")
+    assert classify.startswith("curl ") and "127.0.0.1:8000" in classify
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([*serve, "-o", "install-serve", f"PORT={port}", f"VENV={BIN.parent}"], cwd=ROOT,
+                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.3)
+        (tmp_path / "cat.jpg").write_bytes(next(data for label, data in test_jpegs if label == "cat"))
+        done = subprocess.run(classify.replace("127.0.0.1:8000", f"127.0.0.1:{port}"), shell=True, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert answer["model"]["name"] == "cifar10-default" and answer["prediction"]["label"] in CIFAR10
+        assert answer["operating_point"]["reason"] == "default" and answer["architecture"]["code"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+        log.close()
