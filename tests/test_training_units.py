@@ -242,3 +242,33 @@ def test_batch_statistics_normalise_with_the_batch_and_write_nothing_back():
     assert torch.equal(after, with_running)  # nothing written back
     assert not norm.training and norm.momentum == 0.1 and int(norm.num_batches_tracked) == 7
     assert torch.equal(norm.running_mean, torch.full((4,), 5.0)) and torch.equal(norm.running_var, torch.full((4,), 9.0))
+
+
+def test_the_cifar10_download_unpacks_a_checked_archive_offline(tmp_path):
+    """training/download.py against a file:// URL: the archive is checked (a wrong MD5 unpacks
+    nothing), unpacked into cifar-10-batches-py, and training/data.py reads it."""
+    import hashlib
+    import tarfile
+
+    from training import download
+
+    root = tmp_path / "src" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(pickle.dumps({b"data": rng.integers(0, 255, (2, 3072), dtype=np.uint8),
+                                                b"labels": [3, 5]}))
+    (root / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="MD5"):
+        download.download(tmp_path / "data", archive.as_uri(), "0" * 32)
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+    assert download.main([str(tmp_path / "data"), "--url", archive.as_uri(), "--md5", "0" * 32]) == 1
+    folder = download.download(tmp_path / "data", archive.as_uri(), md5)
+    assert folder == tmp_path / "data" / "cifar-10-batches-py"
+    train = datasets.load(folder, split="train")
+    assert len(train) == 10 and train.classes[5] == "c5" and set(train.labels.tolist()) == {3, 5}
+    assert download.download(tmp_path / "data", "file:///nowhere", md5) == folder  # there already: kept
