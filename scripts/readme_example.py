@@ -1,13 +1,15 @@
-"""The README's example response: what the default bundle answers for one CIFAR-10 test image.
+"""The docs' example responses: what the default bundle answers for one CIFAR-10 test image.
 
-    .venv/bin/python scripts/readme_example.py            # print it
-    .venv/bin/python scripts/readme_example.py --write    # and put it into README.md
+    .venv/bin/python scripts/readme_example.py            # print README.md's
+    .venv/bin/python scripts/readme_example.py --write    # and write every example into the docs
 
 Classifies `test/cat/0000.jpg` of the CIFAR-10 JPEGs with `?top_k=2` through the app in this
-process, serving `models/` as `make serve` does, and renders the answer as the README shows it
-(figures rounded to 4 decimals). `--write` replaces the JSON between README.md's
-`<!-- example-response -->` markers; tests/test_docs.py holds that copy to a fresh answer,
-`latency_ms` aside (it is measured, so it differs on every request).
+process, serving `models/` as `make serve` does, and renders the answer as the docs show it
+(figures rounded to 4 decimals). An example is the JSON between `<!-- example-response -->`
+markers in README.md or docs/API.md; a marker may name more query parameters
+(`<!-- example-response operating_point=A -->`). `--write` writes every one again;
+tests/test_default_bundle.py holds each to a fresh answer, `latency_ms` aside (it is measured,
+so it differs on every request).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+PAGES = (README, ROOT / "docs" / "API.md")
 IMAGE = "cat/0000.jpg"  # of the test archive
-MARKERS = re.compile(r"(<!-- example-response -->\n```json\n)(.*?)(```\n<!-- /example-response -->)", re.DOTALL)
+MARKERS = re.compile(r"(<!-- example-response ?([^>]*?) ?-->\n```json\n)(.*?)(```\n<!-- /example-response -->)",
+                     re.DOTALL)
 
 
-def answer(data: Path = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test.tar.gz") -> dict:
-    """The served default bundle's answer for the example image, figures rounded."""
+def answer(data: Path = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test.tar.gz", query: str = "") -> dict:
+    """The served default bundle's answer for the example image (`query`: more parameters), figures rounded."""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -36,7 +40,8 @@ def answer(data: Path = ROOT.parent / "shared" / "data" / "cifar10-jpeg" / "test
         image = archive.extractfile(member).read()
     app = create_app(Settings(model=str(ROOT / "models"), default_model="cifar10-default", access_log=False))
     with TestClient(app) as client:
-        response = client.post("/classify", params={"top_k": 2}, content=image, headers={"content-type": "image/jpeg"})
+        params = {"top_k": 2, **dict(p.split("=", 1) for p in query.split("&") if p)}
+        response = client.post("/classify", params=params, content=image, headers={"content-type": "image/jpeg"})
     response.raise_for_status()
     return _rounded(response.json())
 
@@ -71,25 +76,20 @@ def render(body: dict) -> str:
                       "}"]) + "\n"
 
 
-def in_readme(text: str | None = None) -> dict:
-    """The example response README.md shows, parsed."""
-    m = MARKERS.search(text if text is not None else README.read_text())
-    if not m:
-        raise SystemExit("README.md has no <!-- example-response --> block")
-    return json.loads(m.group(2))
+def shown() -> list[tuple[Path, str, dict]]:
+    """Every example the docs show: (page, its query, the JSON parsed)."""
+    return [(page, m.group(2), json.loads(m.group(3))) for page in PAGES for m in MARKERS.finditer(page.read_text())]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help="put the answer into README.md")
+    parser.add_argument("--write", action="store_true", help="write every example into the docs")
     args = parser.parse_args()
-    text = render(answer())
-    print(text, end="")
+    print(render(answer()), end="")
     if args.write:
-        readme = README.read_text()
-        if not MARKERS.search(readme):
-            raise SystemExit("README.md has no <!-- example-response --> block")
-        README.write_text(MARKERS.sub(lambda m: m.group(1) + text + m.group(3), readme))
+        for page in PAGES:
+            text = page.read_text()
+            page.write_text(MARKERS.sub(lambda m: m.group(1) + render(answer(query=m.group(2))) + m.group(4), text))
 
 
 if __name__ == "__main__":

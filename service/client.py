@@ -1,7 +1,8 @@
 """`instanas-classify IMAGE... --url http://127.0.0.1:8000`: classify files with a running server.
 
 Standard library only (urllib). One `POST /classify` per file, in order; prints a table (file,
-label, probability, architecture code, operating point, the architecture's estimated latency
+label, probability, architecture code (@ the resolution of a cascade's network that answered),
+operating point, the architecture's estimated latency
 and the server's measured time) or, with `--json`, a JSON list of the server's responses.
 
 Exit status: 0 every file classified; 1 the server refused at least one (its message is
@@ -76,7 +77,9 @@ def table(results: list[tuple[str, dict]]) -> str:
     for name, response in results:
         arch, latency = response["architecture"], response.get("latency_ms", {})
         first, *rest = response["top_k"]
-        rows.append((name, first["label"], f"{first['probability']:.4f}", arch["code"], _point(response),
+        # a cascade's network at another resolution: its code @ that resolution
+        code = arch["code"] if not arch.get("network") else f"{arch['code']}@{arch['resolution']}"
+        rows.append((name, first["label"], f"{first['probability']:.4f}", code, _point(response),
                      f"{arch['estimated_latency_ms']:.3f}", f"{latency.get('total', float('nan')):.1f}"))
         rows.extend(("", s["label"], f"{s['probability']:.4f}", "", "", "", "") for s in rest)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

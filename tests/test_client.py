@@ -99,3 +99,15 @@ def test_server_down_and_bad_usage(files, tmp_path):
     for args in (["--top-k", "0"], ["--url", "ftp://x"], []):
         bad = run_cli("instanas-classify", *([str(files[0])] if args else []), *args)
         assert bad.returncode == client.EXIT_USAGE, (args, bad.stderr)
+
+
+def test_a_cascade_answer_shows_the_resolution_that_answered():
+    from service.client import table
+
+    def response(network, resolution):
+        return {"architecture": {"code": "1111", "network": network, "resolution": resolution,
+                                 "estimated_latency_ms": 0.3}, "top_k": [{"label": "cat", "probability": 0.9}],
+                "operating_point": {"name": "fast", "reason": "default"}, "latency_ms": {"total": 1.0}}
+
+    rows = table([("a.jpg", response("mobilenet_v2@16", 16)), ("b.jpg", response(None, 32))]).splitlines()[1:]
+    assert rows[0].split()[3] == "1111@16" and rows[1].split()[3] == "1111"

@@ -116,15 +116,18 @@ def _close(shown, fresh, where: str = "") -> list[str]:
 
 
 def test_the_readme_example_is_what_the_default_bundle_answers(data_root):
-    """README.md's example response (scripts/readme_example.py) against a fresh answer from the
-    served default bundle: same model version, prediction, architecture, point and stages."""
+    """The example responses of README.md and docs/API.md (scripts/readme_example.py) against fresh
+    answers from the served default bundle: same model version, prediction, architecture, point and stages."""
     import sys
 
     sys.path.insert(0, str(MODELS.parent / "scripts"))
     import readme_example
 
-    shown, fresh = readme_example.in_readme(), readme_example.answer(data_root / "test.tar.gz")
-    shown.pop("latency_ms"), fresh.pop("latency_ms")
-    differences = _close(shown, fresh)
-    assert not differences, ("README.md's example response is stale; run scripts/readme_example.py --write:\n"
-                             + "\n".join(differences))
+    examples = readme_example.shown()
+    assert [(page.name, query) for page, query, _ in examples] == [("README.md", ""), ("API.md", "operating_point=A")]
+    for page, query, shown in examples:
+        fresh = readme_example.answer(data_root / "test.tar.gz", query)
+        shown.pop("latency_ms"), fresh.pop("latency_ms")
+        differences = _close(shown, fresh)
+        assert not differences, (f"{page.name}'s example response is stale; run scripts/readme_example.py --write:\n"
+                                 + "\n".join(differences))
