@@ -3,7 +3,8 @@
 Own images: a folder of three classes at 64x64 goes through `make train` (the smoke preset), and
 the bundle it writes joins a running server beside the default one with one reload, the default
 staying pinned (about a minute on 2 cores, most of it the smoke training). The quick start: the
-README's `make serve` and its curl command, as written but for the port."""
+README's `make serve`, its curl command and docs/API.md's tritonclient example, as written but
+for the port."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def _readme_block(section: str, language: str = "sh") -> list[str]:
 
 def test_the_readme_quick_start_and_classify_commands_as_written(tmp_path, test_jpegs):
     """`make serve` from the set-up section (its install step already done, another port), then the
-    classify section's curl command as written, on a CIFAR-10 cat saved as cat.jpg."""
+    classify section's curl command as written, on a CIFAR-10 cat saved as cat.jpg, and the
+    tritonclient example of docs/API.md on it and a ship saved as ship.png."""
     serve = _readme_block("Set up on a fresh machine")[0].split("#")[0].split()
     assert serve == ["make", "serve"]
     [classify] = _readme_block("Classify an image")
@@ -135,6 +137,16 @@ def test_the_readme_quick_start_and_classify_commands_as_written(tmp_path, test_
         answer = json.loads(done.stdout)
         assert answer["model"]["name"] == "cifar10-default" and answer["prediction"]["label"] in CIFAR10
         assert answer["operating_point"]["reason"] == "default" and answer["architecture"]["code"]
+        # docs/API.md's tritonclient example, as written but for the port, on cat.jpg and ship.png
+        api = (ROOT / "docs" / "API.md").read_text()
+        snippet = api.split("works unmodified:\n\n```python\n", 1)[1].split("```", 1)[0]
+        assert "127.0.0.1:8000" in snippet and '("cat.jpg", "ship.png")' in snippet
+        ship = next(data for label, data in test_jpegs if label == "ship")
+        Image.open(io.BytesIO(ship)).save(tmp_path / "ship.png")
+        triton = subprocess.run([str(BIN / "python"), "-c", snippet.replace("127.0.0.1:8000", f"127.0.0.1:{port}")],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert triton.returncode == 0, triton.stderr
+        assert "b'cat'" in triton.stdout and "b'ship'" in triton.stdout, triton.stdout
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)

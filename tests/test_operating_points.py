@@ -96,6 +96,27 @@ def test_a_budget_ranks_points_by_validation_not_test(multi):
     assert again.controllers[1].validation.top1 == 0.86 and choose(again, max_latency_ms=5).operating_point == "B"
 
 
+def test_a_served_budget_follows_validation_and_model_shows_both(multi, test_jpegs, tmp_path):
+    """Over HTTP, on a copy of the bundle whose points' validation figures rank B above A (the test
+    figures rank A first): the budget answers with B, and GET /model shows both figures."""
+    import shutil
+
+    bundle = tmp_path / "ranked"
+    shutil.copytree(multi[0], bundle)
+    data = json.loads((bundle / "manifest.json").read_text())
+    for point, top1 in zip(data["controllers"], (0.80, 0.86, 0.70)):
+        point["validation"] = {"images": 50, "top1": top1, "mean_estimated_latency_ms": 1.0}
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    srv = Server(bundle, tmp_path / "server.log")
+    try:
+        body = _post(srv, test_jpegs[0][1], max_latency_ms=5).json()
+        assert body["operating_point"] == {"name": "B", "reason": "budget"}
+        points = {p["name"]: p for p in httpx.get(srv.url + "/model").json()["controllers"]}
+        assert points["A"]["validation"]["top1"] == 0.80 and points["A"]["evaluation"]["top1"] == 0.90
+    finally:
+        srv.stop()
+
+
 def test_a_version_1_manifest_is_read_as_one_default_point(multi, tmp_path):
     import shutil
 
