@@ -96,13 +96,12 @@ class Executor:
         """Classify a (N, 3, H, W) float32 batch with the controller of `operating_point` (default:
         the bundle's); `executed` (N, cells, modules) gives the architectures instead."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if executed is None and self.fixed is None and self.manifest.point_name(operating_point) in self.cascades:
-            return self._run_cascade(x, self.manifest.point_name(operating_point))
+        # the point that chooses: none where the architecture is given or fixed
+        point = None if executed is not None or self.fixed is not None else self.manifest.point_name(operating_point)
+        if point in self.cascades:
+            return self._run_cascade(x, point)
         t0 = time.perf_counter()
-        point = None
         if executed is None:
-            if self.fixed is None:
-                point = self.manifest.point_name(operating_point)
             executed = self.policy(x, point)
         else:
             executed = architecture.apply_empty_cell_rule(executed, self.space)

@@ -4,8 +4,8 @@
 
 What a user would write in twenty lines to serve a static bundle: the bundle's graphs composed
 into one (service/fused.py, as instanas-serve's fused cache does), one session with the same
-options, `POST /classify` decoding the body as instanas-serve does (service/imaging.py, so both
-servers do the same pixel work) and answering the top class. No limits, metrics, logs, batching,
+options, `POST /classify` decoding the body as instanas-serve does (service/imaging.py, JPEG draft
+scaling included, so both servers do the same pixel work) and answering the top class. No limits, metrics, logs, batching,
 admission, governor or reload. uvicorn with uvloop and httptools where installed, as instanas-serve.
 `instanas-bench --naive` runs it beside instanas-serve and reports every figure as a ratio to it.
 """
@@ -42,7 +42,7 @@ def create_app(model: str) -> FastAPI:
 
     @app.post("/classify")
     async def classify(request: Request) -> Response:
-        pixels = imaging.to_pixels(imaging.decode(await request.body()), pre.input_size)
+        pixels = imaging.to_pixels(imaging.decode(await request.body(), target_size=pre.input_size), pre.input_size)
         logits = graph(imaging.to_input(pixels, pre)[None])[0]
         p = np.exp(logits - logits.max())
         top = int(p.argmax())
