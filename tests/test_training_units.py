@@ -14,7 +14,7 @@ from PIL import Image
 
 from service.architecture import cheapest, mobilenet_v2
 from training import data as datasets
-from training.config import load_config
+from training.config import TwinsConfig, load_config
 from training.reward import latency_reward, reward, upper_bound
 from training.sampling import drop_path_policy, sparse_policy
 from training.searchspace import build_search_space
@@ -117,6 +117,27 @@ def test_augmentation_keeps_shapes_and_changes_pixels():
     assert not torch.equal(xa, xp)
     expected = (torch.from_numpy(images[:32]).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     assert torch.allclose(xp, expected, atol=1e-6) and yp.tolist() == list(range(10)) * 3 + [0, 1]
+
+
+def test_cutout_only_in_the_first_cutout_epochs():
+    """White images, no padding: only a cutout hole makes a pixel black; epoch 0 has holes, epoch 1 none."""
+    data = datasets.ImageSet(np.full((16, 32, 32, 3), 255, np.uint8), np.arange(16) % 10, [str(i) for i in range(10)], "mem")
+    batches = datasets.Batches(data, 16, mean=(0.0,) * 3, std=(1.0,) * 3, train=True, pad=0, cutout_epochs=1)
+    [(first, _)], [(second, _)] = list(batches.epoch(0)), list(batches.epoch(1))
+    assert (first == 0).any() and (second == 1).all()
+    always = datasets.Batches(data, 16, mean=(0.0,) * 3, std=(1.0,) * 3, train=True, pad=0)
+    assert all((x == 0).any() for e in (0, 1, 5) for x, _ in always.epoch(e))
+
+
+def test_the_twins_polish_on_a_fresh_schedule():
+    from training.twins import schedule
+
+    cfg = TwinsConfig(resolutions=(16,), epochs=4, lr=0.02, warmup_epochs=0.0, polish_epochs=2, polish_lr=0.005)
+    lr = schedule(cfg, steps_per_epoch=10)
+    total = 60
+    assert lr(0, total) == pytest.approx(0.02) and lr(39, total) < 1e-4  # the first cosine, over 4 epochs
+    assert lr(40, total) == pytest.approx(0.005) and lr(50, total) == pytest.approx(0.0025)  # then a fresh one
+    assert lr(59, total) < 1e-4
 
 
 def test_config_presets_files_and_overrides(tmp_path):

@@ -9,7 +9,7 @@ computation of the first.
 
 Thresholds are fitted on held-out images, where the cascade's accuracy and cost at every
 threshold that changes anything follow from per-image confidences and correctness alone
-(`frontier`); `fit` takes the cheapest threshold whose accuracy clears a floor.
+(`frontier`); `fit` takes the cheapest threshold from which on the accuracy stays above a floor.
 """
 
 from __future__ import annotations
@@ -62,12 +62,20 @@ def frontier(confidence: np.ndarray, first_correct: np.ndarray, last_correct: np
     return Frontier(thresholds=thresholds, escalated=1.0 - kept / n, top1=(base + cumulative[kept]) / n)
 
 
-def fit(front: Frontier, first_cost: float, last_cost: float, floor: float) -> tuple[float, float, float]:
-    """(threshold, escalation rate, top-1) of the cheapest cascade whose top-1 is at least `floor`;
-    the never-escalating end is as cheap as any, the always-escalating one the fallback."""
-    cost = first_cost + front.escalated * last_cost
-    ok = np.flatnonzero(front.top1 >= floor - 1e-12)
-    i = int(ok[np.argmin(cost[ok])]) if len(ok) else len(front.thresholds) - 1
+def fit(front: Frontier, floor: float) -> tuple[float, float, float]:
+    """(threshold, escalation rate, top-1) of the cheapest cascade whose top-1 clears `floor` there
+    and at every costlier threshold; else the most accurate (the cheapest of those).
+
+    Escalating more never costs less, but on a few thousand held-out images top-1 wanders up and
+    down by a few images along the frontier: the first threshold to touch the floor is often a
+    lucky one, and on unseen images it escalates too few. The cheapest threshold after which the
+    floor holds throughout is the one the held-out images support."""
+    ok = front.top1 >= floor - 1e-12
+    if ok[-1]:
+        below = np.flatnonzero(~ok)
+        i = int(below[-1]) + 1 if len(below) else 0
+    else:  # out of reach: the most accurate, the least escalation among ties
+        i = int(np.flatnonzero(front.top1 == front.top1.max())[0])
     return float(front.thresholds[i]), float(front.escalated[i]), float(front.top1[i])
 
 

@@ -86,7 +86,7 @@ def members(ctx: Context, table: dict) -> list[Member]:
 def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[str, dict]]:
     """One cascade per tolerance (first: the lowest resolution, last: the baseline), fitted on
     validation: of every confidence kind and blend (`export.cascade_blends`), the cheapest threshold
-    within the tolerance, the more accurate on a tie; and each point's validation figures
+    from which on the cascade stays within the tolerance (training.cascade.fit), the more accurate on a tie; and each point's validation figures
     {top1, latency_ms, escalated, confidence, threshold, blend}."""
     first, last = nets[-1], nets[0]
     labels = np.concatenate([y.numpy() for _, y in ctx.batches("val")])
@@ -103,7 +103,7 @@ def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[st
             sure = cascade.confidence(kind, logits[first.name])
             for share, right in last_right.items():
                 front = cascade.frontier(sure, first_right, right)
-                threshold, escalated, top1 = cascade.fit(front, first_ms, last_ms, base_top1 - tolerance / 100)
+                threshold, escalated, top1 = cascade.fit(front, base_top1 - tolerance / 100)
                 ms = first_ms + escalated * last_ms
                 if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
                     best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated, "confidence": kind,

@@ -58,14 +58,16 @@ class Context:
         return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)),
                    mean=tuple(mean), std=tuple(std), rank=rank, world=world)
 
-    def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0) -> datasets.Batches:
-        """`train` batches are shuffled and augmented; `val` and `test` are neither."""
+    def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0,
+                cutout_epochs: int | None = None) -> datasets.Batches:
+        """`train` batches are shuffled and augmented (cutout in the first `cutout_epochs` epochs,
+        None: all); `val` and `test` are neither."""
         images = {"train": self.train, "val": self.val, "test": self.test}[split]
         train = split == "train"
         size = batch_size or (self.config.data.batch_size if train else self.config.data.eval_batch_size)
         shard = {"rank": self.rank, "world": self.world} if train else {}
         return datasets.Batches(images, size, mean=self.mean, std=self.std, train=train, seed=self.config.seed + seed,
-                                **shard)
+                                cutout_epochs=cutout_epochs, **shard)
 
     @property
     def baseline_space(self) -> SearchSpace:

@@ -239,9 +239,11 @@ class Batches:
     """
 
     def __init__(self, data: ImageSet, batch_size: int, *, mean, std, train: bool, cutout: int = 16,
-                 pad: int = 4, seed: int = 0, drop_last: bool | None = None, rank: int = 0, world: int = 1):
+                 cutout_epochs: int | None = None, pad: int = 4, seed: int = 0, drop_last: bool | None = None,
+                 rank: int = 0, world: int = 1):
+        """`cutout_epochs`: the epochs (from 0) whose batches get cutout; later epochs none (None: every epoch)."""
         self.data, self.batch_size, self.train = data, batch_size, train
-        self.cutout, self.pad, self.seed = cutout, pad, seed
+        self.cutout, self.cutout_epochs, self.pad, self.seed = cutout, cutout_epochs, pad, seed
         self.rank, self.world = rank, world
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -266,19 +268,20 @@ class Batches:
         n = len(self.data)
         order = (torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(self.seed, epoch)))
                  if self.train else torch.arange(n))
+        cutout = self.cutout if self.cutout_epochs is None or epoch < self.cutout_epochs else 0
         for i in range(start, len(self)):
             b = i * self.world + self.rank
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self._images[idx]
             if self.train:
-                x = self._augment(x, torch.Generator().manual_seed(derive_seed(self.seed, epoch, b)))
+                x = self._augment(x, torch.Generator().manual_seed(derive_seed(self.seed, epoch, b)), cutout)
             yield self.normalise(x), self._labels[idx]
 
     def normalise(self, x_uint8_nhwc: torch.Tensor) -> torch.Tensor:
         x = x_uint8_nhwc.permute(0, 3, 1, 2).to(torch.float32) * (1 / 255)
         return ((x - self.mean) / self.std).contiguous()
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, g: torch.Generator, cutout: int) -> torch.Tensor:
         n, h, w, _ = x.shape
         if self.pad:
             padded = torch.nn.functional.pad(x, (0, 0, self.pad, self.pad, self.pad, self.pad))
@@ -289,11 +292,11 @@ class Batches:
             x = padded[torch.arange(n)[:, None, None], rows, cols]
         flip = torch.rand(n, generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
-        if self.cutout:
+        if cutout:
             cy = torch.randint(0, h, (n,), generator=g)[:, None, None]
             cx = torch.randint(0, w, (n,), generator=g)[:, None, None]
             ys, xs = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]
-            half = self.cutout // 2
-            hole = ((ys >= cy - half) & (ys < cy + self.cutout - half) & (xs >= cx - half) & (xs < cx + self.cutout - half))
+            half = cutout // 2
+            hole = ((ys >= cy - half) & (ys < cy + cutout - half) & (xs >= cx - half) & (xs < cx + cutout - half))
             x = x.masked_fill(hole[..., None], 0)
         return x

@@ -39,9 +39,10 @@ StepFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Optimizer, *, epochs: int,
           lr: Callable[[int, int], float], step: StepFn, validate: Callable[[], dict],
           grad_clip: float | None = None, batch_size: int | None = None, seed: int = 0,
-          extra: dict | None = None) -> dict:
+          cutout_epochs: int | None = None, extra: dict | None = None) -> dict:
     """Train `model` for `epochs` epochs of `ctx`'s training batches, resuming from the phase's
-    checkpoint. `lr(step, total_steps)` sets the learning rate of every step; `validate()`
+    checkpoint. `lr(step, total_steps)` sets the learning rate of every step (`cutout_epochs`: the
+    epochs whose batches get cutout, None: all, as `Context.batches`); `validate()`
     returns the figures logged after each epoch; `extra` goes into every checkpoint (what the
     phase needs to rebuild its model before resuming). Returns the finished checkpoint."""
     state = ctx.run.load(phase)
@@ -54,7 +55,7 @@ def train(ctx: Context, phase: str, model: nn.Module, optimizer: torch.optim.Opt
             raise RunError(f"{phase} finished after {state['epoch']} epochs and {', '.join(later)} "
                            f"were built on it; remove their checkpoints to go on to {epochs} epochs")
         print(f"{phase}: finished after {state['epoch']} epochs; going on to {epochs}", flush=True)
-    batches = ctx.batches("train", batch_size, seed=seed)
+    batches = ctx.batches("train", batch_size, seed=seed, cutout_epochs=cutout_epochs)
     steps_per_epoch = len(batches)
     total = epochs * steps_per_epoch
     epoch, first, elapsed, curve = 0, 0, 0.0, []

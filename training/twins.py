@@ -7,6 +7,7 @@ baseline's weights, batch-norm included: once exported, every resolution's graph
 anyway (batch norm folds into the convolutions), so sharing weights would save nothing served.
 All the copies train in one loop on the same augmented batches, each on the batch average-pooled
 to its resolution, with labels and the finished 32x32 baseline as teacher (weight `distill`).
+After `epochs`, `polish_epochs` more go on without cutout from a fresh, lower cosine schedule.
 """
 
 from __future__ import annotations
@@ -54,6 +55,19 @@ def load(ctx: Context) -> dict[int, AtResolution]:
     return {r: model.at(r).eval() for r in model.resolutions}
 
 
+def schedule(cfg, steps_per_epoch: int):
+    """The learning rate of step s of `total`: a cosine from `lr` (after its warm-up) over the
+    first `epochs`, then a fresh one from `polish_lr` over the `polish_epochs`."""
+    main = cfg.epochs * steps_per_epoch
+
+    def lr(s: int, total: int) -> float:
+        if s < main:
+            return cosine_lr(cfg.lr, s, main, int(cfg.warmup_epochs * steps_per_epoch))
+        return cosine_lr(cfg.polish_lr, s - main, total - main)
+
+    return lr
+
+
 def run(ctx: Context) -> dict | None:
     cfg = ctx.config.twins
     if not cfg.resolutions:
@@ -80,7 +94,6 @@ def run(ctx: Context) -> dict | None:
         return {f"val_top1_{r}": evaluate(model.at(r), ctx.batches("val"), fixed_policy(path))["top1"]
                 for r in model.resolutions}
 
-    state = train(ctx, "twins", model, optimizer, epochs=cfg.epochs, step=step, validate=validate,
-                  lr=lambda s, total: cosine_lr(cfg.lr, s, total, int(cfg.warmup_epochs * len(ctx.batches("train")))),
-                  seed=7000)
+    state = train(ctx, "twins", model, optimizer, epochs=cfg.epochs + cfg.polish_epochs, step=step,
+                  validate=validate, lr=schedule(cfg, len(ctx.batches("train"))), seed=7000, cutout_epochs=cfg.epochs)
     return state
