@@ -36,11 +36,23 @@ def margin(exps: np.ndarray, total: np.ndarray) -> np.ndarray:
 CONFIDENCES = {"max_softmax": max_softmax, "margin": margin}
 
 
+def exps(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exp(logit - the row's max logit), in float64, and its row sums: what every confidence, probability
+    and blend here is computed from."""
+    z = np.asarray(logits, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e, e.sum(axis=1)
+
+
 def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
     """Each row's confidence of kind `kind` (CONFIDENCES) in its top class, from its logits, in float64."""
-    z = np.asarray(logits, np.float64)
-    exps = np.exp(z - z.max(axis=1, keepdims=True))
-    return CONFIDENCES[kind](exps, exps.sum(axis=1))
+    return CONFIDENCES[kind](*exps(logits))
+
+
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """The softmax of each row, in float64."""
+    e, total = exps(logits)
+    return e / total[:, None]
 
 
 def blend(own: np.ndarray, previous: np.ndarray, share: float) -> np.ndarray:
@@ -48,12 +60,12 @@ def blend(own: np.ndarray, previous: np.ndarray, share: float) -> np.ndarray:
     softmax(previous)); `own` itself when `share` is 0."""
     if not share:
         return own
+    return mix(own, probabilities(previous), share)
 
-    def probabilities(z: np.ndarray) -> np.ndarray:
-        e = np.exp(np.asarray(z, np.float64) - np.max(z, axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
 
-    return np.log((1.0 - share) * probabilities(own) + share * probabilities(previous))
+def mix(own: np.ndarray, previous_probabilities: np.ndarray, share: float) -> np.ndarray:
+    """`blend` given the previous stage's probabilities (computed once, when its confidence was)."""
+    return np.log((1.0 - share) * probabilities(own) + share * previous_probabilities)
 
 
 def pool(x: np.ndarray, resolution: int) -> np.ndarray:
@@ -85,6 +97,7 @@ class StageRunner:
     blend: float  # the previous stage's share in this stage's answer (service.manifest.Stage)
     estimated_ms: float
     mflops: float
+    padded: np.ndarray  # `executed` within the bundle's (cells, modules), as the executor's results hold it
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """The stage's architecture on full-size rows `x`: pooled to its resolution, then its fused
@@ -132,53 +145,62 @@ class CascadeRunner:
         """`executors`: by network name (None: the bundle's own graphs), as service.executor builds them."""
         self.name = cascade.name
         self.stages = []
+        own = executors[None].space
         for stage in cascade.stages:
             executor = executors[stage.network]
             space = executor.space
             matrix = architecture.decode(stage.architecture, space.num_cells, space.num_modules)
             executed = architecture.apply_empty_cell_rule(matrix[None], space)[0]
             costs = executor.costs
+            padded = np.zeros((own.num_cells, own.num_modules), bool)
+            padded[:, : executed.shape[1]] = executed
             self.stages.append(StageRunner(
                 executor, stage.network, space.input_size, executed, architecture.encode(executed), stage.confidence,
                 stage.threshold, stage.blend, float(costs.latency_ms(executed[None])[0]),
-                float(costs.mflops(executed[None])[0])))
+                float(costs.mflops(executed[None])[0]), padded))
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, list[Trace]]:
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Trace]]:
         """Every row through the stages until one is confident (the last always answers): the
-        answering stage's logits, (N, classes), and each row's trace."""
+        answering stage's logits and probabilities, (N, classes) float32, and each row's trace."""
         n = x.shape[0]
         if n == 1:
             return self._run_one(x)
-        logits = None
+        logits = probs = None
         answered = np.zeros(n, np.int64)
         confidences = np.full((n, len(self.stages)), np.nan)
         rows = np.arange(n)
-        out = None
+        previous = None  # the probabilities of the rows still going, at the stage before
         for s, stage in enumerate(self.stages):
             own = stage.logits(x if len(rows) == n else x[rows])
-            out = own if out is None else blend(own, out, stage.blend)
+            out = own if previous is None or not stage.blend else mix(own, previous, stage.blend)
             if logits is None:
-                logits = np.empty((n, out.shape[1]), np.float32)
-            sure = confidence(stage.confidence, out)
+                logits, probs = (np.empty((n, out.shape[1]), np.float32) for _ in range(2))
+            e, total = exps(out)
+            sure = CONFIDENCES[stage.confidence](e, total)
             confidences[rows, s] = sure
             stop = np.ones(len(rows), bool) if stage.threshold is None else sure >= stage.threshold
+            p = e / total[:, None]
             logits[rows[stop]] = out[stop]
+            probs[rows[stop]] = p[stop]
             answered[rows[stop]] = s
-            rows, out = rows[~stop], out[~stop]
+            rows, previous = rows[~stop], p[~stop]
             if not len(rows):
                 break
-        return logits, [Trace(self, int(a), tuple(confidences[i, : a + 1].tolist())) for i, a in enumerate(answered)]
+        return logits, probs, [Trace(self, int(a), tuple(confidences[i, : a + 1].tolist())) for i, a in enumerate(answered)]
 
-    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, list[Trace]]:
+    def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Trace]]:
         """`run` for one row (the common case at batch 1): the same stages and rule, none of the
         row bookkeeping."""
         confidences = []
-        out = None
+        previous = None
         for s, stage in enumerate(self.stages):
             own = stage.logits(x)
-            out = own if out is None else blend(own, out, stage.blend)
-            sure = float(confidence(stage.confidence, out)[0])
+            out = own if previous is None or not stage.blend else mix(own, previous, stage.blend)
+            e, total = exps(out)
+            sure = float(CONFIDENCES[stage.confidence](e, total)[0])
             confidences.append(sure)
+            previous = e / total[:, None]
             if stage.threshold is None or sure >= stage.threshold:
-                return out.astype(np.float32, copy=False), [Trace(self, s, tuple(confidences))]
+                return (out.astype(np.float32, copy=False), previous.astype(np.float32),
+                        [Trace(self, s, tuple(confidences))])
         raise AssertionError("the last stage has no threshold: it always answers")

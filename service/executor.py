@@ -42,6 +42,7 @@ class Result:
     fused_rows: int = 0  # rows that ran a fused whole-architecture graph
     # per row: how a cascade point answered it (None: no cascade ran); None when no row ran one
     traces: list[Trace | None] | None = None
+    codes: list[str] | None = None  # per row: the code of `executed`, where the executor knew it (else None)
 
     def point(self, row: int) -> str | None:
         return self.operating_point if self.operating_points is None else self.operating_points[row]
@@ -70,6 +71,7 @@ class Executor:
         if manifest.fixed_architecture is not None:
             matrix = architecture.decode(manifest.fixed_architecture, self.space.num_cells, self.space.num_modules)
             self.fixed = architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
+        self.fixed_code = None if self.fixed is None else architecture.encode(self.fixed)
         self._stem, self._head = _Graph(bundle.stem), _Graph(bundle.head)
         self._blocks = [[_Graph(bundle.blocks[(c.index, m)]) for m in range(len(c.modules))] for c in self.space.cells]
         self.costs = CostTable.of_manifest(manifest)
@@ -101,12 +103,14 @@ class Executor:
         if point in self.cascades:
             return self._run_cascade(x, point)
         t0 = time.perf_counter()
+        code = None  # the architecture of every row, where known without looking
         if executed is None:
             executed = self.policy(x, point)
+            code = self.fixed_code
         else:
             executed = architecture.apply_empty_cell_rule(executed, self.space)
         t1 = time.perf_counter()
-        logits, fused_rows = self.backbone(x, executed)
+        logits, fused_rows = self.backbone(x, executed, code)
         t2 = time.perf_counter()
         return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, point,
                       fused_rows=fused_rows)
@@ -121,6 +125,13 @@ class Executor:
         if len(points) != n or len(given) != n:
             raise ValueError(f"{n} rows but {len(points)} points and {len(given)} architectures")
         t0 = time.perf_counter()
+        if self.fixed is not None and all(g is None for g in given):  # a static bundle's request: nothing to choose
+            executed = np.broadcast_to(self.fixed, (n, *self.fixed.shape))
+            t1 = time.perf_counter()
+            logits, fused_rows = self.backbone(x, executed, self.fixed_code)
+            t2 = time.perf_counter()
+            return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, None,
+                          operating_points=[None] * n, fused_rows=fused_rows, codes=[self.fixed_code] * n)
         executed = np.zeros((n, self.space.num_cells, self.space.num_modules), bool)
         row_points: list[str | None] = [None] * n
         by_point: dict[str, list[int]] = {}
@@ -145,42 +156,40 @@ class Executor:
             return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
                           operating_points=row_points, fused_rows=fused_rows)
         logits = np.empty((n, self.space.num_classes), np.float32)
+        probabilities = np.empty_like(logits)
         traces: list[Trace | None] = [None] * n
         for point, rows in cascaded.items():
-            point_logits, point_traces = self.cascades[point].run(x[rows])
-            logits[rows] = point_logits
+            point_logits, point_probabilities, point_traces = self.cascades[point].run(x[rows])
+            logits[rows], probabilities[rows] = point_logits, point_probabilities
             for row, trace in zip(rows, point_traces):
                 traces[row] = trace
-                answer = trace.stage.executed
-                executed[row] = False
-                executed[row, :, : answer.shape[1]] = answer
+                executed[row] = trace.stage.padded
         rest = np.array([i for i in range(n) if traces[i] is None], np.int64)
         fused_rows = 0
         if len(rest):
             logits[rest], fused_rows = self.backbone(x[rest], executed[rest])
+            probabilities[rest] = softmax(logits[rest])
         t2 = time.perf_counter()
-        return Result(logits, softmax(logits), executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
+        return Result(logits, probabilities, executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
                       operating_points=row_points, fused_rows=fused_rows, traces=traces)
 
     def _run_cascade(self, x: np.ndarray, point: str) -> Result:
         """Every row through the cascade `point` (the common case at batch 1: no bookkeeping of other points)."""
         t0 = time.perf_counter()
-        logits, traces = self.cascades[point].run(x)
-        executed = np.zeros((x.shape[0], self.space.num_cells, self.space.num_modules), bool)
-        for row, trace in enumerate(traces):
-            answer = trace.stage.executed
-            executed[row, :, : answer.shape[1]] = answer
-        return Result(logits, softmax(logits), executed,
+        logits, probabilities, traces = self.cascades[point].run(x)
+        executed = np.array([trace.stage.padded for trace in traces])
+        return Result(logits, probabilities, executed,
                       {"controller": 0.0, "backbone": time.perf_counter() - t0}, point, traces=traces)
 
-    def backbone(self, x: np.ndarray, executed: np.ndarray) -> tuple[np.ndarray, int]:
+    def backbone(self, x: np.ndarray, executed: np.ndarray, code: str | None = None) -> tuple[np.ndarray, int]:
         """Logits of stem, the `executed` blocks (empty-cell rule applied) and head; and how many
         rows ran a fused graph. Rows sharing a cached architecture run its fused graph together;
-        the rest take the per-block path together."""
+        the rest take the per-block path together. `code`: every row's architecture, when the
+        caller knows they share one (a static bundle's)."""
         if self.fused is None or not self.fused.enabled:
             return self.per_block(x, executed), 0
         n = x.shape[0]
-        _, groups = _group_rows(executed)
+        groups = [(code, None)] if code is not None else _group_rows(executed)[1]
         if len(groups) == 1:
             code, rows = groups[0]
             graph = self.fused.get(code, n, executed[0])
