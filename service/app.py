@@ -19,6 +19,7 @@ from fastapi import FastAPI
 
 from service import errors, limits, logs, security, warmup
 from service.bundle import Bundle
+from service.fast_path import FastClassify
 from service.metrics import Metrics
 from service.repository import Repository, load_repository
 from service.routes import admin, classify, demo, health, model, monitoring, v2
@@ -33,6 +34,7 @@ class RequestMetrics:
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
+        self._children: dict[tuple[str, int], tuple] = {}  # (endpoint, status) -> (requests, duration) children
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -52,8 +54,12 @@ class RequestMetrics:
         finally:
             self.metrics.active_requests -= 1
             endpoint = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - t0)
+            children = self._children.get((endpoint, status))
+            if children is None:  # looked up once per series (endpoints are the routes' paths, statuses few)
+                children = self._children[endpoint, status] = (self.metrics.requests.labels(endpoint, str(status)),
+                                                              self.metrics.request_duration.labels(endpoint))
+            children[0].inc()
+            children[1].observe(time.perf_counter() - t0)
 
 
 def _version() -> str:
@@ -100,7 +106,13 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
     app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
     app.state.before_batch = before_batch  # for the models of a reload (service/reload.py)
     models.mark_served(metrics)
-    errors.install(app, lambda code: metrics.rejections.labels(code).inc())
+    def on_rejection(code: str) -> None:
+        metrics.rejections.labels(code).inc()
+
+    errors.install(app, on_rejection)
+    # Innermost: POST /classify answered without the framework's routing and dependency solving
+    # where its query is plainly valid (service/fast_path.py); everything else goes on to the routes.
+    app.add_middleware(FastClassify, on_rejection=on_rejection)
     app.add_middleware(RequestMetrics, metrics=metrics)
     # Body bytes held, body size and body time, for every route (service/limits.py).
     app.add_middleware(limits.RequestBodies, max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,

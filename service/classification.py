@@ -201,7 +201,7 @@ def process(state, jobs: list[Job]) -> list:
     metrics = state.metrics
     metrics.batch_size.observe(len(inputs))
     decode_s = t1 - t0
-    codes = architecture.encode_many(result.executed)
+    codes = result.codes or architecture.encode_many(result.executed)
     for i, rows in spans:
         job = jobs[i]
         request = job.payload
@@ -235,7 +235,7 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     probs = result.probabilities[row]
     order = np.argsort(-probs, kind="stable")[: request.top_k]
     scores = [{"index": int(i), "label": classes[i], "probability": float(probs[i])} for i in order]
-    names = state.module_names
+    code = code or architecture.encode(executed)
     latency = {stage: round(v * 1e3, 4) for stage, v in stages.items()}
     latency["total"] = round((time.perf_counter() - request.t_start) * 1e3, 4)
     latency["batch"] = round(batch_s * 1e3, 4)
@@ -245,11 +245,10 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
         "prediction": scores[0],
         "top_k": scores,
         "architecture": {
-            "code": code or architecture.encode(executed),
+            "code": code,
             "resolution": resolution(state, result, row),
             "network": None if trace is None else trace.stage.network,
-            "cells": [{"cell": c, "modules": [names[c][m] for m in np.flatnonzero(executed[c])]}
-                      for c in range(len(names))],
+            "cells": cells(state, executed, code),
             "modules_executed": int(executed.sum()),
             "mflops": round(mflops, 4),
             "estimated_latency_ms": round(latency_ms, 4),
@@ -263,6 +262,22 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
             "escalated": trace.escalated},
         "latency_ms": latency,
     }
+
+
+CELLS_CACHED = 1024  # architectures whose `cells` list a model keeps
+
+
+def cells(state, executed: np.ndarray, code: str) -> list[dict]:
+    """A response's `architecture.cells`: each cell and the names of the modules that ran in it.
+    Built once per architecture (`code` is `executed`'s) and shared by every response after: read only."""
+    listed = state.cells_by_code.get(code)
+    if listed is None:
+        names = state.module_names
+        listed = [{"cell": c, "modules": [names[c][m] for m in np.flatnonzero(executed[c])]} for c in range(len(names))]
+        if len(state.cells_by_code) >= CELLS_CACHED:
+            state.cells_by_code.clear()
+        state.cells_by_code[code] = listed
+    return listed
 
 
 def observe(state, result, row: int, choice: Choice, stages: dict[str, float]) -> tuple[float, float]:

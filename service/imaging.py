@@ -87,13 +87,32 @@ class ImageError(ValueError):
         return STATUS_BY_CODE.get(self.code, 400)
 
 
+# Images `header_pixels` opened, by the id of their bytes, for `decode` of the same bytes object to
+# take instead of parsing the header again (the batcher's inline check, then the decode: 15 us an
+# image). Bounded: bytes that are never decoded (a request refused in between) are dropped in time.
+_opened: dict[int, tuple[bytes, Image.Image]] = {}
+_OPENED_MAX = 64
+
+
 def header_pixels(data: bytes) -> int | None:
     """Width x height from the image's header (nothing decoded); None when it cannot be read."""
     try:
-        width, height = Image.open(io.BytesIO(data)).size
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
     except Exception:  # noqa: BLE001 - whatever the bytes are, decode() says what is wrong with them
         return None
+    if len(_opened) >= _OPENED_MAX:
+        _opened.clear()
+    _opened[id(data)] = (data, image)  # the bytes are kept with it, so their id names them while held
     return width * height
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image of `data`, its header read: the one `header_pixels` opened for this very object, if held."""
+    held = _opened.pop(id(data), None)
+    if held is not None and held[0] is data:
+        return held[1]
+    return Image.open(io.BytesIO(data))
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE,
@@ -111,7 +130,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int =
     if not data:
         raise ImageError("empty_body", "the request carries no image bytes")
     with _decoder_errors(max_pixels):
-        image = Image.open(io.BytesIO(data))  # reads the header only
+        image = _open(data)  # reads the header only
         _check_format(image)
         _check_size(image.size, max_pixels, max_side)
         if target_size is not None:

@@ -42,6 +42,9 @@ class ServiceState:
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
         self.model_json = self.model_ref.model_dump()  # as responses carry it
         self.module_names = [[m.name for m in cell.modules] for cell in space.cells]
+        # The `architecture.cells` list of a response, by architecture code (service.classification.cells);
+        # bounded, as codes a client sends are as many as it likes.
+        self.cells_by_code: dict[str, list] = {}
         # every series a cascade can move, exported at 0 from the start
         for point, runner in self.executor.cascades.items():
             self.metrics.escalations.labels(point)

@@ -7,7 +7,7 @@ import time
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
+from starlette.datastructures import Headers
 
 from service import classification, imaging, inputs, logs, operating_points
 from service.errors import ERROR_RESPONSES, ApiError
@@ -25,13 +25,19 @@ router = APIRouter()
 async def read_body(request: Request) -> bytes:
     """The whole body. Its size and the time it takes are bounded below the route, for every
     route alike (service/limits.py: 413 `body_too_large`, 408 `request_timeout`)."""
+    return await receive_body(request.receive)
+
+
+async def receive_body(receive) -> bytes:
+    """The whole body, from an ASGI `receive`; 400 `client_disconnected` when the client goes first."""
     chunks = []
-    try:
-        async for chunk in request.stream():
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended") from None
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ApiError(400, "client_disconnected", "the client closed the connection before the body ended")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 _BODY = {"requestBody": {"required": True, "content": {
@@ -59,9 +65,20 @@ async def classify(
     architecture: str = Query(operating_points.AUTO, description="auto (the controller decides), mobilenet_v2 "
                               "(module 0 in every cell), all, or an architecture code as /classify returns it."),
 ) -> Response:
+    return Response(await answer(models, request.scope, request.receive, request.headers.get("content-type", ""),
+                                 model, top_k, operating_point, max_latency_ms, architecture),
+                    media_type="application/json")
+
+
+async def answer(models, scope, receive, content_type: str, model: str | None, top_k: int | None,
+                 operating_point: str | None, max_latency_ms: float | None, architecture: str) -> bytes:
+    """POST /classify past its parameters (parsed and validated by the route, or by the fast path,
+    service/fast_path.py): admission, the body, the images, the response body as JSON bytes
+    (service.classification.respond, the ClassifyResponse schema; {"results": [...]} of them for
+    several images). Refusals raise ApiError."""
     t_start = time.perf_counter()
     state = models.get(model)
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = content_type.split(";")[0].strip().lower()
     if media_type not in ACCEPTED_MEDIA_TYPES:
         raise ApiError(415, "unsupported_media_type",
                        f"content type {media_type or '(none)'} is not accepted; send one of {', '.join(ACCEPTED_MEDIA_TYPES)}")
@@ -73,16 +90,13 @@ async def classify(
                                      architecture_code=architecture, governor=state.governor)
     # Admission first: a full server refuses before reading or decoding anything.
     async with classification.admitted(state):
-        body = await read_body(request)
+        body = await receive_body(receive)
         limit = state.settings.max_images_per_request
         if media_type == MULTIPART:
-            images = await inputs.files_from_multipart(request.headers, body, limit)
+            images = await inputs.files_from_multipart(Headers(scope=scope), body, limit)
         elif media_type == JSON:
             images = inputs.images_from_json(body, limit)
         else:
             images = [body]
-    # The body is JSON rendered by the worker (service.classification.respond, the ClassifyResponse schema;
-    # {"results": [...]} of them for several images).
-    return Response(await classification.classify(state, None, choice, k, t_start, expected=True, images=images,
-                                                  notes=logs.notes(request.scope)),
-                    media_type="application/json")
+    return await classification.classify(state, None, choice, k, t_start, expected=True, images=images,
+                                         notes=logs.notes(scope))
