@@ -100,13 +100,14 @@ class StageRunner:
     padded: np.ndarray  # `executed` within the bundle's (cells, modules), as the executor's results hold it
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """The stage's architecture on full-size rows `x`: pooled to its resolution, then its fused
-        graph where the cache has compiled it (it is warmed at start-up), else block by block."""
-        xs = pool(x, self.resolution)
+        """The stage's architecture on full-size rows `x`: its fused graph where the cache has
+        compiled it (it is warmed at start-up; it pools the rows itself), else block by block on
+        the rows pooled to its resolution."""
         fused = self.executor.fused
-        graph = None if fused is None or not fused.enabled else fused.get(self.code, len(xs), self.executed)
+        graph = None if fused is None or not fused.enabled else fused.get(self.code, len(x), self.executed)
         if graph is not None:
-            return graph(xs)
+            return graph(x)
+        xs = pool(x, self.resolution)
         return self.executor.per_block(xs, np.broadcast_to(self.executed, (len(xs), *self.executed.shape)))
 
 

@@ -118,7 +118,7 @@ def prepare(state, fused_timeout_s: float = 120.0) -> None:
         executed = architecture.apply_empty_cell_rule(np.broadcast_to(matrix, (WARMUP_BATCH, *matrix.shape)), own)
         xs = pool(x, own.input_size)
         try:
-            logits = graph(xs)
+            logits = graph(x)  # every fused graph reads the bundle's input (service/fused.py)
         except Exception as exc:  # noqa: BLE001
             raise BundleError(f"{bundle.path}: the fused graph of architecture {code} does not run: {exc}") from None
         if logits.shape != (WARMUP_BATCH, space.num_classes):

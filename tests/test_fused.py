@@ -86,6 +86,21 @@ def test_fused_graph_equals_the_per_block_path(bundle):
     assert np.abs(outputs["every cell empty"] - outputs["every module everywhere"]).max() > 1e-3
 
 
+def test_a_pooling_graph_reads_the_full_input(bundle):
+    """A network at a lower resolution: its fused graph (pool 2) reads the bundle's input and equals
+    the per-block path on that input average-pooled, as service.cascade.pool computes it."""
+    from service.cascade import pool
+
+    space = bundle.manifest.search_space
+    executor = Executor(bundle)
+    executed = architectures(space)["random 1"]
+    graph = fused.build(fused.GraphLibrary(bundle), space, executed, pool=2)
+    x = np.random.default_rng(2).standard_normal((2, 3, 2 * space.input_size, 2 * space.input_size)).astype(np.float32)
+    expected = executor.per_block(pool(x, space.input_size), np.repeat(executed[None], len(x), 0))
+    assert graph.session.get_inputs()[0].shape[2:] == [2 * space.input_size] * 2
+    assert np.abs(graph(x) - expected).max() < TOLERANCE
+
+
 @pytest.mark.parametrize("modules", [1, 3, 5, 6, 11])
 def test_batch_codes_equal_row_codes(modules):
     executed = np.random.default_rng(modules).random((9, 17, modules)) < 0.5
