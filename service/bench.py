@@ -168,11 +168,12 @@ def _get(url: str, timeout: float = 1.0) -> int:
 class _Server:
     """instanas-serve on `model` (with `env`), or with `naive` the naive server (service/naive.py)."""
 
-    def __init__(self, model: Path, env: dict, naive: bool = False):
+    def __init__(self, model: Path, env: dict, naive: bool = False, workers: int = 1):
+        """`workers`: the naive server's processes (instanas-serve's come from INSTANAS_WORKERS in `env`)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         serve = Path(sys.executable).with_name("instanas-serve")
-        command = [sys.executable, "-m", "service.naive"] if naive else [str(serve)]
+        command = [sys.executable, "-m", "service.naive", "--workers", str(workers)] if naive else [str(serve)]
         env = {**os.environ, "INSTANAS_ACCESS_LOG": "false", **env}
         self.process = subprocess.Popen([*command, "--model", str(model), "--host", "127.0.0.1", "--port",
                                          str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -181,8 +182,8 @@ class _Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"instanas-serve exited with {self.process.returncode}")
             try:
-                workers = int(env.get("INSTANAS_WORKERS", 1))
-                if _get(self.url + "/healthz/ready") == 200 and (workers == 1 or self._workers(env) >= workers):
+                serving = int(env.get("INSTANAS_WORKERS", 1))
+                if _get(self.url + "/healthz/ready") == 200 and (naive or serving == 1 or self._workers(env) >= serving):
                     return
             except OSError:
                 pass
@@ -267,11 +268,14 @@ def over_http(model: Path, jpegs: list[bytes], levels: tuple[int, ...], requests
         server.stop()
 
 
-def against_naive(model: Path, baseline: Path, jpegs: list[bytes], levels: tuple[int, ...], requests: int) -> dict:
+def against_naive(model: Path, baseline: Path, jpegs: list[bytes], levels: tuple[int, ...], requests: int,
+                  workers: int = 1) -> dict:
     """The naive server (service/naive.py) on the static baseline, instanas-serve on the same bundle
-    and on `model`, one process each, every level run on each in turn: {name: [results by level]}."""
-    servers = {"naive": _Server(baseline, {}, naive=True), "instanas_static": _Server(baseline, {}),
-               "instanas": _Server(model, {})}
+    and on `model` with all its defaults (the access log included), `workers` processes each,
+    every level run on each in turn: {name: [results by level]}."""
+    served = {"INSTANAS_ACCESS_LOG": "true", "INSTANAS_WORKERS": str(workers)}
+    servers = {"naive": _Server(baseline, {}, naive=True, workers=workers), "instanas_static": _Server(baseline, served),
+               "instanas": _Server(model, served)}
     try:
         for server in servers.values():
             _load(server.port, jpegs, 4, min(300, requests))  # warm-up: fills the fused cache
@@ -288,8 +292,9 @@ def against_naive(model: Path, baseline: Path, jpegs: list[bytes], levels: tuple
             server.stop()
 
 
-def naive_table(compared: dict) -> str:
-    lines = [f"{'HTTP, one process each':<24} {'conc.':>5} {'req/s':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8} "
+def naive_table(compared: dict, workers: int = 1) -> str:
+    processes = "one process each" if workers == 1 else f"{workers} processes each"
+    lines = [f"{'HTTP, ' + processes:<24} {'conc.':>5} {'req/s':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'p99/p50':>8} {'errors':>7}"]
     for name, results in compared.items():
         for r, base in zip(results, compared["naive"]):
@@ -330,7 +335,7 @@ def table(result: dict) -> str:
                          f"; HTTP p50 at {first['concurrency']} minus in-process p50 (fused cache): "
                          f"{first['p50_ms'] - ip['instanas_fused_cache']['p50_ms']:.2f} ms" if ip else ""))
     if result.get("against_naive"):
-        lines += ["", naive_table(result["against_naive"])]
+        lines += ["", naive_table(result["against_naive"], result.get("workers", 1))]
     return "\n".join(lines).strip("\n")
 
 
@@ -349,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive", action="store_true",
                         help="HTTP against the naive server (service/naive.py) of the static baseline instead: it, "
                              "instanas-serve on the baseline and on the model, every figure a ratio to it")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="with --naive: processes of each server (INSTANAS_WORKERS; the naive server's --workers)")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process part")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
@@ -369,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
             result["in_process"] = in_process(args.model, baseline, inputs)
         levels = tuple(int(c) for c in args.concurrency.split(","))
         if args.naive:
-            result["against_naive"] = against_naive(args.model, baseline, jpegs, levels, args.requests)
+            result["workers"] = args.workers
+            result["against_naive"] = against_naive(args.model, baseline, jpegs, levels, args.requests, args.workers)
         elif not args.no_http:
             result["http"] = over_http(args.model, jpegs, levels, args.requests)
     print(table(result))

@@ -1,6 +1,6 @@
 """The naive server the benchmark holds instanas-serve to: FastAPI and one onnxruntime session.
 
-    python -m service.naive --model models/cifar10-default-mobilenet_v2 --port 8001
+    python -m service.naive --model models/cifar10-default-mobilenet_v2 --port 8001 [--workers N]
 
 What a user would write in twenty lines to serve a static bundle: the bundle's graphs composed
 into one (service/fused.py, as instanas-serve's fused cache does), one session with the same
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import numpy as np
 import uvicorn
@@ -52,14 +53,27 @@ def create_app(model: str) -> FastAPI:
     return app
 
 
+MODEL_VARIABLE = "INSTANAS_NAIVE_MODEL"  # the bundle of each worker process, with --workers
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process (uvicorn's `--workers` imports the app in each)."""
+    return create_app(os.environ[MODEL_VARIABLE])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--workers", type=int, default=1, help="processes, as `uvicorn --workers` starts them")
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(args.model), host=args.host, port=args.port, log_level="warning", access_log=False,
-                **fast_server())
+    options = {"host": args.host, "port": args.port, "log_level": "warning", "access_log": False, **fast_server()}
+    if args.workers > 1:
+        os.environ[MODEL_VARIABLE] = args.model
+        uvicorn.run("service.naive:app_from_environment", factory=True, workers=args.workers, **options)
+    else:
+        uvicorn.run(create_app(args.model), **options)
 
 
 if __name__ == "__main__":

@@ -32,13 +32,15 @@ def test_bench_reports_in_process_http_and_cache_figures(smoke_bundle, data_root
 
 
 def test_bench_against_the_naive_server(smoke_bundle, data_root, tmp_path):
-    """`--naive`: the naive server of the static twin, instanas-serve on it and on the bundle, each
-    level on each; the naive server answers what instanas-serve answers for the same bundle."""
+    """`--naive --workers 2`: the naive server of the static twin (uvicorn's two worker processes),
+    instanas-serve on it and on the bundle (INSTANAS_WORKERS=2), each level on each; the naive
+    server (one process) answers what instanas-serve answers for the same bundle."""
     out = tmp_path / "bench.json"
     done = run_cli("instanas-bench", "--model", str(smoke_bundle), "--data", str(data_root / "test.tar.gz"),
-                   "--images", "10", "--requests", "30", "--concurrency", "1,4", "--naive", "--no-in-process",
-                   "--json", str(out), timeout=600)
+                   "--images", "10", "--requests", "30", "--concurrency", "1,4", "--naive", "--workers", "2",
+                   "--no-in-process", "--json", str(out), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert json.loads(out.read_text())["workers"] == 2 and "HTTP, 2 processes each" in done.stdout
     compared = json.loads(out.read_text())["against_naive"]
     assert list(compared) == ["naive", "instanas_static", "instanas"]
     for results in compared.values():
