@@ -2,9 +2,9 @@
 
 The route in service/routes/classify.py declares /classify for the OpenAPI document and serves it;
 but for every request FastAPI also passes it through its exception middleware and router, solves
-the route's dependencies and validates its query parameters through pydantic: about 140 us a
-request on 2 cores, more than half the static baseline's model (docs/RESULTS.md, "Against a naive
-server"). `FastClassify` sits below this app's middlewares
+the route's dependencies and validates its query parameters through pydantic, a cost of the same
+order as the static baseline's model at batch 1 (scripts/inprocess_naive.py measures the path).
+`FastClassify` sits below this app's middlewares
 (access log, body limits, request metrics: they see every request alike) and answers a POST to
 /classify itself when its query parameters are plainly valid: each named at most once, `top_k` a
 positive integer, `max_latency_ms` a positive decimal, the strings non-empty. It then calls what

@@ -115,7 +115,7 @@ def compose(library: GraphLibrary, space, executed: np.ndarray, pool: int = 1):
     rule already applied) -> head, input "input", output "output" (logits), dynamic batch.
     With `pool` > 1 (a network at a lower resolution than its bundle's input) the model reads the
     bundle's input and averages each `pool` x `pool` square first, as service/cascade.py's `pool`
-    does: in the graph that costs a microsecond where numpy takes about seven, on every image.
+    does: cheaper in the graph than in numpy, and every image a cascade serves runs its first stage.
 
     Merges are written as the executor computes them: a residual cell starts from its input,
     any other from its first selected module; each selected module's output (times 1/k under

@@ -88,8 +88,8 @@ class ImageError(ValueError):
 
 
 # Images `header_pixels` opened, by the id of their bytes, for `decode` of the same bytes object to
-# take instead of parsing the header again (the batcher's inline check, then the decode: 15 us an
-# image). Bounded: bytes that are never decoded (a request refused in between) are dropped in time.
+# take instead of parsing the header again (the batcher's inline check, then the decode). Bounded:
+# bytes that are never decoded (a request refused in between) are dropped in time.
 _opened: dict[int, tuple[bytes, Image.Image]] = {}
 _OPENED_MAX = 64
 

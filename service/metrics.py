@@ -179,7 +179,7 @@ class Metrics:
 class _Bound:
     """One metric family seen from one model: `labels(...)` and the value methods (inc, observe,
     set...) act on the model's series. Each series' child is looked up once and kept: prometheus_client's
-    `labels()` validates and locks on every call, about a microsecond each, a dozen times an image."""
+    `labels()` validates and locks on every call, a dozen times an image."""
 
     def __init__(self, family, model: str):
         self._family, self._model = family, model
