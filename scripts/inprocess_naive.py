@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import statistics
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -24,13 +23,9 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from service import naive  # noqa: E402
+from service.bench import read_jpegs  # noqa: E402
 from service.app import create_app  # noqa: E402
 from service.settings import Settings  # noqa: E402
-
-
-def first_jpeg(archive: Path) -> bytes:
-    with tarfile.open(archive) as tar:
-        return next(tar.extractfile(m).read() for m in tar if m.isfile() and m.name.endswith(".jpg"))
 
 
 async def round_us(client: httpx.AsyncClient, image: bytes, requests: int) -> float:
@@ -65,7 +60,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    result = asyncio.run(measure(args.model, first_jpeg(args.data), args.requests, args.rounds))
+    result = asyncio.run(measure(args.model, read_jpegs(args.data, None)[0], args.requests, args.rounds))
     print(f"instanas {result['instanas']:.0f} us a request, naive {result['naive']:.0f} us "
           f"(naive / instanas {result['naive'] / result['instanas']:.2f})")
     return 0

@@ -22,14 +22,10 @@ ACCEPTED_MEDIA_TYPES = sorted(imaging.SUPPORTED_MEDIA_TYPES | {MULTIPART, OCTET_
 router = APIRouter()
 
 
-async def read_body(request: Request) -> bytes:
-    """The whole body. Its size and the time it takes are bounded below the route, for every
-    route alike (service/limits.py: 413 `body_too_large`, 408 `request_timeout`)."""
-    return await receive_body(request.receive)
-
-
 async def receive_body(receive) -> bytes:
-    """The whole body, from an ASGI `receive`; 400 `client_disconnected` when the client goes first."""
+    """The whole body, from an ASGI `receive`; 400 `client_disconnected` when the client goes first.
+    Its size and the time it takes are bounded below the routes, for every route alike
+    (service/limits.py: 413 `body_too_large`, 408 `request_timeout`)."""
     chunks = []
     while True:
         message = await receive()

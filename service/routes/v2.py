@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import classification, inputs, logs, operating_points
 from service.errors import ApiError
-from service.routes.classify import read_body
+from service.routes.classify import receive_body
 from service.repository import Models
 
 log = logging.getLogger("instanas.service")
@@ -212,7 +212,7 @@ async def _infer(request: Request, state, name: str) -> Response:
     if encoding not in ("", "identity"):
         raise ApiError(400, "unsupported_encoding", f"compressed requests ({encoding}) are not supported")
     async with classification.admitted(state):
-        body = await read_body(request)
+        body = await receive_body(request.receive)
         images, choice, wanted = parse(state, request.headers.get(HEADER_LENGTH), body, name)
     payload = classification.Request(None, choice, 1, t_start, images=tuple(images), render=partial(render, wanted),
                                      notes=logs.notes(request.scope))
