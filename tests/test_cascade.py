@@ -139,16 +139,55 @@ def test_twins_fine_tunes_the_baseline_at_each_resolution(smoke_run):
     assert moved, "the twin starts from the baseline and trains"
 
 
+def test_coadapt_fine_tunes_two_copies_of_the_baseline(smoke_run):
+    state = torch.load(smoke_run / "coadapt.pt", weights_only=False)
+    [figures] = state["curve"]  # the smoke preset: one epoch
+    assert {"val_top1_coadapted", "val_routed_top1_coadapted", "val_top1_shuffled", "val_routed_top1_shuffled"} <= set(figures)
+    base = torch.load(smoke_run / "baseline.pt", weights_only=False)["model"]
+    for copy in (0, 1):
+        assert any(not torch.equal(state["model"][f"copies.{copy}.{k}"], v)
+                   for k, v in base.items() if v.dtype.is_floating_point), "each copy starts from the baseline and trains"
+    assert any(not torch.equal(state["model"][f"copies.0.{k}"], state["model"][f"copies.1.{k}"])
+               for k, v in base.items() if v.dtype.is_floating_point), "the copies train on different images"
+
+
+def test_the_routed_images_are_the_least_sure_share():
+    from training.coadapt import routed
+
+    sure = np.array([0.9, 0.1, 0.5, 0.1, 0.7])
+    assert routed(sure, 0.4).tolist() == [1, 3]  # ties in order
+    assert routed(sure, 0.6).tolist() == [1, 3, 2]
+    assert routed(sure, 0.01).tolist() == [1]  # at least one
+
+
+def test_the_copies_split_a_call_between_them():
+    from training.coadapt import Copies
+
+    space = build_tiny_space(num_classes=3)
+    copies = Copies(MetaGraph(space), MetaGraph(space)).eval()
+    x = torch.randn(4, 3, 32, 32)
+    path = fixed_policy(np.ones((space.num_cells, space.num_modules), bool))(x)
+    with torch.no_grad():
+        both = copies.forward_selected(x, path)
+        assert torch.allclose(both[:2], copies.copies[0].forward_selected(x[:2], path[:2]))
+        assert torch.allclose(both[2:], copies.copies[1].forward_selected(x[2:], path[2:]))
+
+
 def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_run):
     from service.bundle import load_bundle
 
     m = load_bundle(smoke_run / "bundle").manifest
-    assert [(n.name, n.resolution) for n in m.networks] == [("mobilenet_v2", 32), ("mobilenet_v2@16", 16)]
+    # the cascades' networks and no other: the twin first, a full-resolution network last
+    used = {stage.network for c in m.cascades for stage in c.stages}
+    assert sorted(n.name for n in m.networks) == sorted(used) and "mobilenet_v2@16" in used
+    assert used <= {"mobilenet_v2", "mobilenet_v2-coadapted", "mobilenet_v2@16"}
+    assert {n.name: n.resolution for n in m.networks}.get("mobilenet_v2@16") == 16
     assert [c.name for c in m.cascades] == ["cascade-0", "cascade-0.3", "cascade-1", "cascade-2"]
     validation = m.training["validation"]
     for point in m.cascades:
         first, last = point.stages
-        assert (first.network, last.network) == ("mobilenet_v2@16", "mobilenet_v2") and last.threshold is None
+        assert first.network == "mobilenet_v2@16" and last.threshold is None
+        assert last.network == validation[point.name]["network"] in ("mobilenet_v2", "mobilenet_v2-coadapted")
         assert first.threshold == pytest.approx(validation[point.name]["threshold"], abs=1e-6)
         e = point.evaluation
         assert e.images == 200 and 0 <= e.escalated <= 1 and e.mean_measured_latency_ms > 0
@@ -159,8 +198,16 @@ def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_ru
         assert entry["escalated"] == pytest.approx(point.evaluation.escalated, abs=1e-9)
         assert entry["top1"] == pytest.approx(point.evaluation.top1, abs=1e-4)
         assert control["shuffled"]["escalated"] == pytest.approx(entry["escalated"])
-        assert control["static_twin"]["code"] in ("mobilenet_v2@16/1111", "mobilenet_v2/1111")
+        assert control["static_twin"]["code"] in ("mobilenet_v2@16/1111", f"{point.stages[-1].network}/1111")
         assert entry["latency"]["per_block"]["mean_ms"] > 0 and entry["latency"]["fused"]["mean_ms"] > 0
+        # co-adaptation at the point's own threshold: its shipped last stage gives the point's answers
+        c = report["coadaptation"][point.name]
+        assert c["escalated"] == pytest.approx(entry["escalated"]) and c["network"] == point.stages[-1].network
+        shipped = "baseline" if c["network"] == "mobilenet_v2" else "coadapted"
+        assert c["top1"][shipped] == pytest.approx(entry["top1"], abs=0.011)
+        assert set(c["top1"]) == {"baseline", "coadapted", "shuffled"}
+        assert c["coadapted_minus_shuffled"]["low"] <= c["coadapted_minus_shuffled"]["high"]
+    assert "Co-adaptation" in (smoke_run / "report" / "FRONTIER.md").read_text()
 
 
 def test_the_default_point_is_the_fastest_within_the_tolerance():

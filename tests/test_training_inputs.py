@@ -220,6 +220,7 @@ _CHOICES = [
     ("search.entropy", "'bernoulli', 'one_sided'"),
     ("search.batchnorm", "'running', 'batch'"),
     ("finetune.teacher", "'none', 'baseline'"),
+    ("coadapt.confidence", "'max_softmax', 'margin'"),
 ]
 
 
@@ -239,6 +240,9 @@ def test_a_choice_not_offered_is_refused_at_load(key, choices):
     ("controller.channels=[8,8]", r"controller.channels: \[8, 8\] needs 3 items"),
     ("twins.resolutions=[24]", r"twins.resolutions: 24 must divide space.input_size \(32\)"),
     ("twins.resolutions=[\"16\"]", "twins.resolutions: item '16' is not an integer"),
+    ("twins.resolutions=[]", "coadapt.epochs: co-adaptation fine-tunes a cascade's last stage"),
+    ("coadapt.share=1", r"coadapt.share: 1 must lie between 0 and 1"),
+    ("coadapt.share=0", r"coadapt.share: 0 must lie between 0 and 1"),
     ("device=gpu", "device: 'gpu' is not one of 'auto', 'cpu', 'cuda'"),
     ("space.modules=[\"ir_k4_e6\"]", "space.modules: module 'ir_k4_e6': kernel must be odd"),
     ("search.targets=[1.0]", "search.names and search.targets: one target per name"),

@@ -1,10 +1,11 @@
-"""The export's cascade operating points: the baseline and its twins as networks of the bundle,
-thresholds fitted on the validation split, figures measured on the test split.
+"""The export's cascade operating points: the baseline, its co-adapted copy and its twins as
+networks of the bundle, thresholds fitted on the validation split, figures measured on the test split.
 
 Each cascade runs the lowest-resolution twin first and sends the images it is not confident
-about to the baseline at full resolution. One point per `export.cascade_tolerances`: the cheapest
-threshold (and confidence kind) whose validation top-1 is within that many points of the
-baseline's, cost estimated from the networks' measured tables as the service estimates it.
+about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
+escalates (phase `coadapt`). One point per `export.cascade_tolerances`: of every last stage,
+confidence kind and blend, the cheapest threshold whose validation top-1 is within that many points
+of the baseline's, cost estimated from the networks' measured tables as the service estimates it.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from service.bundle import load_bundle
 from service.executor import Executor
 from service.manifest import Cascade, Network, Preprocessing, Stage
 from training import baseline as baseline_phase
-from training import cascade, twins
+from training import cascade, coadapt, twins
 from training.context import Context
 from training.evaluate import fixed_policy
 from training.latency import costs, measure
 from training.resolution import downsample
 
 BASELINE = "mobilenet_v2"  # the baseline's network name in a bundle
+COADAPTED = f"{BASELINE}-coadapted"  # the baseline fine-tuned on the images the first stage escalates
 
 
 def network_name(resolution: int, input_size: int) -> str:
@@ -65,7 +67,8 @@ class Member:
 
 
 def members(ctx: Context, table: dict) -> list[Member]:
-    """The baseline at full resolution, then each twin (highest resolution first); empty without twins."""
+    """The networks a cascade may run: the baseline at full resolution, its co-adapted copy when the
+    run has one, then each twin (highest resolution first); empty without twins."""
     lows = twins.load(ctx)
     if not lows:
         return []
@@ -73,6 +76,9 @@ def members(ctx: Context, table: dict) -> list[Member]:
     base = baseline_phase.load(ctx).cpu()
     sub_table = {**table, "blocks": [[row[0]] for row in table["blocks"]]}
     out = [Member(BASELINE, size, base, sub_table)]
+    adapted = coadapt.load(ctx)
+    if adapted:
+        out.append(Member(COADAPTED, size, adapted["coadapted"].cpu(), sub_table))
     for r in sorted(lows, reverse=True):
         model = ctx.new_metagraph(ctx.baseline_space_at(r)).cpu()
         model.load_state_dict(lows[r].model.state_dict())
@@ -84,39 +90,44 @@ def members(ctx: Context, table: dict) -> list[Member]:
 
 
 def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[str, dict]]:
-    """One cascade per tolerance (first: the lowest resolution, last: the baseline), fitted on
-    validation: of every confidence kind and blend (`export.cascade_blends`), the cheapest threshold
-    from which on the cascade stays within the tolerance (training.cascade.fit), the more accurate on a tie; and each point's validation figures
-    {top1, latency_ms, escalated, confidence, threshold, blend}."""
-    first, last = nets[-1], nets[0]
+    """One cascade per tolerance (first: the lowest resolution, last: a full-resolution network),
+    fitted on validation: of every last stage, confidence kind and blend (`export.cascade_blends`),
+    the cheapest threshold from which on the cascade stays within the tolerance of the baseline
+    (training.cascade.fit), the more accurate on a tie; and each point's validation figures
+    {top1, latency_ms, escalated, confidence, threshold, blend, network}."""
+    first = nets[-1]
+    lasts = [n for n in nets if n.resolution == ctx.space.input_size]
+    by_name = {n.name: n for n in nets}
     labels = np.concatenate([y.numpy() for _, y in ctx.batches("val")])
-    logits = {n.name: n.logits(ctx, "val") for n in (first, last)}
+    logits = {n.name: n.logits(ctx, "val") for n in (first, *lasts)}
     first_right = logits[first.name].argmax(1) == labels
-    last_right = {share: cascade.blend(logits[last.name], logits[first.name], share).argmax(1) == labels
-                  for share in ctx.config.export.cascade_blends}
-    (first_ms, _), (last_ms, _) = first.cost(), last.cost()
-    base_top1 = float((logits[last.name].argmax(1) == labels).mean())
+    first_ms = first.cost()[0]
+    base_top1 = float((logits[BASELINE].argmax(1) == labels).mean())
     points, figures = [], {}
     for tolerance in ctx.config.export.cascade_tolerances:
         best = None
-        for kind in cascade.CONFIDENCES:
-            sure = cascade.confidence(kind, logits[first.name])
-            for share, right in last_right.items():
-                front = cascade.frontier(sure, first_right, right)
-                threshold, escalated, top1 = cascade.fit(front, base_top1 - tolerance / 100)
-                ms = first_ms + escalated * last_ms
-                if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
-                    best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated, "confidence": kind,
-                            "threshold": threshold, "blend": share}
+        for last in lasts:
+            last_ms = last.cost()[0]
+            for share in ctx.config.export.cascade_blends:
+                last_right = cascade.blend(logits[last.name], logits[first.name], share).argmax(1) == labels
+                for kind in cascade.CONFIDENCES:
+                    sure = cascade.confidence(kind, logits[first.name])
+                    threshold, escalated, top1 = cascade.fit(cascade.frontier(sure, first_right, last_right),
+                                                             base_top1 - tolerance / 100)
+                    ms = first_ms + escalated * last_ms
+                    if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
+                        best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated,
+                                "confidence": kind, "threshold": threshold, "blend": share, "network": last.name}
         name = f"cascade-{tolerance:g}"
         if name in figures:
             continue
-        kind, threshold, share = best["confidence"], best["threshold"], best["blend"]
+        kind, threshold, share, last = best["confidence"], best["threshold"], best["blend"], best["network"]
         stages = [Stage(network=first.name, architecture=first.code, confidence=kind, threshold=round(threshold, 6)),
-                  Stage(network=last.name, architecture=last.code, blend=share)]
+                  Stage(network=last, architecture=by_name[last].code, blend=share)]
         points.append(Cascade(name=name, stages=stages, description=(
-            f"{first.resolution}x{first.resolution} twin, then the baseline where its {kind.replace('_', ' ')} is "
-            f"below {threshold:.4f}" + (f", blending {share:g} of the twin's answer" if share else "")
+            f"{first.resolution}x{first.resolution} twin, then {'the baseline' if last == BASELINE else last} "
+            f"where its {kind.replace('_', ' ')} is below {threshold:.4f}"
+            + (f", blending {share:g} of the twin's answer" if share else "")
             + f": within {tolerance:g} points of the baseline on validation")))
         figures[name] = best
     return points, figures

@@ -66,6 +66,10 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
         from training import twins
 
         twins.run(ctx)  # nothing unless twins.resolutions
+    elif phase == "coadapt":
+        from training import coadapt
+
+        coadapt.run(ctx)  # nothing unless coadapt.epochs
     elif phase == "pretrain":
         from training import pretrain
 

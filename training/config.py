@@ -89,6 +89,21 @@ class TwinsConfig:
 
 
 @dataclass
+class CoadaptConfig:
+    """The cascade's last stage fine-tuned on the images its first stage escalates (phase `coadapt`),
+    beside the same fine-tuning on images drawn at random, its control; the finished baseline teaching."""
+
+    epochs: int = 0  # 0: the phase does nothing (needs twins)
+    share: float = 0.4  # of each training batch: the images the lowest-resolution twin is least sure about
+    confidence: Literal["max_softmax", "margin"] = "margin"  # how the twin's sureness is read
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+    distill: float = 0.5  # weight of the baseline's predictions (vs labels)
+
+
+@dataclass
 class PretrainConfig:
     epochs: int = 200
     lr: float = 0.1
@@ -213,6 +228,7 @@ class RunConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     twins: TwinsConfig = field(default_factory=TwinsConfig)
+    coadapt: CoadaptConfig = field(default_factory=CoadaptConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -233,6 +249,7 @@ def _preset_smoke() -> RunConfig:
         data=DataConfig(val_images=100, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200),
         baseline=BaselineConfig(epochs=2, lr=0.05, warmup_epochs=0.5),
         twins=TwinsConfig(resolutions=(16,), epochs=1, polish_epochs=1),
+        coadapt=CoadaptConfig(epochs=1),
         controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
         pretrain=PretrainConfig(epochs=2, lr=0.05, sampling="sandwich", warm_start=True),
         search=SearchConfig(mode="variants", names=("A", "B", "C"), targets=(1.0, 0.7, 0.5), steps_per_variant=3,
@@ -268,6 +285,9 @@ def _preset_cifar10_cpu() -> RunConfig:
         # The baseline at 16x16, the cascades' first stage: 80 epochs (78.1% on validation after 40, 79.2%
         # after 80), then 15 without cutout (docs/RESULTS.md, "Cascades").
         twins=TwinsConfig(resolutions=(16,), epochs=80, lr=0.02, distill=0.5, polish_epochs=15, polish_lr=0.005),
+        # The baseline fine-tuned on the 40% of each batch the 16x16 twin is least sure about, beside the
+        # same fine-tuning on 40% drawn at random (docs/RESULTS.md, "Cascades").
+        coadapt=CoadaptConfig(epochs=12, share=0.4, lr=0.01, distill=0.5),
         profile=ProfileConfig(repeats=30, warmup=5),
         # The blends of the twin's answer into the baseline's that the export tries for each cascade point:
         # on validation, the cheapest cascade no less accurate than the baseline blends 0.2 and escalates
@@ -367,6 +387,11 @@ def validate(config: RunConfig) -> RunConfig:
         for r in config.twins.resolutions:
             if r <= 0 or r >= size or size % r:
                 problems.append(f"twins.resolutions: {r} must divide space.input_size ({size}) and be below it")
+        if not 0 < config.coadapt.share < 1:
+            problems.append(f"coadapt.share: {config.coadapt.share!r} must lie between 0 and 1 (not either)")
+        if config.coadapt.epochs and not config.twins.resolutions:
+            problems.append("coadapt.epochs: co-adaptation fine-tunes a cascade's last stage on what its first "
+                            "stage escalates; set twins.resolutions for a first stage, or coadapt.epochs to 0")
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", config.device):
             problems.append(f"device: {config.device!r} is not one of 'auto', 'cpu', 'cuda', 'cuda:<n>', 'mps'")
         for module in config.space.modules:

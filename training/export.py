@@ -107,6 +107,9 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     bundle_name = name or ctx.config.name
     nets, networks, cascades = cascade_points.members(ctx, table), [], []
     if nets:
+        cascades, cascade_val = cascade_points.fit_points(ctx, nets)
+        used = {stage.network for c in cascades for stage in c.stages}
+        nets = [member for member in nets if member.name in used]
         for member in nets:
             folder = f"networks/{member.name}"
             write_bundle(tmp / folder, member.model, {}, member.table, name=f"{bundle_name}-{member.name}",
@@ -114,7 +117,6 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
                          preprocessing=cascade_points.preprocessing(ctx, member.resolution),
                          training={"network": member.name, "source_revision": revision})
             networks.append(cascade_points.network_entry(folder, member, sha256_file(tmp / folder / "manifest.json")))
-        cascades, cascade_val = cascade_points.fit_points(ctx, nets)
         val_figures = {**val_figures, **cascade_val}
         test.update({c.name: cascade_points.test_figures(ctx, nets, c) for c in cascades})
     default = default_point(val_figures, baseline_val, ctx.config.export.default_tolerance)

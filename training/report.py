@@ -12,7 +12,9 @@ On the test split (read here and nowhere else), through the service's own execut
   with cells skipped, one architecture for every image, batch norm re-estimated), each
   compared with the point by a paired bootstrap 95% interval of the accuracy difference;
 - the rank correlation between an image's chosen-architecture latency and its difficulty
-  (the baseline's loss on it).
+  (the baseline's loss on it);
+- with phase `coadapt`: each cascade at its own thresholds with each full-resolution last
+  stage (the baseline, its co-adapted copy, the copy fine-tuned on random images), at equal cost.
 Writes `report.json`, `FRONTIER.md`, `frontier.png`, `learning_curve.png` and
 `difficulty.png` into the report folder.
 """
@@ -33,6 +35,8 @@ from service.cascade import blend, pool
 from service.executor import Executor
 from service.manifest import static_twin_folder
 from service.fused import FusedCache
+from training import baseline as baseline_phase
+from training import coadapt
 from training.batchnorm import reestimate
 from training.context import Context
 from training.evaluate import evaluate, fixed_policy
@@ -298,6 +302,9 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
               f"{control['shuffled']['top1']:.4f}, best static {control['static_twin']['code']} "
               f"{control['static_twin']['top1']:.4f}", flush=True)
     dynamic[True].warm_cascades()
+    adapted = coadapt.load(ctx)
+    if adapted and manifest.cascades:
+        report["coadaptation"] = coadaptation(ctx, adapted, manifest.cascades, per_image, labels)
 
     # a warm server: the timed images' most frequent architectures compiled before timing starts
     counts: dict[str, int] = {}
@@ -374,7 +381,35 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
                         "point_minus_control": bootstrap_difference(correct, stage_correct[best], cfg.resamples,
                                                                     ctx.config.seed)},
     }
-    return entry, control, {"correct": correct, "executed": executed, "estimated": estimated}
+    return entry, control, {"correct": correct, "executed": executed, "estimated": estimated, "answered": answered,
+                            "first": own[0]}
+
+
+def coadaptation(ctx: Context, adapted: dict, cascades: list, per_image: dict, labels: np.ndarray) -> dict:
+    """Each two-stage cascade at its own threshold (the same images escalate: the same cost) with
+    each full-resolution network as its last stage: the baseline, its copy fine-tuned on the images
+    the first stage escalates (`coadapted`) and the copy fine-tuned on as many random images
+    (`shuffled`, the control); the co-adapted one against each by a paired bootstrap."""
+    cfg = ctx.config.report
+    last = {"baseline": baseline_phase.load(ctx), **adapted}
+    logits = {name: coadapt.predict(model, ctx.batches("test")) for name, model in last.items()}
+    out = {}
+    for point in cascades:
+        if len(point.stages) != 2:
+            continue
+        p = per_image[point.name]
+        escalated = (p["answered"] > 0)[:, None]
+        correct = {name: np.where(escalated, blend(own, p["first"], point.stages[-1].blend), p["first"]).argmax(1)
+                   == labels for name, own in logits.items()}
+        out[point.name] = {"escalated": float(escalated.mean()), "network": point.stages[-1].network,
+                           "top1": {name: float(c.mean()) for name, c in correct.items()},
+                           **{f"coadapted_minus_{name}": bootstrap_difference(correct["coadapted"], correct[name],
+                                                                              cfg.resamples, ctx.config.seed)
+                              for name in ("shuffled", "baseline")}}
+        print(f"report {point.name}: last stage baseline {out[point.name]['top1']['baseline']:.4f}, co-adapted "
+              f"{out[point.name]['top1']['coadapted']:.4f}, shuffled routes {out[point.name]['top1']['shuffled']:.4f}",
+              flush=True)
+    return out
 
 
 def _stage_call(stage, x: np.ndarray):
@@ -427,6 +462,17 @@ def frontier_table(report: dict) -> str:
                      f"`{c['static_twin']['code']}` | {c['static_twin']['top1']:.4f} | "
                      f"{ci(c['static_twin']['point_minus_control'])} | {p['difficulty_spearman']:+.3f} | "
                      f"{ci(p['vs_baseline'])} |")
+    if report.get("coadaptation"):
+        lines += ["", "Co-adaptation (phase `coadapt`): each cascade at its own threshold, so the same images escalate "
+                  "at the same cost, with each full-resolution network as its last stage: the baseline, its copy "
+                  "fine-tuned on the images the first stage escalates, and the copy fine-tuned as long on random "
+                  "images (the control):", "",
+                  "| point | escalated | its last stage | baseline | co-adapted | control | co-adapted - control | "
+                  "co-adapted - baseline |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, c in report["coadaptation"].items():
+            lines.append(f"| {name} | {c['escalated'] * 100:.1f}% | `{c['network']}` | {c['top1']['baseline']:.4f} | "
+                         f"{c['top1']['coadapted']:.4f} | {c['top1']['shuffled']:.4f} | "
+                         f"{ci(c['coadapted_minus_shuffled'])} | {ci(c['coadapted_minus_baseline'])} |")
     return "\n".join(lines) + "\n"
 
 
