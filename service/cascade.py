@@ -14,6 +14,8 @@ The confidence and blend functions here are the ones training fits thresholds wi
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,18 +192,31 @@ class CascadeRunner:
         return logits, probs, [Trace(self, int(a), tuple(confidences[i, : a + 1].tolist())) for i, a in enumerate(answered)]
 
     def _run_one(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Trace]]:
-        """`run` for one row (the common case at batch 1): the same stages and rule, none of the
-        row bookkeeping."""
+        """`run` for one row (the common case at batch 1): the same stages and rule on the row's
+        ten-odd values as Python floats, where each numpy call on so small an array costs more than
+        its arithmetic (equal to `run`'s to rounding: tests/test_cascade_serving.py)."""
         confidences = []
-        previous = None
+        previous = None  # the previous stage's probabilities
         for s, stage in enumerate(self.stages):
-            own = stage.logits(x)
-            out = own if previous is None or not stage.blend else mix(own, previous, stage.blend)
-            e, total = exps(out)
-            sure = float(CONFIDENCES[stage.confidence](e, total)[0])
+            out = stage.logits(x)[0].tolist()
+            if previous is not None and stage.blend:
+                share = stage.blend
+                own = _probabilities_one(out)
+                out = [math.log((1.0 - share) * p + share * q) for p, q in zip(own, previous)]
+            top = max(out)
+            e = [math.exp(v - top) for v in out]
+            total = sum(e)
+            sure = 1.0 / total if stage.confidence == "max_softmax" else (1.0 - heapq.nlargest(2, e)[1]) / total
             confidences.append(sure)
-            previous = e / total[:, None]
+            previous = [v / total for v in e]
             if stage.threshold is None or sure >= stage.threshold:
-                return (out.astype(np.float32, copy=False), previous.astype(np.float32),
-                        [Trace(self, s, tuple(confidences))])
+                return np.array([out], np.float32), np.array([previous], np.float32), [Trace(self, s, tuple(confidences))]
         raise AssertionError("the last stage has no threshold: it always answers")
+
+
+def _probabilities_one(logits: list[float]) -> list[float]:
+    """The softmax of one row given as Python floats (`probabilities`, row by row)."""
+    top = max(logits)
+    e = [math.exp(v - top) for v in logits]
+    total = sum(e)
+    return [v / total for v in e]

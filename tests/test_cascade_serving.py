@@ -61,12 +61,18 @@ def test_each_stage_answers_as_its_network_run_alone(cascade_bundle):
     assert [t.stage.resolution for t in result.traces] == [16 if s else 32 for s in stops]
 
 
-def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle):
+@pytest.mark.parametrize("kind, share", [("max_softmax", 0.0), ("margin", 0.3)])
+def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle, tmp_path, kind, share):
     """The single-row path (batch 1, the common case) stops each image at the same stage, with the
-    same logits and confidences, as the batched path."""
-    out, _ = cascade_bundle
-    executor = Executor(load_bundle(out))
+    same logits, probabilities and confidences, as the batched path, for each confidence kind, blended or not."""
+    out = tmp_path / "bundle"
+    shutil.copytree(cascade_bundle[0], out)
     x = _inputs(24, seed=3)
+    low = _torch(cascade_bundle[1]["models"]["mobilenet_v2@16"], x, 16)
+    threshold = float(np.median(serving.confidence(kind, low)))
+    _edit(out, lambda d: (d["cascades"][0]["stages"][0].update(confidence=kind, threshold=threshold),
+                          d["cascades"][0]["stages"][1].update(blend=share)))
+    executor = Executor(load_bundle(out))
     batch = executor.run(x, operating_point="fast")
     assert len({t.answered for t in batch.traces}) == 2
     for row in range(len(x)):
@@ -74,6 +80,8 @@ def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle):
         assert alone.traces[0].answered == batch.traces[row].answered
         assert alone.traces[0].confidences == pytest.approx(batch.traces[row].confidences, abs=1e-9)
         assert np.abs(alone.logits[0] - batch.logits[row]).max() < 1e-5
+        assert np.abs(alone.probabilities[0] - batch.probabilities[row]).max() < 1e-6
+        assert alone.logits.dtype == alone.probabilities.dtype == np.float32
 
 
 def test_a_blending_stage_mixes_the_previous_answer_in(cascade_bundle, tmp_path):
