@@ -197,7 +197,7 @@ def process(state, jobs: list[Job]) -> list:
         choice = jobs[i].payload.choice
         points += [choice.operating_point] * len(rows)
         given += [choice.executed] * len(rows)
-    result = state.executor.run_batch(np.stack(inputs), points, given)
+    result = state.executor.run_batch(inputs[0][None] if len(inputs) == 1 else np.stack(inputs), points, given)
     metrics = state.metrics
     metrics.batch_size.observe(len(inputs))
     decode_s = t1 - t0
@@ -229,13 +229,13 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     costs = state.costs
     choice = request.choice
     executed = result.executed[row]
-    latency_ms, mflops = observe(state, result, row, choice, stages)
+    code = code or architecture.encode(executed)
+    latency_ms, mflops = observe(state, result, row, choice, stages, code)
     trace = result.trace(row)
     classes = state.manifest.classes
     probs = result.probabilities[row]
     order = np.argsort(-probs, kind="stable")[: request.top_k]
     scores = [{"index": int(i), "label": classes[i], "probability": float(probs[i])} for i in order]
-    code = code or architecture.encode(executed)
     latency = {stage: round(v * 1e3, 4) for stage, v in stages.items()}
     latency["total"] = round((time.perf_counter() - request.t_start) * 1e3, 4)
     latency["batch"] = round(batch_s * 1e3, 4)
@@ -264,7 +264,7 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     }
 
 
-CELLS_CACHED = 1024  # architectures whose `cells` list a model keeps
+CELLS_CACHED = 1024  # architectures whose `cells` list (and costs, by operating point) a model keeps
 
 
 def cells(state, executed: np.ndarray, code: str) -> list[dict]:
@@ -280,16 +280,23 @@ def cells(state, executed: np.ndarray, code: str) -> list[dict]:
     return listed
 
 
-def observe(state, result, row: int, choice: Choice, stages: dict[str, float]) -> tuple[float, float]:
+def observe(state, result, row: int, choice: Choice, stages: dict[str, float],
+            code: str | None = None) -> tuple[float, float]:
     """Observe one image's metrics (architecture, operating point, stages); its estimated latency
-    (ms) and MFLOPs."""
+    (ms) and MFLOPs (`code`: its architecture's, when known: the costs are then looked up once per code)."""
     metrics, costs = state.metrics, state.costs
     executed = result.executed[row]
     point = result.point(row)
     trace = result.trace(row)
     if trace is None:
-        latency_ms = float(costs.latency_ms(executed[None], point)[0])
-        mflops = float(costs.mflops(executed[None], point)[0])
+        held = None if code is None else state.costs_by_code.get((code, point))
+        if held is None:
+            held = float(costs.latency_ms(executed[None], point)[0]), float(costs.mflops(executed[None], point)[0])
+            if code is not None:
+                if len(state.costs_by_code) >= CELLS_CACHED:
+                    state.costs_by_code.clear()
+                state.costs_by_code[(code, point)] = held
+        latency_ms, mflops = held
     else:
         latency_ms, mflops = trace.estimated_ms, trace.mflops
         if trace.escalated:

@@ -72,6 +72,9 @@ class Executor:
             matrix = architecture.decode(manifest.fixed_architecture, self.space.num_cells, self.space.num_modules)
             self.fixed = architecture.apply_empty_cell_rule(matrix[None], self.space)[0]
         self.fixed_code = None if self.fixed is None else architecture.encode(self.fixed)
+        self._fixed_one = None if self.fixed is None else self.fixed[None]  # a batch of one's, read only
+        if self._fixed_one is not None:
+            self._fixed_one.flags.writeable = False
         self._stem, self._head = _Graph(bundle.stem), _Graph(bundle.head)
         self._blocks = [[_Graph(bundle.blocks[(c.index, m)]) for m in range(len(c.modules))] for c in self.space.cells]
         self.costs = CostTable.of_manifest(manifest)
@@ -126,7 +129,7 @@ class Executor:
             raise ValueError(f"{n} rows but {len(points)} points and {len(given)} architectures")
         t0 = time.perf_counter()
         if self.fixed is not None and all(g is None for g in given):  # a static bundle's request: nothing to choose
-            executed = np.broadcast_to(self.fixed, (n, *self.fixed.shape))
+            executed = self._fixed_one if n == 1 else np.broadcast_to(self.fixed, (n, *self.fixed.shape))
             t1 = time.perf_counter()
             logits, fused_rows = self.backbone(x, executed, self.fixed_code)
             t2 = time.perf_counter()

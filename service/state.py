@@ -45,6 +45,8 @@ class ServiceState:
         # The `architecture.cells` list of a response, by architecture code (service.classification.cells);
         # bounded, as codes a client sends are as many as it likes.
         self.cells_by_code: dict[str, list] = {}
+        # (estimated ms, MFLOPs) by (architecture code, operating point), as service.classification.observe charges them
+        self.costs_by_code: dict[tuple[str, str | None], tuple[float, float]] = {}
         # every series a cascade can move, exported at 0 from the start
         for point, runner in self.executor.cascades.items():
             self.metrics.escalations.labels(point)
