@@ -200,6 +200,8 @@ def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_ru
         assert control["shuffled"]["escalated"] == pytest.approx(entry["escalated"])
         assert control["static_twin"]["code"] in ("mobilenet_v2@16/1111", f"{point.stages[-1].network}/1111")
         assert entry["latency"]["per_block"]["mean_ms"] > 0 and entry["latency"]["fused"]["mean_ms"] > 0
+        # the oracle is as accurate as the point, escalating only images it fixes
+        assert entry["oracle"]["top1"] == pytest.approx(entry["top1"]) and entry["oracle"]["escalated"] <= entry["escalated"]
         # co-adaptation at the point's own threshold: its shipped last stage gives the point's answers
         c = report["coadaptation"][point.name]
         assert c["escalated"] == pytest.approx(entry["escalated"]) and c["network"] == point.stages[-1].network
@@ -207,7 +209,21 @@ def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_ru
         assert c["top1"][shipped] == pytest.approx(entry["top1"], abs=0.011)
         assert set(c["top1"]) == {"baseline", "coadapted", "shuffled"}
         assert c["coadapted_minus_shuffled"]["low"] <= c["coadapted_minus_shuffled"]["high"]
-    assert "Co-adaptation" in (smoke_run / "report" / "FRONTIER.md").read_text()
+    frontier = (smoke_run / "report" / "FRONTIER.md").read_text()
+    assert "Co-adaptation" in frontier and "oracle" in frontier
+
+
+def test_a_cascade_oracle_escalates_only_what_it_must_fix():
+    from training.report import cascade_oracle
+
+    correct = np.array([[1, 1, 0, 0, 0, 1, 0, 1, 1, 1],
+                        [1, 0, 1, 1, 0, 1, 0, 1, 1, 0]], bool)  # first stage 6/10; 2 images only the last gets
+    o = cascade_oracle([0.1, 0.3], correct, 0.8, point_ms=0.2)
+    assert (o["escalated"], o["top1"]) == (0.2, 0.8) and o["estimated_latency_ms"] == pytest.approx(0.16)
+    assert o["gap_recovered"] == pytest.approx((0.3 - 0.2) / (0.3 - 0.16))
+    assert cascade_oracle([0.1, 0.3], correct, 0.9, 0.2)["escalated"] == 0.2  # all it can fix
+    assert cascade_oracle([0.1, 0.3], correct, 0.5, 0.2)["estimated_latency_ms"] == pytest.approx(0.1)
+    assert cascade_oracle([0.1, 0.2, 0.3], np.ones((3, 4), bool), 1.0, 0.2) is None
 
 
 def test_the_default_point_is_the_fastest_within_the_tolerance():

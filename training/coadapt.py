@@ -95,6 +95,8 @@ def run(ctx: Context) -> dict | None:
     right = predict(baseline.load(ctx), ctx.batches("val")).argmax(1) == labels
     print(f"coadapt: the baseline's validation top-1 {right.mean():.4f}, {right[val_routed].mean():.4f} on the "
           f"{cfg.share:g} the first stage is least sure about", flush=True)
+    if not ctx.run.checkpoint("coadapt").exists():
+        ctx.run.log("coadapt", val_top1_baseline=float(right.mean()), val_routed_top1_baseline=float(right[val_routed].mean()))
 
     def step(x, y, generator, _step, forward):
         with torch.no_grad():

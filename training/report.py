@@ -372,6 +372,8 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
                           for s in np.unique(answered)},
         "difficulty_spearman": spearman(estimated, difficulty),
         "vs_baseline": bootstrap_difference(correct, base_correct, cfg.resamples, ctx.config.seed),
+        "oracle": cascade_oracle([stage.estimated_ms for stage in runner.stages], answer_correct, float(correct.mean()),
+                                 float(estimated.mean())),
     }
     control = {
         "shuffled": {"top1": float(s_correct.mean()), "escalated": float((shuffled > 0).mean()),
@@ -383,6 +385,24 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
     }
     return entry, control, {"correct": correct, "executed": executed, "estimated": estimated, "answered": answered,
                             "first": own[0]}
+
+
+def cascade_oracle(stage_ms: list[float], answer_correct: np.ndarray, top1: float, point_ms: float) -> dict | None:
+    """The cheapest per-image choice between a two-stage cascade's answers (`answer_correct`: each
+    stage's, as the cascade gives it, on every image) that reaches `top1`: it escalates only images
+    the first stage gets wrong and the last right, and only as many as it needs. `gap_recovered`:
+    how much of the oracle's saving over the last stage alone the point (at `point_ms`) has; all
+    costs are the cost model's estimates. None for other cascades."""
+    if len(stage_ms) != 2:
+        return None
+    n = answer_correct.shape[1]
+    first = int(answer_correct[0].sum())
+    fixable = int((~answer_correct[0] & answer_correct[1]).sum())
+    escalated = min(max(int(np.ceil(round(top1 * n - first, 6))), 0), fixable)
+    ms = stage_ms[0] + escalated / n * stage_ms[1]
+    full = stage_ms[1]
+    return {"top1": (first + escalated) / n, "escalated": escalated / n, "estimated_latency_ms": ms,
+            "gap_recovered": (full - point_ms) / (full - ms) if full > ms else None}
 
 
 def coadaptation(ctx: Context, adapted: dict, cascades: list, per_image: dict, labels: np.ndarray) -> dict:
@@ -462,6 +482,19 @@ def frontier_table(report: dict) -> str:
                      f"`{c['static_twin']['code']}` | {c['static_twin']['top1']:.4f} | "
                      f"{ci(c['static_twin']['point_minus_control'])} | {p['difficulty_spearman']:+.3f} | "
                      f"{ci(p['vs_baseline'])} |")
+    oracles = {name: p["oracle"] for name, p in report["points"].items() if p.get("oracle")}
+    if oracles:
+        lines += ["", "Each cascade against its oracle: the cheapest choice, image by image, between its two answers "
+                  "that is as accurate on these images (it escalates only images the first stage gets wrong and the "
+                  "last right); costs are the cost model's estimates, and the share is how much of the oracle's "
+                  "saving over the last stage alone the point has:", "",
+                  "| point | escalated | oracle escalated | estimated ms | oracle estimated ms | share of the oracle's saving |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, o in oracles.items():
+            p = report["points"][name]
+            share = "" if o["gap_recovered"] is None else f"{o['gap_recovered']:.2f}"
+            lines.append(f"| {name} | {p['escalated'] * 100:.1f}% | {o['escalated'] * 100:.1f}% | "
+                         f"{p['estimated_latency_ms']:.3f} | {o['estimated_latency_ms']:.3f} | {share} |")
     if report.get("coadaptation"):
         lines += ["", "Co-adaptation (phase `coadapt`): each cascade at its own threshold, so the same images escalate "
                   "at the same cost, with each full-resolution network as its last stage: the baseline, its copy "
