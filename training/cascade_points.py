@@ -3,8 +3,10 @@ networks of the bundle, thresholds fitted on the validation split, figures measu
 
 Each cascade runs the lowest-resolution twin first and sends the images it is not confident
 about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
-escalates (phase `coadapt`). One point per `export.cascade_tolerances`: of every last stage,
-confidence kind and blend, the cheapest threshold whose validation top-1 is within that many points
+escalates (phase `coadapt`), where that copy is better than the baseline on the validation images
+the twin is least sure about (the images it was trained for; more candidates are more chances for a
+lucky fit). One point per `export.cascade_tolerances`: of every last stage, confidence kind and
+blend, the cheapest threshold whose validation top-1 is within that many points
 of the baseline's, cost estimated from the networks' measured tables as the service estimates it.
 """
 
@@ -91,7 +93,8 @@ def members(ctx: Context, table: dict) -> list[Member]:
 
 def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[str, dict]]:
     """One cascade per tolerance (first: the lowest resolution, last: a full-resolution network),
-    fitted on validation: of every last stage, confidence kind and blend (`export.cascade_blends`),
+    fitted on validation: of every last stage (the co-adapted copy only where it beats the baseline on
+    the validation images the first stage is least sure about), confidence kind and blend (`export.cascade_blends`),
     the cheapest threshold from which on the cascade stays within the tolerance of the baseline
     (training.cascade.fit), the more accurate on a tie; and each point's validation figures
     {top1, latency_ms, escalated, confidence, threshold, blend, network}."""
@@ -101,6 +104,18 @@ def fit_points(ctx: Context, nets: list[Member]) -> tuple[list[Cascade], dict[st
     labels = np.concatenate([y.numpy() for _, y in ctx.batches("val")])
     logits = {n.name: n.logits(ctx, "val") for n in (first, *lasts)}
     first_right = logits[first.name].argmax(1) == labels
+    if COADAPTED in logits:  # a candidate only where it does what it was trained for
+        cfg = ctx.config.coadapt
+        hard = coadapt.routed(cascade.confidence(cfg.confidence, logits[first.name]), cfg.share)
+        routed = {name: float((logits[name].argmax(1) == labels)[hard].mean()) for name in (BASELINE, COADAPTED)}
+        kept = routed[COADAPTED] > routed[BASELINE]
+        ctx.run.log("export", coadapted_routed_val_top1=routed[COADAPTED], baseline_routed_val_top1=routed[BASELINE],
+                    coadapted_candidate=kept)
+        print(f"export: on the {cfg.share:g} of validation images the first stage is least sure about, the co-adapted "
+              f"copy {routed[COADAPTED]:.4f}, the baseline {routed[BASELINE]:.4f}: "
+              f"{'a' if kept else 'not a'} last-stage candidate", flush=True)
+        if not kept:
+            lasts = [n for n in lasts if n.name != COADAPTED]
     first_ms = first.cost()[0]
     base_top1 = float((logits[BASELINE].argmax(1) == labels).mean())
     points, figures = [], {}
