@@ -214,16 +214,18 @@ def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_ru
 
 
 def test_a_cascade_oracle_escalates_only_what_it_must_fix():
-    from training.report import cascade_oracle
+    from training.report import cascade_oracle, oracle_share
 
     correct = np.array([[1, 1, 0, 0, 0, 1, 0, 1, 1, 1],
                         [1, 0, 1, 1, 0, 1, 0, 1, 1, 0]], bool)  # first stage 6/10; 2 images only the last gets
-    o = cascade_oracle([0.1, 0.3], correct, 0.8, point_ms=0.2)
-    assert (o["escalated"], o["top1"]) == (0.2, 0.8) and o["estimated_latency_ms"] == pytest.approx(0.16)
-    assert o["gap_recovered"] == pytest.approx((0.3 - 0.2) / (0.3 - 0.16))
-    assert cascade_oracle([0.1, 0.3], correct, 0.9, 0.2)["escalated"] == 0.2  # all it can fix
-    assert cascade_oracle([0.1, 0.3], correct, 0.5, 0.2)["estimated_latency_ms"] == pytest.approx(0.1)
-    assert cascade_oracle([0.1, 0.2, 0.3], np.ones((3, 4), bool), 1.0, 0.2) is None
+    o = cascade_oracle(correct, 0.8)
+    assert (o["escalated"], o["top1"]) == (0.2, 0.8)
+    assert cascade_oracle(correct, 0.9)["escalated"] == 0.2  # all it can fix
+    assert cascade_oracle(correct, 0.5)["escalated"] == 0
+    assert cascade_oracle(np.ones((3, 4), bool), 1.0) is None
+    priced = oracle_share(o, [0.1, 0.3], point_ms=0.2, baseline_ms=0.3)
+    assert priced["fused_ms"] == pytest.approx(0.16) and priced["gap_recovered"] == pytest.approx(0.1 / 0.14)
+    assert oracle_share(o, [0.1, 0.3], 0.2, baseline_ms=0.15)["gap_recovered"] is None
 
 
 def test_the_default_point_is_the_fastest_within_the_tolerance():

@@ -302,6 +302,9 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
               f"{control['shuffled']['top1']:.4f}, best static {control['static_twin']['code']} "
               f"{control['static_twin']['top1']:.4f}", flush=True)
     dynamic[True].warm_cascades()
+    for runner in dynamic[True].executor.cascades.values():  # each stage alone, fused, as the cascade runs it
+        for stage in runner.stages:
+            calls.setdefault(f"stage/{stage.network}/{stage.code}", (lambda st: lambda i: st.logits(xt[i : i + 1]))(stage))
     adapted = coadapt.load(ctx)
     if adapted and manifest.cascades:
         report["coadaptation"] = coadaptation(ctx, adapted, manifest.cascades, per_image, labels)
@@ -314,6 +317,7 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
     dynamic[True].warm([code for code, _ in sorted(counts.items(), key=lambda t: -t[1])])
     # every model and control timed in one pass, in rounds
     timing = time_in_rounds(calls, len(timed))
+    cascade_runners = dynamic[True].executor.cascades
     for served in (*dynamic.values(), *static.values()):
         served.close()
     report["baseline"]["latency"] = {"per_block": timing["baseline/per_block"], "fused": timing["baseline/fused"]}
@@ -322,6 +326,11 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
         p["latency"] = {"per_block": timing[f"{point}/per_block"], "fused": timing[f"{point}/fused"]}
         p["relative_to_baseline"] = p["latency"]["per_block"]["mean_ms"] / base_ms
         p["relative_to_baseline_fused"] = p["latency"]["fused"]["mean_ms"] / base_fused_ms
+        if p.get("oracle"):
+            runner = cascade_runners[point]
+            p["oracle"] = oracle_share(p["oracle"], [timing[f"stage/{st.network}/{st.code}"]["mean_ms"]
+                                                     for st in runner.stages],
+                                       p["latency"]["fused"]["mean_ms"], base_fused_ms)
         for kind in ("shuffled", "static_twin"):
             # a cascade's shuffled control runs its stages as often as it does: the same cost
             timed_as = f"{point}/{kind}" if f"{point}/{kind}" in timing else f"{point}/per_block"
@@ -372,8 +381,7 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
                           for s in np.unique(answered)},
         "difficulty_spearman": spearman(estimated, difficulty),
         "vs_baseline": bootstrap_difference(correct, base_correct, cfg.resamples, ctx.config.seed),
-        "oracle": cascade_oracle([stage.estimated_ms for stage in runner.stages], answer_correct, float(correct.mean()),
-                                 float(estimated.mean())),
+        "oracle": cascade_oracle(answer_correct, float(correct.mean())),
     }
     control = {
         "shuffled": {"top1": float(s_correct.mean()), "escalated": float((shuffled > 0).mean()),
@@ -387,22 +395,25 @@ def cascade_figures(ctx: Context, served: Served, point: str, x: np.ndarray, lab
                             "first": own[0]}
 
 
-def cascade_oracle(stage_ms: list[float], answer_correct: np.ndarray, top1: float, point_ms: float) -> dict | None:
+def cascade_oracle(answer_correct: np.ndarray, top1: float) -> dict | None:
     """The cheapest per-image choice between a two-stage cascade's answers (`answer_correct`: each
     stage's, as the cascade gives it, on every image) that reaches `top1`: it escalates only images
-    the first stage gets wrong and the last right, and only as many as it needs. `gap_recovered`:
-    how much of the oracle's saving over the last stage alone the point (at `point_ms`) has; all
-    costs are the cost model's estimates. None for other cascades."""
-    if len(stage_ms) != 2:
+    the first stage gets wrong and the last right, and only as many as it needs. None for other cascades."""
+    if len(answer_correct) != 2:
         return None
     n = answer_correct.shape[1]
     first = int(answer_correct[0].sum())
     fixable = int((~answer_correct[0] & answer_correct[1]).sum())
     escalated = min(max(int(np.ceil(round(top1 * n - first, 6))), 0), fixable)
-    ms = stage_ms[0] + escalated / n * stage_ms[1]
-    full = stage_ms[1]
-    return {"top1": (first + escalated) / n, "escalated": escalated / n, "estimated_latency_ms": ms,
-            "gap_recovered": (full - point_ms) / (full - ms) if full > ms else None}
+    return {"top1": (first + escalated) / n, "escalated": escalated / n}
+
+
+def oracle_share(oracle: dict, stage_ms: list[float], point_ms: float, baseline_ms: float) -> dict:
+    """`oracle` (cascade_oracle) priced with its stages' measured latencies alone (`stage_ms`), and the
+    share of its saving over the baseline (`baseline_ms`) that the point (`point_ms`) has."""
+    ms = stage_ms[0] + oracle["escalated"] * stage_ms[1]
+    return {**oracle, "fused_ms": ms,
+            "gap_recovered": (baseline_ms - point_ms) / (baseline_ms - ms) if baseline_ms > ms else None}
 
 
 def coadaptation(ctx: Context, adapted: dict, cascades: list, per_image: dict, labels: np.ndarray) -> dict:
@@ -486,15 +497,15 @@ def frontier_table(report: dict) -> str:
     if oracles:
         lines += ["", "Each cascade against its oracle: the cheapest choice, image by image, between its two answers "
                   "that is as accurate on these images (it escalates only images the first stage gets wrong and the "
-                  "last right); costs are the cost model's estimates, and the share is how much of the oracle's "
-                  "saving over the last stage alone the point has:", "",
-                  "| point | escalated | oracle escalated | estimated ms | oracle estimated ms | share of the oracle's saving |",
+                  "last right), priced with its stages timed alone (fused cache, batch 1); the share is how much of "
+                  "the oracle's saving over the baseline the point has:", "",
+                  "| point | escalated | oracle escalated | fused ms | oracle fused ms | share of the oracle's saving |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for name, o in oracles.items():
             p = report["points"][name]
-            share = "" if o["gap_recovered"] is None else f"{o['gap_recovered']:.2f}"
+            share = "" if o.get("gap_recovered") is None else f"{o['gap_recovered']:.2f}"
             lines.append(f"| {name} | {p['escalated'] * 100:.1f}% | {o['escalated'] * 100:.1f}% | "
-                         f"{p['estimated_latency_ms']:.3f} | {o['estimated_latency_ms']:.3f} | {share} |")
+                         f"{p['latency']['fused']['mean_ms']:.3f} | {o['fused_ms']:.3f} | {share} |")
     if report.get("coadaptation"):
         lines += ["", "Co-adaptation (phase `coadapt`): each cascade at its own threshold, so the same images escalate "
                   "at the same cost, with each full-resolution network as its last stage: the baseline, its copy "
