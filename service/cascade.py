@@ -202,7 +202,8 @@ class CascadeRunner:
             if previous is not None and stage.blend:
                 share = stage.blend
                 own = _probabilities_one(out)
-                out = [math.log((1.0 - share) * p + share * q) for p, q in zip(own, previous)]
+                mixed = [(1.0 - share) * p + share * q for p, q in zip(own, previous)]
+                out = [math.log(m) if m > 0 else -math.inf for m in mixed]  # as numpy's log(0): no error
             top = max(out)
             e = [math.exp(v - top) for v in out]
             total = sum(e)

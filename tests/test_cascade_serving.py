@@ -262,3 +262,24 @@ def test_v2_outputs_the_resolution_and_the_escalation(cascade_server):
         assert {"name": "resolution", "datatype": "INT64", "shape": [-1]} in meta["outputs"]
     finally:
         client.close()
+
+
+def test_one_image_whose_blend_underflows_answers_as_the_batch_does():
+    """Logits so far apart that both stages give a class probability 0: the blend's log is -inf for
+    it, on the single-row path as on the batched one (numpy), not an error."""
+    import types
+    import warnings
+
+    far = np.array([[0.0, -1000.0, -1000.0]], np.float32)
+    stages = [types.SimpleNamespace(logits=lambda x: np.repeat(far, len(x), 0), blend=0.0, confidence="margin",
+                                    threshold=1.5),  # every image escalates
+              types.SimpleNamespace(logits=lambda x: np.repeat(far[:, ::-1], len(x), 0), blend=0.3,
+                                    confidence="max_softmax", threshold=None)]
+    runner = serving.CascadeRunner.__new__(serving.CascadeRunner)
+    runner.name, runner.stages = "far", stages
+    alone = runner.run(np.zeros((1, 3, 2, 2), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's log(0)
+        batch = runner.run(np.zeros((2, 3, 2, 2), np.float32))
+    assert alone[0][0, 1] == batch[0][0, 1] == -np.inf and alone[2][0].answered == 1
+    assert np.allclose(alone[0][0, [0, 2]], batch[0][0, [0, 2]]) and np.allclose(alone[1][0], batch[1][0])
