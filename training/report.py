@@ -31,7 +31,7 @@ import torch
 
 from service import architecture, imaging
 from service.bundle import load_bundle
-from service.cascade import blend, pool
+from service.cascade import blend, confidence, pool
 from service.executor import Executor
 from service.manifest import static_twin_folder
 from service.fused import FusedCache
@@ -342,7 +342,7 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
     report["machine"] = manifest.profile.machine
     write_atomic(out_dir / "report.json", json.dumps(report, indent=1).encode())
     write_atomic(out_dir / "FRONTIER.md", frontier_table(report).encode())
-    plots(report, ctx, per_image, difficulty, out_dir)
+    plots(report, ctx, per_image, difficulty, out_dir, manifest.default_controller, cascade_runners)
     ctx.run.log("report", folder=str(out_dir), **{f"{p}_top1": v["top1"] for p, v in report["points"].items()})
     return report
 
@@ -520,7 +520,8 @@ def frontier_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, out_dir: Path) -> None:
+def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, out_dir: Path,
+          default: str | None = None, cascades: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -569,9 +570,12 @@ def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, o
         fig.savefig(out_dir / "learning_curve.png", dpi=120)
         plt.close(fig)
 
-    # easiest and hardest images for the default point: cheapest and costliest architectures
-    point = names[len(names) // 2] if names else None
+    # the default point's easiest and hardest images, and what ran for each
+    point = default if default in per_image else (names[len(names) // 2] if names else None)
     if point is None:
+        return
+    if cascades and point in cascades:
+        _cascade_difficulty(ctx, cascades[point], per_image[point], out_dir)
         return
     estimated, executed = per_image[point]["estimated"], per_image[point]["executed"]
     order = np.argsort(estimated, kind="stable")
@@ -591,6 +595,33 @@ def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, o
         axes[2 * r, 0].set_ylabel(title, fontsize=9)
     fig.suptitle(f"Operating point {point}: the images given the cheapest and the costliest architectures "
                  f"(grid: modules x cells, black = ran)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / "difficulty.png", dpi=110)
+    plt.close(fig)
+
+
+def _cascade_difficulty(ctx: Context, runner, images: dict, out_dir: Path, count: int = 8) -> None:
+    """A cascade's easiest and hardest test images: those its first stage is surest about (answered
+    there) and least sure about (escalated), each with what ran and whether the answer was right."""
+    from matplotlib import pyplot as plt
+
+    first = runner.stages[0]
+    sure = confidence(first.confidence, images["first"])
+    order = np.argsort(-sure, kind="stable")
+    picks = [("easiest", order[:count]), ("hardest", order[::-1][:count])]
+    fig, axes = plt.subplots(2, count, figsize=(1.45 * count, 4.2))
+    for r, (title, idx) in enumerate(picks):
+        for c, i in enumerate(idx):
+            ax = axes[r, c]
+            ax.imshow(ctx.test.images[i])
+            ran = " + ".join(f"{runner.stages[s].resolution}" for s in range(images["answered"][i] + 1))
+            ax.set_title(f"{ctx.test.classes[ctx.test.labels[i]]}, {'right' if images['correct'][i] else 'wrong'}\n"
+                         f"{first.confidence.replace('_', ' ')} {sure[i]:.2f}\nran {ran}", fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(title, fontsize=9)
+    fig.suptitle(f"Operating point {runner.name}: the test images its {first.resolution}x{first.resolution} stage is "
+                 f"surest and least sure about, and the resolutions that ran", fontsize=9)
     fig.tight_layout()
     fig.savefig(out_dir / "difficulty.png", dpi=110)
     plt.close(fig)
