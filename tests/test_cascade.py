@@ -228,6 +228,31 @@ def test_a_cascade_oracle_escalates_only_what_it_must_fix():
     assert oracle_share(o, [0.1, 0.3], 0.2, baseline_ms=0.15)["gap_recovered"] is None
 
 
+def test_a_cascades_static_twin_is_the_best_stage_it_can_afford_as_measured():
+    from types import SimpleNamespace
+
+    from training.config import ReportConfig
+    from training.report import cascade_static_twin
+
+    ctx = SimpleNamespace(config=SimpleNamespace(report=ReportConfig(resamples=50), seed=0))
+    stages = [SimpleNamespace(network="net@16", code="11", resolution=16, estimated_ms=0.5),
+              SimpleNamespace(network="net", code="11", resolution=32, estimated_ms=0.8)]
+    runner = SimpleNamespace(stages=stages)
+    correct = np.array([1, 1, 1, 0], bool)
+    per_image = {"correct": correct, "stage_val_top1": [0.79, 0.85],
+                 "stage_correct": np.array([[1, 0, 0, 0], [1, 1, 1, 1]], bool)}
+    timed = [{"mean_ms": 0.14}, {"mean_ms": 0.40}]
+    # the point costs 0.30 ms as measured: the last stage alone (0.40) is not a twin at its cost,
+    # even though the per-block estimates (0.5 + escalations x 0.8) would price the point above it
+    twin = cascade_static_twin(ctx, runner, per_image, timed, point_ms=0.30)
+    assert (twin["code"], twin["stage"], twin["resolution"], twin["top1"]) == ("net@16/11", 0, 16, 0.25)
+    assert twin["point_minus_control"]["difference"] == pytest.approx(0.5)
+    # where the point costs as much as the last stage, the more accurate one (on validation) is the twin
+    assert cascade_static_twin(ctx, runner, per_image, timed, point_ms=0.40)["stage"] == 1
+    # cheaper than every stage: the cheapest stage stands in
+    assert cascade_static_twin(ctx, runner, per_image, timed, point_ms=0.10)["stage"] == 0
+
+
 def test_the_default_point_is_the_fastest_within_the_tolerance():
     from training.export import default_point
 
