@@ -36,6 +36,35 @@ def margin(exps: np.ndarray, total: np.ndarray) -> np.ndarray:
 
 
 CONFIDENCES = {"max_softmax": max_softmax, "margin": margin}
+KINDS = (*CONFIDENCES, "gate")  # every confidence a stage may use: `gate` needs the stage's weights
+
+
+def gate_features(exps: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """What a learned gate reads of each row's answer (training/gate.py): its probabilities sorted from
+    the top, their entropy, the top-2 margin and a one-hot of the top class; (N, 2 x classes + 2)."""
+    p = exps / total[:, None]
+    top = -np.sort(-p, axis=1)
+    entropy = -(p * np.log(np.maximum(p, 1e-12))).sum(1, keepdims=True)
+    named = np.zeros_like(p)
+    named[np.arange(len(p)), p.argmax(1)] = 1.0
+    return np.concatenate([top, entropy, top[:, :1] - top[:, 1:2], named], axis=1)
+
+
+def gate(weights, exps: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """A learned gate's confidence per row: one minus its probability that escalating pays, from its
+    logistic-regression `weights` (bias last) over `gate_features`."""
+    w = np.asarray(weights, np.float64)
+    z = gate_features(exps, total) @ w[:-1] + w[-1]
+    return 0.5 * (1.0 - np.tanh(0.5 * z))  # 1 - sigmoid(z), without overflow
+
+
+def sure(kind: str, exps: np.ndarray, total: np.ndarray, weights=None) -> np.ndarray:
+    """Each row's confidence of kind `kind` (KINDS), from `exps` (its gate's `weights` for `gate`)."""
+    if kind != "gate":
+        return CONFIDENCES[kind](exps, total)
+    if weights is None:
+        raise ValueError("confidence 'gate' needs the gate's weights (the stage's `gate`)")
+    return gate(weights, exps, total)
 
 
 def exps(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,9 +75,9 @@ def exps(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return e, e.sum(axis=1)
 
 
-def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
-    """Each row's confidence of kind `kind` (CONFIDENCES) in its top class, from its logits, in float64."""
-    return CONFIDENCES[kind](*exps(logits))
+def confidence(kind: str, logits: np.ndarray, weights=None) -> np.ndarray:
+    """Each row's confidence of kind `kind` (KINDS) in its top class, from its logits, in float64."""
+    return sure(kind, *exps(logits), weights)
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
@@ -95,6 +124,7 @@ class StageRunner:
     executed: np.ndarray  # (cells, modules) of the network's space, empty-cell rule applied
     code: str
     confidence: str
+    gate: tuple[float, ...] | None  # a learned gate's weights, bias last (confidence "gate")
     threshold: float | None
     blend: float  # the previous stage's share in this stage's answer (service.manifest.Stage)
     estimated_ms: float
@@ -159,7 +189,7 @@ class CascadeRunner:
             padded[:, : executed.shape[1]] = executed
             self.stages.append(StageRunner(
                 executor, stage.network, space.input_size, executed, architecture.encode(executed), stage.confidence,
-                stage.threshold, stage.blend, float(costs.latency_ms(executed[None])[0]),
+                None if stage.gate is None else tuple(stage.gate), stage.threshold, stage.blend, float(costs.latency_ms(executed[None])[0]),
                 float(costs.mflops(executed[None])[0]), padded))
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Trace]]:
@@ -179,9 +209,9 @@ class CascadeRunner:
             if logits is None:
                 logits, probs = (np.empty((n, out.shape[1]), np.float32) for _ in range(2))
             e, total = exps(out)
-            sure = CONFIDENCES[stage.confidence](e, total)
-            confidences[rows, s] = sure
-            stop = np.ones(len(rows), bool) if stage.threshold is None else sure >= stage.threshold
+            conf = sure(stage.confidence, e, total, stage.gate)
+            confidences[rows, s] = conf
+            stop = np.ones(len(rows), bool) if stage.threshold is None else conf >= stage.threshold
             p = e / total[:, None]
             logits[rows[stop]] = out[stop]
             probs[rows[stop]] = p[stop]
@@ -207,10 +237,15 @@ class CascadeRunner:
             top = max(out)
             e = [math.exp(v - top) for v in out]
             total = sum(e)
-            sure = 1.0 / total if stage.confidence == "max_softmax" else (1.0 - heapq.nlargest(2, e)[1]) / total
-            confidences.append(sure)
             previous = [v / total for v in e]
-            if stage.threshold is None or sure >= stage.threshold:
+            if stage.confidence == "max_softmax":
+                conf = 1.0 / total
+            elif stage.confidence == "margin":
+                conf = (1.0 - heapq.nlargest(2, e)[1]) / total
+            else:
+                conf = _gate_one(stage.gate, previous)
+            confidences.append(conf)
+            if stage.threshold is None or conf >= stage.threshold:
                 return np.array([out], np.float32), np.array([previous], np.float32), [Trace(self, s, tuple(confidences))]
         raise AssertionError("the last stage has no threshold: it always answers")
 
@@ -221,3 +256,13 @@ def _probabilities_one(logits: list[float]) -> list[float]:
     e = [math.exp(v - top) for v in logits]
     total = sum(e)
     return [v / total for v in e]
+
+
+def _gate_one(weights: tuple[float, ...], p: list[float]) -> float:
+    """`gate` for one row, given its probabilities as Python floats."""
+    n = len(p)
+    top = sorted(p, reverse=True)
+    entropy = -sum(v * math.log(max(v, 1e-12)) for v in p)
+    z = weights[-1] + sum(w * v for w, v in zip(weights, top)) + weights[n] * entropy
+    z += weights[n + 1] * (top[0] - top[1]) + weights[n + 2 + p.index(top[0])]
+    return 0.5 * (1.0 - math.tanh(0.5 * z))

@@ -7,6 +7,8 @@ here, and every file in the bundle is listed with its sha256.
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Literal
 
@@ -193,8 +195,6 @@ class Network(_Strict):
     resolution: int = Field(ge=1, description="Height = width of the network's input.")
 
 
-CONFIDENCES = ("max_softmax", "margin")
-
 
 class Stage(_Strict):
     """One stage of a cascade: an architecture of a network. The image stops here when the
@@ -202,8 +202,14 @@ class Stage(_Strict):
 
     network: str | None = Field(default=None, description="A name in `networks`; null: this bundle's own graphs.")
     architecture: str = Field(description="The architecture code that runs (service.architecture).")
-    confidence: Literal["max_softmax", "margin"] = Field(
-        default="max_softmax", description="The top class's probability, or its lead over the runner-up.")
+    confidence: Literal["max_softmax", "margin", "gate"] = Field(
+        default="max_softmax", description=(
+            "The top class's probability, its lead over the runner-up, or one minus the learned gate's "
+            "probability that escalating pays (`gate`)."))
+    gate: list[float] | None = Field(default=None, description=(
+        "With confidence `gate`: the gate's logistic-regression weights over the stage answer's features "
+        "(service.cascade.gate_features: its probabilities sorted from the top, their entropy, the top-2 "
+        "margin, a one-hot of the top class), then its bias: 2 x classes + 3 numbers."))
     threshold: float | None = Field(default=None, ge=0, le=1, description="Null on the last stage only.")
     blend: float = Field(default=0.0, ge=0, lt=1, description=(
         "The share of the previous stage's answer in this stage's: its probabilities are (1 - blend) x its "
@@ -228,6 +234,13 @@ class Cascade(_Strict):
                 raise ValueError(f"cascade {self.name!r}: stage {i} needs a threshold (only the last has none)")
         if self.stages[0].blend:
             raise ValueError(f"cascade {self.name!r}: the first stage has no previous answer to blend")
+        for i, stage in enumerate(self.stages):
+            if (stage.confidence == "gate") != (stage.gate is not None):
+                raise ValueError(f"cascade {self.name!r}, stage {i}: a gate's weights go with confidence 'gate', "
+                                 f"and only with it (confidence {stage.confidence!r}, "
+                                 f"{'no gate' if stage.gate is None else 'a gate'})")
+            if stage.gate is not None and not all(math.isfinite(w) for w in stage.gate):
+                raise ValueError(f"cascade {self.name!r}, stage {i}: the gate's weights must be finite numbers")
         return self
 
 
@@ -294,6 +307,10 @@ class Manifest(_Strict):
                 if stage.network is not None and stage.network not in networks:
                     raise ValueError(f"cascade {cascade.name!r}, stage {i}: network {stage.network!r} is not one of "
                                      f"{networks or 'the bundle (it has no networks)'}")
+                if stage.gate is not None and len(stage.gate) != 2 * len(self.classes) + 3:
+                    raise ValueError(f"cascade {cascade.name!r}, stage {i}: the gate has {len(stage.gate)} weights; "
+                                     f"{len(self.classes)} classes need {2 * len(self.classes) + 3} "
+                                     "(2 x classes features and their bias)")
         expected = {(c.index, m) for c in space.cells for m in range(len(c.modules))}
         listed = [(b.cell, b.module) for b in self.blocks]
         if sorted(listed) != sorted(expected):

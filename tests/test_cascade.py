@@ -122,7 +122,7 @@ def test_cascade_answers_by_hand():
                                       Stage(network="high", architecture="y", blend=0.25)])
     low = np.log(np.array([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]]))
     high = np.log(np.array([[0.1, 0.1, 0.8], [0.2, 0.6, 0.2]]))
-    final, answered = answers(point, {"low": low, "high": high})
+    final, answered = answers(point, {("low", "x"): low, ("high", "y"): high})
     assert answered.tolist() == [0, 1]
     assert np.exp(final[0]) == pytest.approx([0.7, 0.2, 0.1])
     assert np.exp(final[1]) == pytest.approx([0.75 * 0.2 + 0.25 * 0.5, 0.75 * 0.6 + 0.25 * 0.3, 0.75 * 0.2 + 0.25 * 0.2])
@@ -173,18 +173,46 @@ def test_the_copies_split_a_call_between_them():
         assert torch.allclose(both[2:], copies.copies[1].forward_selected(x[2:], path[2:]))
 
 
+def test_a_three_stage_fit_is_the_most_accurate_within_the_budget_by_hand():
+    from training.cascade import fit_three
+
+    # four images; whether each stage's answer is right: the first gets image 0, the second 0-1, the third 0-2
+    right = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]], bool)
+    first, second = np.array([0.9, 0.2, 0.3, 0.1]), np.array([0.9, 0.8, 0.2, 0.1])
+    # image 2 needs the third stage: escalating it escalates image 3 too (less sure at both stages)
+    best = fit_three(first, second, right, (1, 4, 8), budget=100)
+    assert best.top1 == 0.75 and best.escalated == (0.75, 0.5) and best.mflops == 8.0
+    assert 0.3 < best.thresholds[0] <= 0.9 and 0.2 < best.thresholds[1] <= 0.8
+    # a budget below that: image 1 alone is worth paying for (image 3 comes along, escalating at 0.1)
+    tight = fit_three(first, second, right, (1, 4, 8), budget=7.9)
+    assert (tight.top1, tight.escalated, tight.mflops) == (0.5, (0.5, 0.0), 3.0)
+    assert fit_three(first, second, right, (1, 4, 8), budget=0.5) is None  # not even the first stage fits
+    with pytest.raises(ValueError, match="every image"):
+        fit_three(first, second[:3], right, (1, 4, 8), budget=10)
+
+
 def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_run):
     from service.bundle import load_bundle
 
     m = load_bundle(smoke_run / "bundle").manifest
     # the cascades' networks and no other: the twin first, a full-resolution network last
-    used = {stage.network for c in m.cascades for stage in c.stages}
+    used = {stage.network for c in m.cascades for stage in c.stages} - {None}  # None: the bundle's own graphs
     assert sorted(n.name for n in m.networks) == sorted(used) and "mobilenet_v2@16" in used
     assert used <= {"mobilenet_v2", "mobilenet_v2-coadapted", "mobilenet_v2@16"}
     assert {n.name: n.resolution for n in m.networks}.get("mobilenet_v2@16") == 16
-    assert [c.name for c in m.cascades] == ["cascade-0", "cascade-0.3", "cascade-1", "cascade-2"]
+    assert [c.name for c in m.cascades] == ["cascade-0", "cascade-0.3", "cascade-1", "cascade-2", "cascade-top"]
     validation = m.training["validation"]
-    for point in m.cascades:
+    *pairs, top = m.cascades
+    # the most accurate point: twin, full-resolution network, then one of the meta-graph's frequent architectures
+    first, second, third = top.stages
+    figures = validation["cascade-top"]
+    assert first.network == "mobilenet_v2@16" and second.network == figures["network"]
+    assert third.network is None and third.architecture == figures["architecture"]
+    assert third.architecture in [f.code for f in m.frequent_architectures][:4] and third.blend in (0.3, 0.5)
+    assert [first.threshold, second.threshold] == pytest.approx(figures["threshold"], abs=1e-6)
+    assert figures["escalated_to_last"] <= figures["escalated"] == pytest.approx(top.validation.escalated, abs=1e-4)
+    assert top.evaluation.images == 200 and top.evaluation.mean_measured_latency_ms > 0
+    for point in pairs:
         first, last = point.stages
         assert first.network == "mobilenet_v2@16" and last.threshold is None
         assert last.network == validation[point.name]["network"] in ("mobilenet_v2", "mobilenet_v2-coadapted")
@@ -193,7 +221,9 @@ def test_the_export_adds_the_networks_and_cascades_fitted_on_validation(smoke_ru
         assert e.images == 200 and 0 <= e.escalated <= 1 and e.mean_measured_latency_ms > 0
     assert m.default_controller in validation
     report = json.loads((smoke_run / "report" / "report.json").read_text())
-    for point in m.cascades:
+    assert report["points"]["cascade-top"]["oracle"] is None and "cascade-top" not in report["coadaptation"]
+    assert report["controls"]["cascade-top"]["static_twin"]["stage"] in (0, 1, 2)
+    for point in pairs:
         entry, control = report["points"][point.name], report["controls"][point.name]
         assert entry["escalated"] == pytest.approx(point.evaluation.escalated, abs=1e-9)
         assert entry["top1"] == pytest.approx(point.evaluation.top1, abs=1e-4)

@@ -61,7 +61,11 @@ def test_each_stage_answers_as_its_network_run_alone(cascade_bundle):
     assert [t.stage.resolution for t in result.traces] == [16 if s else 32 for s in stops]
 
 
-@pytest.mark.parametrize("kind, share", [("max_softmax", 0.0), ("margin", 0.3)])
+def _gate_weights(classes: int, seed: int = 5) -> list[float]:
+    return np.random.default_rng(seed).normal(scale=2.0, size=2 * classes + 3).tolist()
+
+
+@pytest.mark.parametrize("kind, share", [("max_softmax", 0.0), ("margin", 0.3), ("gate", 0.2)])
 def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle, tmp_path, kind, share):
     """The single-row path (batch 1, the common case) stops each image at the same stage, with the
     same logits, probabilities and confidences, as the batched path, for each confidence kind, blended or not."""
@@ -69,8 +73,9 @@ def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle, tmp_path,
     shutil.copytree(cascade_bundle[0], out)
     x = _inputs(24, seed=3)
     low = _torch(cascade_bundle[1]["models"]["mobilenet_v2@16"], x, 16)
-    threshold = float(np.median(serving.confidence(kind, low)))
-    _edit(out, lambda d: (d["cascades"][0]["stages"][0].update(confidence=kind, threshold=threshold),
+    weights = _gate_weights(low.shape[1]) if kind == "gate" else None
+    threshold = float(np.median(serving.confidence(kind, low, weights)))
+    _edit(out, lambda d: (d["cascades"][0]["stages"][0].update(confidence=kind, threshold=threshold, gate=weights),
                           d["cascades"][0]["stages"][1].update(blend=share)))
     executor = Executor(load_bundle(out))
     batch = executor.run(x, operating_point="fast")
@@ -82,6 +87,29 @@ def test_one_image_at_a_time_answers_as_the_batch_does(cascade_bundle, tmp_path,
         assert np.abs(alone.logits[0] - batch.logits[row]).max() < 1e-5
         assert np.abs(alone.probabilities[0] - batch.probabilities[row]).max() < 1e-6
         assert alone.logits.dtype == alone.probabilities.dtype == np.float32
+
+
+def test_a_gate_stage_scores_as_training_fitted_it(cascade_bundle, tmp_path):
+    """A stage with a learned gate (training/gate.py) stops exactly the rows whose served confidence,
+    one minus the gate's score of the stage's answer as training computes it, reaches the threshold."""
+    from training import gate
+
+    out = tmp_path / "bundle"
+    shutil.copytree(cascade_bundle[0], out)
+    x = _inputs()
+    low = _torch(cascade_bundle[1]["models"]["mobilenet_v2@16"], x, 16)
+    weights = np.array(_gate_weights(low.shape[1], seed=9))
+    expected = 1.0 - gate.score(weights, gate.features(low))
+    threshold = float(np.quantile(expected, 0.4))
+    _edit(out, lambda d: d["cascades"][0]["stages"][0].update(confidence="gate", gate=weights.tolist(),
+                                                                threshold=threshold))
+    executor = Executor(load_bundle(out))
+    result = executor.run(x, operating_point="fast")
+    served = np.array([t.confidences[0] for t in result.traces])
+    assert np.abs(served - expected).max() < 1e-9
+    assert np.array_equal(np.array([t.answered for t in result.traces]) == 0, expected >= threshold)
+    one = executor.run(x[:1], operating_point="fast").traces[0].confidences[0]
+    assert one == pytest.approx(expected[0], abs=1e-9)
 
 
 def test_a_blending_stage_mixes_the_previous_answer_in(cascade_bundle, tmp_path):
@@ -143,6 +171,10 @@ def _edit(out, change) -> None:
     (lambda d: d["cascades"][0]["stages"][1].update(threshold=0.5), "last stage answers every image"),
     (lambda d: d["cascades"][0]["stages"][0].update(threshold=None), "stage 0 needs a threshold"),
     (lambda d: d["cascades"][0]["stages"][0].update(confidence="entropy"), "max_softmax"),
+    (lambda d: d["cascades"][0]["stages"][0].update(confidence="gate"), "a gate's weights go with confidence 'gate'"),
+    (lambda d: d["cascades"][0]["stages"][0].update(gate=[0.0] * 23), "a gate's weights go with confidence 'gate'"),
+    (lambda d: d["cascades"][0]["stages"][0].update(confidence="gate", gate=[0.0] * 22),
+     "the gate has 22 weights; 10 classes need 23"),
     (lambda d: d["cascades"][0]["stages"][0].update(blend=0.2), "the first stage has no previous answer to blend"),
     (lambda d: d["cascades"][0]["stages"][1].update(blend=1.0), "blend"),
     (lambda d: d["cascades"][0].update(name="A"), "operating point names repeat"),
@@ -271,10 +303,10 @@ def test_one_image_whose_blend_underflows_answers_as_the_batch_does():
     import warnings
 
     far = np.array([[0.0, -1000.0, -1000.0]], np.float32)
-    stages = [types.SimpleNamespace(logits=lambda x: np.repeat(far, len(x), 0), blend=0.0, confidence="margin",
+    stages = [types.SimpleNamespace(logits=lambda x: np.repeat(far, len(x), 0), blend=0.0, confidence="margin", gate=None,
                                     threshold=1.5),  # every image escalates
               types.SimpleNamespace(logits=lambda x: np.repeat(far[:, ::-1], len(x), 0), blend=0.3,
-                                    confidence="max_softmax", threshold=None)]
+                                    confidence="max_softmax", gate=None, threshold=None)]
     runner = serving.CascadeRunner.__new__(serving.CascadeRunner)
     runner.name, runner.stages = "far", stages
     alone = runner.run(np.zeros((1, 3, 2, 2), np.float32))

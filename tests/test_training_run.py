@@ -51,13 +51,15 @@ def test_smoke_run_writes_every_phase(smoke_run):
 
 def test_report_measures_points_baseline_and_controls(smoke_run):
     report = json.loads((smoke_run / "report" / "report.json").read_text())
-    cascades = {"cascade-0", "cascade-0.3", "cascade-1", "cascade-2"}  # the twins' (tests/test_cascade.py)
+    cascades = {"cascade-0", "cascade-0.3", "cascade-1", "cascade-2", "cascade-top"}  # the twins' (tests/test_cascade.py)
     assert report["images"] == 200 and set(report["points"]) == {"A", "B", "C"} | cascades
     for point in report["points"].values():
         assert point["latency"]["per_block"]["mean_ms"] > 0 and point["latency"]["fused"]["mean_ms"] > 0
         assert -1 <= point["difficulty_spearman"] <= 1 and point["vs_baseline"]["low"] <= point["vs_baseline"]["high"]
     for control in report["controls"].values():
         assert 0 <= control["shuffled"]["top1"] <= 1 and control["static_twin"]["code"]
+        for kind in ("shuffled", "static_twin"):  # timed as served (the plot's axis) and block by block
+            assert control[kind]["latency"]["fused"]["mean_ms"] > 0 and control[kind]["latency"]["per_block"]["mean_ms"] > 0
     assert report["baseline"]["curve"] and report["baseline"]["latency"]["fused"]["mean_ms"] > 0
     table = (smoke_run / "report" / "FRONTIER.md").read_text()
     assert "MobileNetV2 baseline" in table and "| A |" in table and "| cascade-0.3 (cascade, " in table

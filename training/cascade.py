@@ -23,9 +23,10 @@ from service import cascade as serving
 CONFIDENCES = tuple(serving.CONFIDENCES)
 
 
-def confidence(kind: str, logits: np.ndarray) -> np.ndarray:
-    """Each row's confidence of kind `kind` in its top class, computed as the service computes it."""
-    return serving.confidence(kind, logits)
+def confidence(kind: str, logits: np.ndarray, gate=None) -> np.ndarray:
+    """Each row's confidence of kind `kind` in its top class (a learned gate's: its weights `gate`),
+    computed as the service computes it."""
+    return serving.confidence(kind, logits, gate)
 
 
 def blend(own: np.ndarray, previous: np.ndarray, share: float) -> np.ndarray:
@@ -82,3 +83,48 @@ def fit(front: Frontier, floor: float) -> tuple[float, float, float]:
 def apply(confidence: np.ndarray, threshold: float) -> np.ndarray:
     """Which images escalate under `threshold` (True: the last stage answers)."""
     return ~(np.asarray(confidence, np.float64) >= threshold)
+
+
+@dataclass(frozen=True)
+class Three:
+    """A three-stage cascade fitted by `fit_three`: images whose first-stage confidence is below
+    `thresholds[0]` run the second stage; of those, the ones whose second-stage confidence is below
+    `thresholds[1]` run the third."""
+
+    thresholds: tuple[float, float]
+    escalated: tuple[float, float]  # the shares of all images that run the second stage, and the third
+    top1: float
+    mflops: float
+
+
+def candidate_thresholds(confidence: np.ndarray, grid: int) -> np.ndarray:
+    """`grid` quantiles of `confidence` within [0, 1], with 0 (no image escalates) and 1."""
+    q = np.quantile(np.asarray(confidence, np.float64), np.linspace(0.0, 1.0, grid))
+    return np.unique(np.r_[0.0, np.clip(q, 0.0, 1.0), 1.0])
+
+
+def fit_three(first: np.ndarray, second: np.ndarray, right: np.ndarray, mflops, budget: float,
+              grid: int = 41) -> Three | None:
+    """The most accurate three-stage cascade whose mean MFLOPs stay within `budget` (the cheaper on
+    a tie), over `grid` candidate thresholds for each stage: `first` and `second` are each image's
+    confidence in the first and second stages' answers, `right` (3, N) whether each stage's answer
+    (as the cascade gives it) is right, `mflops` each stage's cost. None where no pair fits the budget."""
+    right = np.asarray(right, np.float64)
+    first, second = np.asarray(first, np.float64), np.asarray(second, np.float64)
+    if right.shape != (3, len(first)) or len(second) != len(first) or not len(first):
+        raise ValueError("fit_three needs each stage's correctness and the first two confidences for every image")
+    seconds = candidate_thresholds(second, grid)
+    again = second[None, :] < seconds[:, None]  # (thresholds, images): would run the third stage if they reach it
+    best = None
+    for t1 in candidate_thresholds(first, grid):
+        up = first < t1
+        base = np.where(up, right[1], right[0])
+        third = again & up[None, :]
+        top1 = (base.sum() + (third * (right[2] - right[1])).sum(1)) / len(first)
+        cost = mflops[0] + up.mean() * mflops[1] + third.mean(1) * mflops[2]
+        for i in np.flatnonzero(cost <= budget + 1e-9):
+            key = (round(float(top1[i]), 12), -float(cost[i]))
+            if best is None or key > best[0]:
+                best = (key, Three((float(t1), float(seconds[i])), (float(up.mean()), float(third[i].mean())),
+                                   float(top1[i]), float(cost[i])))
+    return None if best is None else best[1]

@@ -207,6 +207,14 @@ class ExportConfig:
     # images, so a point fitted right at a 0.3-point tolerance loses more than that on unseen images
     # about as often as not; at 0, the default is no less accurate than the baseline where it was fitted.
     default_tolerance: float = 0.0
+    # The learned escalation gate (training/gate.py), cross-fitted on validation in this many folds and
+    # compared with the plain confidences at every cascade tolerance; 0: not fitted.
+    gate_folds: int = 5
+    # One more cascade, `cascade-top` (training/cascade_points.py): the most accurate on validation at no
+    # more MFLOPs than the baseline, whose third stage is one of this many of the meta-graph's most
+    # frequent architectures, blending in these shares of the answer so far; 0: no such point.
+    top_candidates: int = 4
+    top_blends: tuple[float, ...] = (0.3, 0.5)
 
 
 @dataclass
@@ -353,7 +361,7 @@ def _field_problems(obj, where: str = "") -> list[str]:
 
 _NON_NEGATIVE = ("epochs", "warmup_epochs", "dense_epochs", "polish_epochs", "momentum", "weight_decay", "distill", "alpha", "beta",
                  "alpha_end", "beta_end", "pos_weight", "neg_weight", "window", "init_strength", "fixed_path_rows",
-                 "warmup", "val_images", "default_tolerance")
+                 "warmup", "val_images", "default_tolerance", "gate_folds", "top_candidates")
 _POSITIVE = ("lr", "polish_lr", "metagraph_lr", "batch_size", "eval_batch_size", "repeats", "intra_op_threads", "latency_images",
              "resamples", "twin_candidates", "bn_images", "log_steps", "steps_per_variant", "checkpoint_steps",
              "threads", "train_limit", "test_limit", "steps_per_epoch", "metagraph_steps", "grad_clip", "downsample",
@@ -389,6 +397,9 @@ def validate(config: RunConfig) -> RunConfig:
                 problems.append(f"twins.resolutions: {r} must divide space.input_size ({size}) and be below it")
         if not 0 < config.coadapt.share < 1:
             problems.append(f"coadapt.share: {config.coadapt.share!r} must lie between 0 and 1 (not either)")
+        if config.export.gate_folds == 1:
+            problems.append("export.gate_folds: 1 cannot cross-fit (each fold's gate is fitted on the others); "
+                            "use 2 or more, or 0 for no gate")
         if config.coadapt.epochs and not config.twins.resolutions:
             problems.append("coadapt.epochs: co-adaptation fine-tunes a cascade's last stage on what its first "
                             "stage escalates; set twins.resolutions for a first stage, or coadapt.epochs to 0")
@@ -411,9 +422,10 @@ def validate(config: RunConfig) -> RunConfig:
                             "or null to measure it")
         if config.data.std is not None and not all(v > 0 for v in config.data.std):
             problems.append(f"data.std: {list(config.data.std)} must be above 0, or null to measure it")
-        for share in config.export.cascade_blends:
-            if not 0 <= share < 1:
-                problems.append(f"export.cascade_blends: {share!r} must be at least 0 and below 1")
+        for key in ("cascade_blends", "top_blends"):
+            for share in getattr(config.export, key):
+                if not 0 <= share < 1:
+                    problems.append(f"export.{key}: {share!r} must be at least 0 and below 1")
     if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
     return config

@@ -107,9 +107,11 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     bundle_name = name or ctx.config.name
     nets, networks, cascades = cascade_points.members(ctx, table), [], []
     if nets:
-        cascades, cascade_val = cascade_points.fit_points(ctx, nets)
-        used = {stage.network for c in cascades for stage in c.stages}
-        nets = [member for member in nets if member.name in used]
+        own = cascade_points.own_architectures(ctx, metagraph, table,
+                                                [f.code for f in frequent][: ctx.config.export.top_candidates])
+        cascades, cascade_val = cascade_points.fit_points(ctx, nets, own)
+        used = {(stage.network, stage.architecture) for c in cascades for stage in c.stages}
+        nets = [member for member in nets if member.key in used]
         for member in nets:
             folder = f"networks/{member.name}"
             write_bundle(tmp / folder, member.model, {}, member.table, name=f"{bundle_name}-{member.name}",
@@ -118,6 +120,7 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
                          training={"network": member.name, "source_revision": revision})
             networks.append(cascade_points.network_entry(folder, member, sha256_file(tmp / folder / "manifest.json")))
         val_figures = {**val_figures, **cascade_val}
+        nets += [member for member in own if member.key in used]  # the bundle's own graphs: no network to write
         test.update({c.name: cascade_points.test_figures(ctx, nets, c) for c in cascades})
     default = default_point(val_figures, baseline_val, ctx.config.export.default_tolerance)
     training = {"config": ctx.config.to_dict(), "source_revision": revision,

@@ -279,6 +279,8 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
         twin_given = np.broadcast_to(twin_matrix, (len(timed), *twin_matrix.shape))
         calls[f"{point}/shuffled"] = dynamic[False].call(xt, executed=shuffled[timed])
         calls[f"{point}/static_twin"] = dynamic[False].call(xt, executed=twin_given)
+        calls[f"{point}/shuffled/fused"] = dynamic[True].call(xt, executed=shuffled[timed])
+        calls[f"{point}/static_twin/fused"] = dynamic[True].call(xt, executed=twin_given)
         report["controls"][point] = {
             "shuffled": {"top1": float(s_correct.mean()),
                          "point_minus_control": bootstrap_difference(correct, s_correct, cfg.resamples, ctx.config.seed)},
@@ -313,7 +315,8 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
     for p in per_image.values():
         for code in architecture.encode_many(p["executed"][timed]):
             counts[code] = counts.get(code, 0) + 1
-    dynamic[True].warm([code for code, _ in sorted(counts.items(), key=lambda t: -t[1])])
+    twins = [c["static_twin"]["code"] for c in report["controls"].values() if "static_twin" in c]  # controller points
+    dynamic[True].warm([code for code, _ in sorted(counts.items(), key=lambda t: -t[1])] + twins)
     # every model and control timed in one pass, in rounds
     timing = time_in_rounds(calls, len(timed))
     cascade_runners = dynamic[True].executor.cascades
@@ -346,7 +349,8 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
                                                                 "fused": timing[f"{point}/fused"]}
         else:
             for kind in ("shuffled", "static_twin"):
-                report["controls"][point][kind]["latency"] = {"per_block": timing[f"{point}/{kind}"]}
+                report["controls"][point][kind]["latency"] = {"per_block": timing[f"{point}/{kind}"],
+                                                              "fused": timing[f"{point}/{kind}/fused"]}
         print(f"report {point}: {p['latency']['per_block']['mean_ms']:.3f} ms per block "
               f"({p['relative_to_baseline']:.2f}x baseline), {p['latency']['fused']['mean_ms']:.3f} ms fused "
               f"({p['relative_to_baseline_fused']:.2f}x)", flush=True)
@@ -552,20 +556,24 @@ def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, o
     from matplotlib import pyplot as plt
 
     base = report["baseline"]
-    base_ms = base["latency"]["per_block"]["mean_ms"]
+    base_ms = base["latency"]["fused"]["mean_ms"]  # as served: the fused cache is the server's default path
     fig, ax = plt.subplots(figsize=(7.5, 5))
     names = list(report["points"])
-    xs = [report["points"][n]["relative_to_baseline"] for n in names]
-    ys = [report["points"][n]["top1"] * 100 for n in names]
-    ax.plot(xs, ys, "o-", color="tab:blue", label="InstaNAS operating points (this run)")
-    for n, xv, yv in zip(names, xs, ys):
-        ax.annotate(n, (xv, yv), textcoords="offset points", xytext=(4, 4))
+    for series, color, label in ((lambda n: n not in (cascades or {}), "tab:blue", "controller points (this run)"),
+                                 (lambda n: n in (cascades or {}), "tab:green", "cascade points (this run)")):
+        kept = sorted((n for n in names if series(n)), key=lambda n: report["points"][n]["relative_to_baseline_fused"])
+        xs = [report["points"][n]["relative_to_baseline_fused"] for n in kept]
+        ys = [report["points"][n]["top1"] * 100 for n in kept]
+        if kept:
+            ax.plot(xs, ys, "o-", color=color, label=label)
+        for n, xv, yv in zip(kept, xs, ys):
+            ax.annotate(n, (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=8)
     for kind, marker, color in (("shuffled", "x", "tab:red"), ("static_twin", "s", "tab:orange")):
-        cx = [report["controls"][n][kind]["latency"]["per_block"]["mean_ms"] / base_ms for n in names]
+        cx = [report["controls"][n][kind]["latency"]["fused"]["mean_ms"] / base_ms for n in names]
         cy = [report["controls"][n][kind]["top1"] * 100 for n in names]
         ax.scatter(cx, cy, marker=marker, color=color, label=f"control: {kind.replace('_', ' ')}")
     ax.scatter([1.0], [base["top1"] * 100], marker="*", s=160, color="black", label="MobileNetV2, same width")
-    ax.set_xlabel("mean latency per image / MobileNetV2 baseline's (service executor, batch 1)")
+    ax.set_xlabel("mean latency per image / MobileNetV2 baseline's (service executor, fused cache, batch 1)")
     ax.set_ylabel(f"top-1 %, test split ({report['images']:,} images)")
     ax2 = ax.twinx()
     ax2.plot([v[1] for v in PAPER_POINTS.values()], [v[0] for v in PAPER_POINTS.values()], "^--", color="gray",
@@ -630,7 +638,7 @@ def _cascade_difficulty(ctx: Context, runner, images: dict, out_dir: Path, count
     from matplotlib import pyplot as plt
 
     first = runner.stages[0]
-    sure = confidence(first.confidence, images["first"])
+    sure = confidence(first.confidence, images["first"], first.gate)
     order = np.argsort(-sure, kind="stable")
     picks = [("easiest", order[:count]), ("hardest", order[::-1][:count])]
     fig, axes = plt.subplots(2, count, figsize=(1.45 * count, 4.2))
