@@ -84,9 +84,18 @@ class SearchSpace(_Strict):
         ),
     )
 
+    resolutions: list[int] = Field(default_factory=list, description=(
+        "The input resolutions (height = width) an architecture of the space runs at, lowest first and "
+        "input_size last: a lower one reads the input average-pooled by a whole factor. An architecture "
+        "is its modules and its resolution; empty: input_size only."))
+
     @property
     def num_cells(self) -> int:
         return len(self.cells)
+
+    @property
+    def total_stride(self) -> int:
+        return self.input_size // self.cells[-1].output_size
 
     @property
     def num_modules(self) -> int:
@@ -104,6 +113,15 @@ class SearchSpace(_Strict):
                 self.cells[i - 1].output_size,
             ):
                 raise ValueError(f"cell {i} input does not match cell {i - 1} output")
+        if self.resolutions:
+            if self.resolutions != sorted(set(self.resolutions)) or self.resolutions[-1] != self.input_size:
+                raise ValueError(f"resolutions {self.resolutions} must rise, without repeats, to the input size "
+                                 f"{self.input_size}")
+            for r in self.resolutions:
+                if self.input_size % r or r < self.total_stride:
+                    raise ValueError(f"resolution {r} must divide the input size {self.input_size} (a lower resolution "
+                                     f"is the input average-pooled by a whole factor) and be at least the total stride "
+                                     f"{self.total_stride}")
         return self
 
 
@@ -298,10 +316,11 @@ class Manifest(_Strict):
         if len(set(networks)) != len(networks):
             raise ValueError(f"network names repeat: {networks}")
         size = self.preprocessing.input_size
+        known = space.resolutions or [size]
         for n in self.networks:
-            if n.resolution > size or size % n.resolution:
-                raise ValueError(f"network {n.name!r}: resolution {n.resolution} does not divide the input size "
-                                 f"{size} (a lower resolution is the input average-pooled by a whole factor)")
+            if n.resolution not in known:
+                raise ValueError(f"network {n.name!r}: resolution {n.resolution} is not one of the search space's "
+                                 f"resolutions {known}")
         for cascade in self.cascades:
             for i, stage in enumerate(cascade.stages):
                 if stage.network is not None and stage.network not in networks:

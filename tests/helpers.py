@@ -81,7 +81,7 @@ def export_cascade_bundle(out: Path, *, seed: int = 0, name: str = "cascade") ->
     from training.evaluate import fixed_policy
     from training.searchspace import build_tiny_space
 
-    space = build_tiny_space(10, 32)
+    space = build_tiny_space(10, 32).model_copy(update={"resolutions": [16, 32]})
     models = {}
     networks = []
     pre = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -4,6 +4,7 @@ load, and real HTTP and v2 answers that say what ran, with their metrics."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import httpx
@@ -167,7 +168,12 @@ def _edit(out, change) -> None:
 
 @pytest.mark.parametrize("change, message", [
     (lambda d: d["cascades"][0]["stages"][0].update(network="nope"), "network 'nope' is not one of"),
-    (lambda d: d["networks"][0].update(resolution=24), "resolution 24 does not divide the input size 32"),
+    (lambda d: d["networks"][0].update(resolution=24), "network 'mobilenet_v2@16': resolution 24 is not one of the "
+     "search space's resolutions [16, 32]"),
+    (lambda d: d["search_space"].update(resolutions=[16, 24, 32]), "resolution 24 must divide the input size 32"),
+    (lambda d: d["search_space"].update(resolutions=[32, 16]), "resolutions [32, 16] must rise"),
+    (lambda d: d["search_space"].update(resolutions=[16]), "to the input size 32"),
+    (lambda d: d["search_space"].update(resolutions=[]), "resolution 16 is not one of the search space's resolutions [32]"),
     (lambda d: d["cascades"][0]["stages"][1].update(threshold=0.5), "last stage answers every image"),
     (lambda d: d["cascades"][0]["stages"][0].update(threshold=None), "stage 0 needs a threshold"),
     (lambda d: d["cascades"][0]["stages"][0].update(confidence="entropy"), "max_softmax"),
@@ -180,7 +186,8 @@ def _edit(out, change) -> None:
     (lambda d: d["cascades"][0].update(name="A"), "operating point names repeat"),
     (lambda d: d["networks"][1].update(name="mobilenet_v2@16"), "network names repeat"),
     (lambda d: d.update(default_controller="slow"), "default_controller 'slow' is not one of"),
-    (lambda d: d["networks"][0].update(resolution=8), "takes 16x16 inputs, but the manifest gives it resolution 8"),
+    (lambda d: (d["search_space"].update(resolutions=[8, 16, 32]), d["networks"][0].update(resolution=8)),
+     "takes 16x16 inputs, but the manifest gives it resolution 8"),
     (lambda d: d["cascades"][0]["stages"][0].update(architecture="1111111"), "cascade 'fast', stage 0: architecture code"),
     (lambda d: d["networks"][0].update(sha256="0" * 64), "manifest.json has sha256"),
     (lambda d: d["networks"][0].update(path="../elsewhere"), "outside the bundle"),
@@ -189,7 +196,7 @@ def test_an_inconsistent_cascade_is_refused_at_load(cascade_bundle, tmp_path, ch
     out = tmp_path / "bundle"
     shutil.copytree(cascade_bundle[0], out)
     _edit(out, change)
-    with pytest.raises(BundleError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(BundleError, match=re.escape(message)):
         load_bundle(out)
 
 

@@ -239,6 +239,7 @@ def test_a_choice_not_offered_is_refused_at_load(key, choices):
     ("route.enabled=yes", "route.enabled: 'yes' is not true or false"),
     ("controller.channels=[8,8]", r"controller.channels: \[8, 8\] needs 3 items"),
     ("twins.resolutions=[24]", r"twins.resolutions: 24 must divide space.input_size \(32\)"),
+    ("multires.resolutions=[32]", r"multires.resolutions: 32 must divide space.input_size \(32\) and be below it"),
     ("twins.resolutions=[\"16\"]", "twins.resolutions: item '16' is not an integer"),
     ("twins.resolutions=[]", "coadapt.epochs: co-adaptation fine-tunes a cascade's last stage"),
     ("coadapt.share=1", r"coadapt.share: 1 must lie between 0 and 1"),

@@ -1,8 +1,10 @@
-"""The export's cascade operating points: the baseline, its co-adapted copy and its twins as
-networks of the bundle, thresholds fitted on the validation split, figures measured on the test split.
+"""The export's cascade operating points: the baseline, its co-adapted copy, its twins and
+architectures of the multi-resolution meta-graph as networks of the bundle, thresholds fitted on
+the validation split, figures measured on the test split.
 
-Each cascade runs the lowest-resolution twin first and sends the images it is not confident
-about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
+Each cascade runs a first stage at a lower resolution (the lowest-resolution twin, or, with phase
+`multires`, an architecture of the meta-graph at that resolution, whichever fits cheaper on
+validation) and sends the images it is not confident about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
 escalates (phase `coadapt`), where that copy is better than the baseline on the validation images
 the twin is least sure about (the images it was trained for; more candidates are more chances for a
 lucky fit). One point per `export.cascade_tolerances`: of every last stage, confidence kind and
@@ -28,7 +30,7 @@ from service.bundle import load_bundle
 from service.executor import Executor
 from service.manifest import Cascade, Network, Preprocessing, Stage
 from training import baseline as baseline_phase
-from training import cascade, coadapt, gate, twins
+from training import cascade, coadapt, gate, multires, twins
 from training.context import Context
 from training.evaluate import fixed_policy
 from training.latency import costs, measure
@@ -54,6 +56,7 @@ class Member:
     model: torch.nn.Module  # a MetaGraph, eval mode
     table: dict
     matrix: np.ndarray | None = None  # (cells, modules) of the model's space
+    validation: dict | None = None  # as a first stage: its validation top-1 and estimated latency (fit_points)
 
     @property
     def architecture(self) -> np.ndarray:
@@ -107,10 +110,47 @@ def members(ctx: Context, table: dict) -> list[Member]:
     return out
 
 
-def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = ()) -> tuple[list[Cascade], dict[str, dict]]:
-    """One cascade per tolerance (first: the lowest resolution, last: a full-resolution network),
-    fitted on validation: of every last stage (the co-adapted copy only where it beats the baseline on
-    the validation images the first stage is least sure about), confidence kind and blend (`export.cascade_blends`),
+def multires_members(ctx: Context, table: dict, codes: list[str]) -> list[Member]:
+    """Architectures `codes` of the multi-resolution meta-graph (phase `multires`) at each of its lower
+    resolutions, as first-stage candidates: each a static network named `<code>@<resolution>`, its
+    batch norms re-estimated on it alone; empty when the run has no such phase."""
+    model = multires.load(ctx)
+    if model is None:
+        return []
+    space = ctx.space
+    out = []
+    for r in model.resolutions[:-1]:
+        own = None
+        for code in dict.fromkeys(codes):
+            matrix = architecture.decode(code, space.num_cells, space.num_modules)
+            net = multires.reestimated(ctx, model.plain(r, ctx.space_at(r)), r, matrix)
+            if own is None:  # one table a resolution: the blocks' costs do not depend on their weights
+                own = measure(ctx, net)
+                own["profile"]["dispatch_ms"] = table["profile"].get("dispatch_ms", 0.0)
+            out.append(Member(f"{code}@{r}", r, net, own, matrix))
+    return out
+
+
+def first_codes(ctx: Context, frequent: list[str]) -> list[str]:
+    """The architectures tried as first stages at each lower resolution: MobileNetV2's, the cheapest,
+    and the `export.first_candidates` most frequent of the controllers' (`frequent`)."""
+    space = ctx.space
+    fixed = [architecture.encode(architecture.mobilenet_v2(space)), architecture.encode(architecture.cheapest(space))]
+    return list(dict.fromkeys([*fixed, *frequent[: ctx.config.export.first_candidates]]))
+
+
+def describe(member: Member) -> str:
+    """How a point's description names a first stage."""
+    at = f"{member.resolution}x{member.resolution}"
+    return f"{at} twin" if member.name.startswith(BASELINE) else f"the meta-graph's architecture {member.code} at {at}"
+
+
+def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = (),
+               firsts: list[Member] = ()) -> tuple[list[Cascade], dict[str, dict]]:
+    """One cascade per tolerance (first: the lowest-resolution twin or one of `firsts`, architectures
+    of the multi-resolution meta-graph; last: a full-resolution network),
+    fitted on validation: of every first stage, last stage (the co-adapted copy only where it beats the baseline on
+    the validation images the twin is least sure about), confidence kind and blend (`export.cascade_blends`),
     the cheapest threshold from which on the cascade stays within the tolerance of the baseline
     (training.cascade.fit), the more accurate on a tie; and each point's validation figures
     {top1, latency_ms, escalated, confidence, threshold, blend, network}, with, where `export.gate_folds`
@@ -118,11 +158,17 @@ def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = ()) 
     where the gate is cheaper at the same validation top-1, the point's first stage uses it. With
     `candidates` (architectures of the bundle's meta-graph), one more point: `TOP` (top_point)."""
     first = nets[-1]
+    firsts = [first, *firsts]
     lasts = [n for n in nets if n.resolution == ctx.space.input_size]
     by_name = {n.name: n for n in nets}
     labels = np.concatenate([y.numpy() for _, y in ctx.batches("val")])
-    logits = {n.name: n.logits(ctx, "val") for n in (first, *lasts)}
-    first_right = logits[first.name].argmax(1) == labels
+    logits = {n.name: n.logits(ctx, "val") for n in (*firsts, *lasts)}
+    for candidate in firsts:
+        candidate.validation = {"top1": float((logits[candidate.name].argmax(1) == labels).mean()),
+                                "latency_ms": candidate.cost()[0], "mflops": candidate.cost()[1]}
+        ctx.run.log("export", first_stage=candidate.name, **{f"val_{k}": v for k, v in candidate.validation.items()})
+        print(f"export: first-stage candidate {candidate.name}: validation top-1 {candidate.validation['top1']:.4f}, "
+              f"{candidate.validation['latency_ms']:.4f} ms estimated", flush=True)
     if COADAPTED in logits:  # a candidate only where it does what it was trained for
         cfg = ctx.config.coadapt
         hard = coadapt.routed(cascade.confidence(cfg.confidence, logits[first.name]), cfg.share)
@@ -135,28 +181,32 @@ def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = ()) 
               f"{'a' if kept else 'not a'} last-stage candidate", flush=True)
         if not kept:
             lasts = [n for n in lasts if n.name != COADAPTED]
-    first_ms = first.cost()[0]
     base_top1 = float((logits[BASELINE].argmax(1) == labels).mean())
     points, figures = [], {}
     for tolerance in ctx.config.export.cascade_tolerances:
         best = None
-        for last in lasts:
-            last_ms = last.cost()[0]
-            for share in ctx.config.export.cascade_blends:
-                last_right = cascade.blend(logits[last.name], logits[first.name], share).argmax(1) == labels
-                for kind in cascade.CONFIDENCES:
-                    sure = cascade.confidence(kind, logits[first.name])
-                    threshold, escalated, top1 = cascade.fit(cascade.frontier(sure, first_right, last_right),
-                                                             base_top1 - tolerance / 100)
-                    ms = first_ms + escalated * last_ms
-                    if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
-                        best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated,
-                                "confidence": kind, "threshold": threshold, "blend": share, "network": last.name}
+        for start in firsts:
+            start_ms = start.cost()[0]
+            start_right = logits[start.name].argmax(1) == labels
+            for last in lasts:
+                last_ms = last.cost()[0]
+                for share in ctx.config.export.cascade_blends:
+                    last_right = cascade.blend(logits[last.name], logits[start.name], share).argmax(1) == labels
+                    for kind in cascade.CONFIDENCES:
+                        sure = cascade.confidence(kind, logits[start.name])
+                        threshold, escalated, top1 = cascade.fit(cascade.frontier(sure, start_right, last_right),
+                                                                 base_top1 - tolerance / 100)
+                        ms = start_ms + escalated * last_ms
+                        if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
+                            best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated,
+                                    "confidence": kind, "threshold": threshold, "blend": share, "network": last.name,
+                                    "first": start.name}
         name = f"cascade-{tolerance:g}"
         if name in figures:
             continue
-        if ctx.config.export.gate_folds:
-            g = gate_figures(ctx, logits, first, lasts, labels, base_top1 - tolerance / 100, best)
+        start = next(f for f in firsts if f.name == best["first"])
+        if ctx.config.export.gate_folds:  # for the best plain point's first stage
+            g = gate_figures(ctx, logits, start, lasts, labels, base_top1 - tolerance / 100, best)
             if "unavailable" in g:
                 print(f"export {name}: no learned gate: {g['unavailable']}", flush=True)
             else:
@@ -169,14 +219,14 @@ def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = ()) 
                                                      "weights")}, "confidence": "gate"}
             best["gate"], best["plain"] = {k: v for k, v in g.items() if k != "weights"}, plain
         kind, threshold, share, last = best["confidence"], best["threshold"], best["blend"], best["network"]
-        stages = [Stage(network=first.name, architecture=first.code, confidence=kind, threshold=round(threshold, 6),
+        stages = [Stage(network=start.name, architecture=start.code, confidence=kind, threshold=round(threshold, 6),
                         gate=best.pop("weights", None)),
                   Stage(network=last, architecture=by_name[last].code, blend=share)]
         points.append(Cascade(name=name, stages=stages, description=(
-            f"{first.resolution}x{first.resolution} twin, then {'the baseline' if last == BASELINE else last} "
+            f"{describe(start)}, then {'the baseline' if last == BASELINE else last} "
             + (f"where its learned gate's confidence is below {threshold:.4f}" if kind == "gate"
                else f"where its {kind.replace('_', ' ')} is below {threshold:.4f}")
-            + (f", blending {share:g} of the twin's answer" if share else "")
+            + (f", blending {share:g} of the first stage's answer" if share else "")
             + f": within {tolerance:g} points of the baseline on validation")))
         figures[name] = best
     if candidates:

@@ -66,6 +66,10 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
         from training import twins
 
         twins.run(ctx)  # nothing unless twins.resolutions
+    elif phase == "multires":
+        from training import multires
+
+        multires.run(ctx)  # nothing unless multires.resolutions and multires.epochs
     elif phase == "coadapt":
         from training import coadapt
 

@@ -89,6 +89,21 @@ class TwinsConfig:
 
 
 @dataclass
+class MultiresConfig:
+    """The fine-tuned meta-graph trained at its input size and each lower resolution at once (phase
+    `multires`): shared convolutions, batch norms per resolution, the finished baseline teaching."""
+
+    resolutions: tuple[int, ...] = ()  # the lower ones, each dividing space.input_size; none: nothing
+    epochs: int = 0  # 0: the phase does nothing
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+    distill: float = 0.5  # weight of the baseline's predictions (vs labels)
+    bn_images: int = 2000  # training images a served architecture's batch norms are re-estimated on
+
+
+@dataclass
 class CoadaptConfig:
     """The cascade's last stage fine-tuned on the images its first stage escalates (phase `coadapt`),
     beside the same fine-tuning on images drawn at random, its control; the finished baseline teaching."""
@@ -215,6 +230,10 @@ class ExportConfig:
     # frequent architectures, blending in these shares of the answer so far; 0: no such point.
     top_candidates: int = 4
     top_blends: tuple[float, ...] = (0.3, 0.5)
+    # With phase `multires`: the first stages tried besides the lowest-resolution twin, at each lower
+    # resolution: the meta-graph's MobileNetV2 and cheapest paths and this many of its most frequent
+    # architectures (training/cascade_points.py, `first_codes`).
+    first_candidates: int = 2
 
 
 @dataclass
@@ -236,6 +255,7 @@ class RunConfig:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     twins: TwinsConfig = field(default_factory=TwinsConfig)
+    multires: MultiresConfig = field(default_factory=MultiresConfig)
     coadapt: CoadaptConfig = field(default_factory=CoadaptConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -248,6 +268,13 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def resolutions(self) -> list[int]:
+        """The input resolutions the run trains networks at (the search space's `resolutions`): its
+        twins' and its multi-resolution meta-graph's, then the input size; empty with neither."""
+        lower = {*self.twins.resolutions, *self.multires.resolutions}
+        return [*sorted(lower), self.space.input_size] if lower else []
+
 
 def _preset_smoke() -> RunConfig:
     return RunConfig(
@@ -257,6 +284,7 @@ def _preset_smoke() -> RunConfig:
         data=DataConfig(val_images=100, train_limit=256, test_limit=200, batch_size=64, eval_batch_size=200),
         baseline=BaselineConfig(epochs=2, lr=0.05, warmup_epochs=0.5),
         twins=TwinsConfig(resolutions=(16,), epochs=1, polish_epochs=1),
+        multires=MultiresConfig(resolutions=(16,), epochs=1, bn_images=128),
         coadapt=CoadaptConfig(epochs=1),
         controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
         pretrain=PretrainConfig(epochs=2, lr=0.05, sampling="sandwich", warm_start=True),
@@ -296,6 +324,9 @@ def _preset_cifar10_cpu() -> RunConfig:
         # The baseline fine-tuned on the 40% of each batch the 16x16 twin is least sure about, beside the
         # same fine-tuning on 40% drawn at random (docs/RESULTS.md, "Cascades").
         coadapt=CoadaptConfig(epochs=12, share=0.4, lr=0.01, distill=0.5),
+        # The fine-tuned meta-graph at 16x16 and 32x32 at once, batch norms per resolution: its cheap
+        # architectures at 16x16 are first-stage candidates beside the twin (docs/RESULTS.md, "Cascades").
+        multires=MultiresConfig(resolutions=(16,), epochs=6, lr=0.01, distill=0.5),
         profile=ProfileConfig(repeats=30, warmup=5),
         # The blends of the twin's answer into the baseline's that the export tries for each cascade point:
         # on validation, the cheapest cascade no less accurate than the baseline blends 0.2 and escalates
@@ -392,9 +423,10 @@ def validate(config: RunConfig) -> RunConfig:
         problems = _range_problems(config)
     if not problems:
         size = config.space.input_size
-        for r in config.twins.resolutions:
-            if r <= 0 or r >= size or size % r:
-                problems.append(f"twins.resolutions: {r} must divide space.input_size ({size}) and be below it")
+        for section in ("twins", "multires"):
+            for r in getattr(config, section).resolutions:
+                if r <= 0 or r >= size or size % r:
+                    problems.append(f"{section}.resolutions: {r} must divide space.input_size ({size}) and be below it")
         if not 0 < config.coadapt.share < 1:
             problems.append(f"coadapt.share: {config.coadapt.share!r} must lie between 0 and 1 (not either)")
         if config.export.gate_folds == 1:

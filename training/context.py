@@ -55,7 +55,8 @@ class Context:
         measured = datasets.channel_statistics(train) if config.data.mean is None or config.data.std is None else None
         mean = config.data.mean if config.data.mean is not None else measured[0]
         std = config.data.std if config.data.std is not None else measured[1]
-        return cls(run, data_root, device, train, val, test, config.space.build(len(train.classes)),
+        space = config.space.build(len(train.classes)).model_copy(update={"resolutions": config.resolutions})
+        return cls(run, data_root, device, train, val, test, space,
                    mean=tuple(mean), std=tuple(std), rank=rank, world=world)
 
     def batches(self, split: str, batch_size: int | None = None, *, seed: int = 0,
@@ -73,11 +74,15 @@ class Context:
     def baseline_space(self) -> SearchSpace:
         """The static MobileNetV2 of the same width: the search space with module 0 only in every cell."""
         cells = [cell.model_copy(update={"modules": cell.modules[:1]}) for cell in self.space.cells]
-        return self.space.model_copy(update={"cells": cells})
+        return self.space.model_copy(update={"cells": cells, "resolutions": []})
+
+    def space_at(self, resolution: int) -> SearchSpace:
+        """The search space for inputs of `resolution` x `resolution` (a network of its own)."""
+        return dataclasses.replace(self.config.space, input_size=resolution).build(len(self.train.classes))
 
     def baseline_space_at(self, resolution: int) -> SearchSpace:
         """The baseline's space (module 0 in every cell) for inputs of `resolution` x `resolution`."""
-        space = dataclasses.replace(self.config.space, input_size=resolution).build(len(self.train.classes))
+        space = self.space_at(resolution)
         cells = [cell.model_copy(update={"modules": cell.modules[:1]}) for cell in space.cells]
         return space.model_copy(update={"cells": cells})
 

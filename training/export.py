@@ -105,13 +105,16 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     bundle_name = name or ctx.config.name
-    nets, networks, cascades = cascade_points.members(ctx, table), [], []
+    nets, networks, cascades, first_stages = cascade_points.members(ctx, table), [], [], {}
     if nets:
         own = cascade_points.own_architectures(ctx, metagraph, table,
                                                 [f.code for f in frequent][: ctx.config.export.top_candidates])
-        cascades, cascade_val = cascade_points.fit_points(ctx, nets, own)
+        firsts = cascade_points.multires_members(ctx, table,
+                                                 cascade_points.first_codes(ctx, [f.code for f in frequent]))
+        cascades, cascade_val = cascade_points.fit_points(ctx, nets, own, firsts)
+        first_stages = {m.name: m.validation for m in [nets[-1], *firsts]}
         used = {(stage.network, stage.architecture) for c in cascades for stage in c.stages}
-        nets = [member for member in nets if member.key in used]
+        nets = [member for member in [*nets, *firsts] if member.key in used]
         for member in nets:
             folder = f"networks/{member.name}"
             write_bundle(tmp / folder, member.model, {}, member.table, name=f"{bundle_name}-{member.name}",
@@ -124,7 +127,8 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
         test.update({c.name: cascade_points.test_figures(ctx, nets, c) for c in cascades})
     default = default_point(val_figures, baseline_val, ctx.config.export.default_tolerance)
     training = {"config": ctx.config.to_dict(), "source_revision": revision,
-                "validation": {k: {m: v for m, v in f.items()} for k, f in val_figures.items()}}
+                "validation": {k: {m: v for m, v in f.items()} for k, f in val_figures.items()},
+                "first_stages": first_stages}
     manifest = write_bundle(
         tmp, metagraph, points, table, name=bundle_name, version=version, dataset=dataset,
         classes=ctx.train.classes, default_controller=default,

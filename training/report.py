@@ -309,6 +309,10 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
     adapted = coadapt.load(ctx)
     if adapted and manifest.cascades:
         report["coadaptation"] = coadaptation(ctx, adapted, manifest.cascades, per_image, labels)
+    if manifest.training.get("first_stages"):  # what the export tried as first stages, on validation
+        report["first_stages"] = manifest.training["first_stages"]
+        report["first_stage_of"] = {c.name: c.stages[0].network for c in manifest.cascades}
+        report["multires"] = (ctx.run.load("multires") or {}).get("figures")
 
     # a warm server: the timed images' most frequent architectures compiled before timing starts
     counts: dict[str, int] = {}
@@ -545,6 +549,25 @@ def frontier_table(report: dict) -> str:
             lines.append(f"| {name} | {c['escalated'] * 100:.1f}% | `{c['network']}` | {c['top1']['baseline']:.4f} | "
                          f"{c['top1']['coadapted']:.4f} | {c['top1']['shuffled']:.4f} | "
                          f"{ci(c['coadapted_minus_shuffled'])} | {ci(c['coadapted_minus_baseline'])} |")
+    if report.get("first_stages"):
+        lines += ["", "First stages the export tried (validation split; latency as the manifest's cost model estimates "
+                  "it): the baseline's twin and, with phase `multires`, architectures of the multi-resolution "
+                  "meta-graph at a lower resolution, each named `<architecture>@<resolution>`:", "",
+                  "| first stage | validation top-1 | estimated ms | MFLOPs | used by |", "| --- | --- | --- | --- | --- |"]
+        used: dict[str, list[str]] = {}
+        for point, first in report.get("first_stage_of", {}).items():
+            used.setdefault(first, []).append(point)
+        for name, f in report["first_stages"].items():
+            lines.append(f"| `{name}` | {f['top1']:.4f} | {f['latency_ms']:.4f} | {f['mflops']:.2f} | "
+                         f"{', '.join(used.get(name, [])) or '-'} |")
+        if report.get("multires"):
+            lines += ["", "Batch norms of the multi-resolution meta-graph at each lower resolution (validation top-1, "
+                      "statistics re-estimated on the path at that resolution): the resolution's own (switchable) "
+                      "against the full resolution's:", "", "| path | own | full resolution's |", "| --- | --- | --- |"]
+            for key, own in report["multires"].items():
+                if key.endswith("_own"):
+                    path = key[len("val_top1_"):-len("_own")]
+                    lines.append(f"| {path} | {own:.4f} | {report['multires'][key[:-4] + '_shared']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
