@@ -87,7 +87,8 @@ class SearchSpace(_Strict):
     resolutions: list[int] = Field(default_factory=list, description=(
         "The input resolutions (height = width) an architecture of the space runs at, lowest first and "
         "input_size last: a lower one reads the input average-pooled by a whole factor. An architecture "
-        "is its modules and its resolution; empty: input_size only."))
+        "is its modules and its resolution; empty (a manifest written before resolutions were listed): any "
+        "resolution that divides input_size."))
 
     @property
     def num_cells(self) -> int:
@@ -118,7 +119,7 @@ class SearchSpace(_Strict):
                 raise ValueError(f"resolutions {self.resolutions} must rise, without repeats, to the input size "
                                  f"{self.input_size}")
             for r in self.resolutions:
-                if self.input_size % r or r < self.total_stride:
+                if r < self.total_stride or self.input_size % r:
                     raise ValueError(f"resolution {r} must divide the input size {self.input_size} (a lower resolution "
                                      f"is the input average-pooled by a whole factor) and be at least the total stride "
                                      f"{self.total_stride}")
@@ -316,11 +317,13 @@ class Manifest(_Strict):
         if len(set(networks)) != len(networks):
             raise ValueError(f"network names repeat: {networks}")
         size = self.preprocessing.input_size
-        known = space.resolutions or [size]
         for n in self.networks:
-            if n.resolution not in known:
+            if space.resolutions and n.resolution not in space.resolutions:
                 raise ValueError(f"network {n.name!r}: resolution {n.resolution} is not one of the search space's "
-                                 f"resolutions {known}")
+                                 f"resolutions {space.resolutions}")
+            if n.resolution > size or size % n.resolution:  # a manifest that lists no resolutions (written before)
+                raise ValueError(f"network {n.name!r}: resolution {n.resolution} does not divide the input size "
+                                 f"{size} (a lower resolution is the input average-pooled by a whole factor)")
         for cascade in self.cascades:
             for i, stage in enumerate(cascade.stages):
                 if stage.network is not None and stage.network not in networks:

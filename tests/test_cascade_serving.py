@@ -173,7 +173,8 @@ def _edit(out, change) -> None:
     (lambda d: d["search_space"].update(resolutions=[16, 24, 32]), "resolution 24 must divide the input size 32"),
     (lambda d: d["search_space"].update(resolutions=[32, 16]), "resolutions [32, 16] must rise"),
     (lambda d: d["search_space"].update(resolutions=[16]), "to the input size 32"),
-    (lambda d: d["search_space"].update(resolutions=[]), "resolution 16 is not one of the search space's resolutions [32]"),
+    (lambda d: d["search_space"].update(resolutions=[0, 32]), "resolution 0 must divide the input size 32"),
+    (lambda d: d["search_space"].update(resolutions=[2, 32]), "be at least the total stride"),
     (lambda d: d["cascades"][0]["stages"][1].update(threshold=0.5), "last stage answers every image"),
     (lambda d: d["cascades"][0]["stages"][0].update(threshold=None), "stage 0 needs a threshold"),
     (lambda d: d["cascades"][0]["stages"][0].update(confidence="entropy"), "max_softmax"),
@@ -197,6 +198,17 @@ def test_an_inconsistent_cascade_is_refused_at_load(cascade_bundle, tmp_path, ch
     shutil.copytree(cascade_bundle[0], out)
     _edit(out, change)
     with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(out)
+
+
+def test_a_manifest_written_before_resolutions_were_listed_still_loads(cascade_bundle, tmp_path):
+    """No `search_space.resolutions`: each network's resolution need only divide the input size."""
+    out = tmp_path / "bundle"
+    shutil.copytree(cascade_bundle[0], out)
+    _edit(out, lambda d: d["search_space"].pop("resolutions"))
+    assert load_bundle(out).manifest.search_space.resolutions == []
+    _edit(out, lambda d: d["networks"][0].update(resolution=24))
+    with pytest.raises(BundleError, match="resolution 24 does not divide the input size 32"):
         load_bundle(out)
 
 

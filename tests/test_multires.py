@@ -16,7 +16,7 @@ from service.executor import Executor
 from service.manifest import Preprocessing
 from training import switchable
 from training.bundle_writer import write_bundle
-from training.evaluate import fixed_policy
+from training.evaluate import evaluate, fixed_policy
 from training.metagraph import MetaGraph
 from training.multires import MultiResolution
 from training.searchspace import build_tiny_space
@@ -79,6 +79,47 @@ def test_collapse_gives_a_plain_network_at_one_resolution():
         expected = model.at(16).forward_selected(x, path)
         assert torch.equal(plain.forward_selected(torch.nn.functional.avg_pool2d(x, 2), path), expected)
         assert torch.equal(model.plain(32, model.space).forward_selected(x, path), model.at(32).forward_selected(x, path))
+
+
+def test_a_view_at_one_resolution_keeps_the_models_mode():
+    model = _model()
+    assert not model.at(16).training
+    evaluate(model.at(16), [(torch.randn(4, 3, 32, 32), torch.zeros(4, dtype=torch.long))],
+             fixed_policy(np.ones((model.space.num_cells, model.space.num_modules), bool)))
+    assert not model.training, "evaluating a view leaves an eval-mode model in eval mode"
+    assert model.train().at(32).training
+
+
+def test_the_cheapest_pair_of_first_and_last_stages_by_hand():
+    """Two first stages: `cheap` costs 1 and is right on images 0-3 of 8, `twin` costs 3 and right on
+    0-5; the last stage (cost 10) is right on all. Confidence is highest on the images a first stage
+    gets right. At a floor of 1.0 `cheap` escalates 4 images (1 + 0.5 x 10 = 6 ms) and `twin` 2
+    (3 + 0.25 x 10 = 5.5 ms): the twin wins; at 0.75 the twin needs no escalation (3 ms) where `cheap`
+    needs 2 images' (1 + 0.25 x 10 = 3.5 ms); at 0.5 `cheap` alone holds it (1 ms). A first stage that
+    cannot reach the floor loses to one that can, however cheap."""
+    from training.cascade import cheapest_pair
+
+    labels = np.zeros(8, np.int64)
+
+    def logits(right: int) -> np.ndarray:
+        out = np.zeros((8, 2))
+        out[:right, 0] = np.linspace(6, 5, right)  # sure and right
+        out[right:, 1] = 0.5  # unsure and wrong
+        return out
+
+    firsts = {"cheap": (logits(4), 1.0), "twin": (logits(6), 3.0)}
+    lasts = {"base": (logits(8), 10.0)}
+    best = cheapest_pair(firsts, lasts, labels, 1.0)
+    assert (best["first"], best["network"], best["top1"], best["escalated"]) == ("twin", "base", 1.0, 0.25)
+    assert best["latency_ms"] == pytest.approx(5.5)
+    best = cheapest_pair(firsts, lasts, labels, 0.75)
+    assert (best["first"], best["escalated"], best["latency_ms"]) == ("twin", 0.0, 3.0)
+    best = cheapest_pair({"cheap": firsts["cheap"]}, lasts, labels, 0.5)
+    assert (best["first"], best["escalated"], best["latency_ms"]) == ("cheap", 0.0, 1.0)
+    # the last stage wrong everywhere: only the twin reaches 0.7 (6 of 8 right without escalating)
+    lasts = {"base": (np.tile([0.0, 1.0], (8, 1)), 10.0)}
+    best = cheapest_pair(firsts, lasts, labels, 0.7)
+    assert (best["first"], best["top1"]) == ("twin", 0.75)
 
 
 def test_an_architecture_at_a_lower_resolution_serves_as_pytorch_runs_it(tmp_path):

@@ -240,6 +240,7 @@ def test_a_choice_not_offered_is_refused_at_load(key, choices):
     ("controller.channels=[8,8]", r"controller.channels: \[8, 8\] needs 3 items"),
     ("twins.resolutions=[24]", r"twins.resolutions: 24 must divide space.input_size \(32\)"),
     ("multires.resolutions=[32]", r"multires.resolutions: 32 must divide space.input_size \(32\) and be below it"),
+    ("multires.resolutions=[16,16]", r"multires.resolutions: \[16, 16\] names a resolution twice"),
     ("twins.resolutions=[\"16\"]", "twins.resolutions: item '16' is not an integer"),
     ("twins.resolutions=[]", "coadapt.epochs: co-adaptation fine-tunes a cascade's last stage"),
     ("coadapt.share=1", r"coadapt.share: 1 must lie between 0 and 1"),
@@ -261,6 +262,12 @@ def test_values_the_run_could_not_use_are_refused_at_load(override, message):
         return
     with pytest.raises(ValueError, match=message):
         load_config("smoke", [override])
+
+
+def test_a_multi_resolution_meta_graph_without_twins_is_refused():
+    with pytest.raises(ValueError, match="multires.epochs: the export tries the multi-resolution meta-graph's"):
+        load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0"])
+    assert load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0", "multires.epochs=0"])
 
 
 def test_channel_statistics_by_hand():

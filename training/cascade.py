@@ -80,6 +80,31 @@ def fit(front: Frontier, floor: float) -> tuple[float, float, float]:
     return float(front.thresholds[i]), float(front.escalated[i]), float(front.top1[i])
 
 
+def cheapest_pair(firsts: dict[str, tuple[np.ndarray, float]], lasts: dict[str, tuple[np.ndarray, float]],
+                  labels: np.ndarray, floor: float, blends=(0.0,)) -> dict:
+    """Of every first stage (`firsts`: name -> (logits, cost)), last stage (`lasts`, likewise),
+    blend and confidence kind, the two-stage cascade `fit` finds cheapest with its top-1 at `floor`
+    (the more accurate on a tie); a pair that cannot reach the floor only where none can. Returns
+    {top1, latency_ms, escalated, confidence, threshold, blend, network (the last stage), first}."""
+    best, key = None, None
+    for start, (start_logits, start_ms) in firsts.items():
+        start_right = start_logits.argmax(1) == labels
+        for last, (last_logits, last_ms) in lasts.items():
+            for share in blends:
+                last_right = blend(last_logits, start_logits, share).argmax(1) == labels
+                for kind in CONFIDENCES:
+                    sure = confidence(kind, start_logits)
+                    threshold, escalated, top1 = fit(frontier(sure, start_right, last_right), floor)
+                    ms = start_ms + escalated * last_ms
+                    candidate = (top1 < floor - 1e-12, ms, -top1)
+                    if key is None or candidate < key:
+                        key = candidate
+                        best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated,
+                                "confidence": kind, "threshold": threshold, "blend": share, "network": last,
+                                "first": start}
+    return best
+
+
 def apply(confidence: np.ndarray, threshold: float) -> np.ndarray:
     """Which images escalate under `threshold` (True: the last stage answers)."""
     return ~(np.asarray(confidence, np.float64) >= threshold)

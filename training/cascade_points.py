@@ -2,9 +2,9 @@
 architectures of the multi-resolution meta-graph as networks of the bundle, thresholds fitted on
 the validation split, figures measured on the test split.
 
-Each cascade runs a first stage at a lower resolution (the lowest-resolution twin, or, with phase
-`multires`, an architecture of the meta-graph at that resolution, whichever fits cheaper on
-validation) and sends the images it is not confident about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
+Each `cascade-<tolerance>` point runs a first stage at a lower resolution (the lowest-resolution twin,
+or, with phase `multires`, an architecture of the meta-graph at that resolution, whichever fits
+cheaper on validation) and sends the images it is not confident about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
 escalates (phase `coadapt`), where that copy is better than the baseline on the validation images
 the twin is least sure about (the images it was trained for; more candidates are more chances for a
 lucky fit). One point per `export.cascade_tolerances`: of every last stage, confidence kind and
@@ -12,7 +12,7 @@ blend, the cheapest threshold whose validation top-1 is within that many points
 of the baseline's, cost estimated from the networks' measured tables as the service estimates it.
 The confidence kinds are the plain ones (max softmax, top-2 margin) and a learned gate on the twin's
 answer (training/gate.py), which a point uses only where it is cheaper on validation. One more
-point, `cascade-top` (top_point), adds a third stage, an architecture of the bundle's own meta-graph,
+point, `cascade-top` (top_point), starts with the twin and adds a third stage, an architecture of the bundle's own meta-graph,
 for the images the baseline is still unsure about: the most accurate on validation at no more MFLOPs
 than the baseline.
 """
@@ -150,12 +150,13 @@ def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = (),
     """One cascade per tolerance (first: the lowest-resolution twin or one of `firsts`, architectures
     of the multi-resolution meta-graph; last: a full-resolution network),
     fitted on validation: of every first stage, last stage (the co-adapted copy only where it beats the baseline on
-    the validation images the twin is least sure about), confidence kind and blend (`export.cascade_blends`),
-    the cheapest threshold from which on the cascade stays within the tolerance of the baseline
-    (training.cascade.fit), the more accurate on a tie; and each point's validation figures
-    {top1, latency_ms, escalated, confidence, threshold, blend, network}, with, where `export.gate_folds`
-    is set, the learned gate's (`gate`, training/gate.py) and the plain confidences' best (`plain`):
-    where the gate is cheaper at the same validation top-1, the point's first stage uses it. With
+    the validation images the twin is least sure about: what it was trained on, whichever first stage
+    a point then takes), confidence kind and blend (`export.cascade_blends`), the cheapest threshold from
+    which on the cascade stays within the tolerance of the baseline (training.cascade.cheapest_pair);
+    and each point's validation figures {top1, latency_ms, escalated, confidence, threshold, blend,
+    network, first}, with, where `export.gate_folds` is set, the learned gate's on the chosen first
+    stage (`gate`, training/gate.py) and the plain confidences' best (`plain`): where the gate is
+    cheaper at the same validation top-1, the point's first stage uses it. With
     `candidates` (architectures of the bundle's meta-graph), one more point: `TOP` (top_point)."""
     first = nets[-1]
     firsts = [first, *firsts]
@@ -184,23 +185,9 @@ def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = (),
     base_top1 = float((logits[BASELINE].argmax(1) == labels).mean())
     points, figures = [], {}
     for tolerance in ctx.config.export.cascade_tolerances:
-        best = None
-        for start in firsts:
-            start_ms = start.cost()[0]
-            start_right = logits[start.name].argmax(1) == labels
-            for last in lasts:
-                last_ms = last.cost()[0]
-                for share in ctx.config.export.cascade_blends:
-                    last_right = cascade.blend(logits[last.name], logits[start.name], share).argmax(1) == labels
-                    for kind in cascade.CONFIDENCES:
-                        sure = cascade.confidence(kind, logits[start.name])
-                        threshold, escalated, top1 = cascade.fit(cascade.frontier(sure, start_right, last_right),
-                                                                 base_top1 - tolerance / 100)
-                        ms = start_ms + escalated * last_ms
-                        if best is None or (ms, -top1) < (best["latency_ms"], -best["top1"]):
-                            best = {"top1": top1, "images": len(labels), "latency_ms": ms, "escalated": escalated,
-                                    "confidence": kind, "threshold": threshold, "blend": share, "network": last.name,
-                                    "first": start.name}
+        best = cascade.cheapest_pair({f.name: (logits[f.name], f.cost()[0]) for f in firsts},
+                                     {n.name: (logits[n.name], n.cost()[0]) for n in lasts}, labels,
+                                     base_top1 - tolerance / 100, ctx.config.export.cascade_blends)
         name = f"cascade-{tolerance:g}"
         if name in figures:
             continue

@@ -392,7 +392,8 @@ def _field_problems(obj, where: str = "") -> list[str]:
 
 _NON_NEGATIVE = ("epochs", "warmup_epochs", "dense_epochs", "polish_epochs", "momentum", "weight_decay", "distill", "alpha", "beta",
                  "alpha_end", "beta_end", "pos_weight", "neg_weight", "window", "init_strength", "fixed_path_rows",
-                 "warmup", "val_images", "default_tolerance", "gate_folds", "top_candidates")
+                 "warmup", "val_images", "default_tolerance", "gate_folds", "top_candidates",
+                 "first_candidates")
 _POSITIVE = ("lr", "polish_lr", "metagraph_lr", "batch_size", "eval_batch_size", "repeats", "intra_op_threads", "latency_images",
              "resamples", "twin_candidates", "bn_images", "log_steps", "steps_per_variant", "checkpoint_steps",
              "threads", "train_limit", "test_limit", "steps_per_epoch", "metagraph_steps", "grad_clip", "downsample",
@@ -432,6 +433,12 @@ def validate(config: RunConfig) -> RunConfig:
         if config.export.gate_folds == 1:
             problems.append("export.gate_folds: 1 cannot cross-fit (each fold's gate is fitted on the others); "
                             "use 2 or more, or 0 for no gate")
+        if len(set(config.multires.resolutions)) != len(config.multires.resolutions):
+            problems.append(f"multires.resolutions: {list(config.multires.resolutions)} names a resolution twice")
+        if config.multires.epochs and config.multires.resolutions and not config.twins.resolutions:
+            problems.append("multires.epochs: the export tries the multi-resolution meta-graph's architectures as "
+                            "cascade first stages, and cascades need twins; set twins.resolutions, or multires.epochs "
+                            "to 0")
         if config.coadapt.epochs and not config.twins.resolutions:
             problems.append("coadapt.epochs: co-adaptation fine-tunes a cascade's last stage on what its first "
                             "stage escalates; set twins.resolutions for a first stage, or coadapt.epochs to 0")

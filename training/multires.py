@@ -6,14 +6,15 @@ it at full size. The meta-graph's convolutions are shared by every resolution, e
 has batch norms of its own (training/switchable.py). Every step is a sandwich over resolutions
 and paths: the batch's rows take the MobileNetV2 path, the cheapest path or random sparse paths
 (`sampling.sandwich_policy`), and each row runs its path at every resolution, with the labels and
-the finished 32x32 baseline as teacher (weight `distill`). It starts from the `finetune` phase's
+the finished full-resolution baseline as teacher (weight `distill`). It starts from the `finetune` phase's
 meta-graph, every resolution's batch norms from its one set.
 
 The export takes architectures of this meta-graph at the lower resolutions as cascade first
 stages (training/cascade_points.py): each, with its resolution's batch norms re-estimated on the
-architecture alone, is a static network of the bundle. The phase's end figures say, on the
-validation split, whether a resolution's own batch norms beat the full resolution's re-estimated
-there (`batch_norm`): the choice of switchable batch norms rests on them.
+architecture alone, is a static network of the bundle. The phase's end figures (`figures`:
+`val_top1_<path>_<resolution>_own` and `_shared`) say, on the validation split, whether a
+resolution's own batch norms beat the full resolution's re-estimated there: the choice of
+switchable batch norms rests on them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class ResolutionView(nn.Module):
         self.parent = parent
         self.resolution = resolution
         self.index = parent.resolutions.index(resolution)
+        self.train(parent.training)  # a view of an eval-mode model is in eval mode (evaluate restores it)
 
     @property
     def space(self):
@@ -76,14 +78,15 @@ class MultiResolution(nn.Module):
     def plain(self, resolution: int, space) -> MetaGraph:
         """A plain meta-graph over `space` (the search space at `resolution`) with this model's
         weights and that resolution's batch norms, in eval mode, on the CPU."""
-        model = MetaGraph(space)
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing from the run's stream
+            model = MetaGraph(space)
         model.load_state_dict(switchable.collapse(self.metagraph.state_dict(), self.resolutions.index(resolution)))
         return model.eval()
 
 
 def resolutions(ctx: Context) -> tuple[int, ...]:
     """The resolutions the phase trains at: `multires.resolutions`, then the input size."""
-    return (*sorted(ctx.config.multires.resolutions), ctx.space.input_size)
+    return (*sorted(set(ctx.config.multires.resolutions)), ctx.space.input_size)
 
 
 def _new(ctx: Context) -> MultiResolution:
@@ -131,9 +134,8 @@ def run(ctx: Context) -> dict | None:
     cfg = ctx.config.multires
     if not cfg.resolutions or not cfg.epochs:
         return None
-    stride = ctx.space.input_size // ctx.space.cells[-1].output_size
     for r in cfg.resolutions:
-        check(r, ctx.space.input_size, stride)
+        check(r, ctx.space.input_size, ctx.space.total_stride)
     model = _new(ctx)
     optimizer = sgd(decay_groups(model, cfg.weight_decay), cfg.lr, cfg.momentum, cfg.weight_decay)
     teacher = baseline.teacher(ctx)
