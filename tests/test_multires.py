@@ -21,26 +21,13 @@ from training.metagraph import MetaGraph
 from training.multires import MultiResolution
 from training.searchspace import build_tiny_space
 
-from .helpers import unit_table
-
-
-def _trained_norms(model: MultiResolution, seed: int) -> None:
-    """Give every batch-norm copy statistics and weights of its own, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+from .helpers import randomise, unit_table
 
 
 def _model(seed: int = 0) -> MultiResolution:
     torch.manual_seed(seed)
     model = MultiResolution(MetaGraph(build_tiny_space(10, 32)), (16, 32))
-    _trained_norms(model, seed)
-    return model.eval()
+    return randomise(model, seed)  # every batch-norm copy its own statistics and weights, as training gives
 
 
 def test_each_resolution_runs_with_its_own_batch_norms_and_shared_convolutions():
