@@ -33,7 +33,7 @@ from training.loop import train
 from training.metagraph import MetaGraph
 from training.optim import cosine_lr, decay_groups, sgd
 from training.pretrain import distillation
-from training.resolution import check, downsample
+from training.resolution import AtResolution, check, downsample
 from training.sampling import sandwich_policy
 
 
@@ -125,8 +125,8 @@ def batch_norm_figures(ctx: Context, model: MultiResolution) -> dict:
         for name, matrix in (("mobilenet_v2", mobilenet_v2(ctx.space)), ("cheapest", cheapest(ctx.space))):
             for which, own in (("own", r), ("shared", full)):
                 net = reestimated(ctx, model.plain(own, space), r, matrix)
-                figures[f"val_top1_{name}_{r}_{which}"] = evaluate(
-                    net, [(downsample(x, r), y) for x, y in ctx.batches("val")], fixed_policy(matrix))["top1"]
+                figures[f"val_top1_{name}_{r}_{which}"] = evaluate(AtResolution(net, r), ctx.batches("val"),
+                                                                   fixed_policy(matrix))["top1"]
     return figures
 
 
