@@ -233,3 +233,70 @@ def test_router_price_calibration_by_hand():
     assert 0.05 <= price < 0.051
     assert ((p - price * latency).argmax(1) == [0, 1, 0]).all()
     assert ((p - calibrate(p, latency, 1.0) * latency).argmax(1) == 1).all()
+
+
+def test_controller_points_served_only_where_their_routes_beat_shuffled_ones_by_hand():
+    from training.controls import instance_aware, served
+
+    static = {"architectures": 1}
+    aware = {"architectures": 2, "point_minus_shuffled": {"difference": 0.02, "low": 0.004, "high": 0.03}}
+    chance = {"architectures": 3, "point_minus_shuffled": {"difference": 0.01, "low": -0.002, "high": 0.02}}
+    assert instance_aware(static) and instance_aware(aware) and not instance_aware(chance)
+    assert served({"A": static, "B": chance, "C": aware}, others=0) == ["A", "C"]
+    assert served({"A": static, "B": chance, "C": aware}, others=2, required=False) == ["A", "B", "C"]
+    assert served({"B": chance}, others=1) == []  # the cascades are the bundle's points
+    assert served({"B": chance}, others=0) == ["B"]  # never a bundle without an operating point
+
+
+def test_export_serves_a_controller_point_only_where_it_beats_its_shuffled_routes(smoke_run, data_root, tmp_path):
+    """`export.instance_aware_only` (on but in the smoke preset): each search point's control on
+    validation is in the manifest, and only the points that pass it are served."""
+    from training.controls import instance_aware
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle*", "report"))
+    done = run_cli("instanas-train", "export", "--data", str(data_root), "--out", str(run),
+                   "--set", "export.instance_aware_only=true")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    manifest = load_bundle(run / "bundle").manifest
+    verdicts = manifest.training["controller_controls"]
+    assert list(verdicts) == ["A", "B", "C"]
+    finetuned = torch.load(run / "finetune.pt", weights_only=False)["figures"]
+    for name, figures in verdicts.items():
+        assert figures["served"] == instance_aware(figures)
+        if figures["architectures"] > 1:  # the point's own routes: its validation top-1 as fine-tuning measured it
+            assert figures["top1"] == pytest.approx(finetuned[name]["top1"])
+            assert 0 <= figures["shuffled_top1"] <= 1
+    assert [c.name for c in manifest.controllers] == [name for name, f in verdicts.items() if f["served"]]
+    assert manifest.default_controller in manifest.point_names
+    logged = [r for r in _log(run) if r.get("controller_point")]
+    assert {r["controller_point"]: r["served"] for r in logged} == {n: f["served"] for n, f in verdicts.items()}
+
+
+def test_routes_that_ignore_what_the_image_shows_do_not_pass_the_control(smoke_run, data_root, tmp_path):
+    """A point that deals two architectures by a coin of each image's own (its brightness, no sign
+    of difficulty) runs both, and its control finds it no better than the same routes shuffled."""
+    import numpy as np
+
+    from service import architecture
+    from training.config import load_config
+    from training.context import Context
+    from training.controls import instance_aware, validation_control
+    from training.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run, ignore=shutil.ignore_patterns("bundle*", "report"))
+    ctx = Context.open(RunDir(run, load_config("smoke", [])), str(data_root))
+    metagraph = ctx.new_metagraph()
+    metagraph.load_state_dict(torch.load(run / "finetune.pt", weights_only=False)["model"])
+    space = ctx.space
+    pair = torch.from_numpy(np.stack([architecture.mobilenet_v2(space), architecture.cheapest(space)])).float()
+
+    def coin(x):  # (N, cells, modules) "probabilities": 1 where the chosen architecture runs a module
+        return pair[(x.mean((1, 2, 3)) > x.mean()).long()]
+
+    figures = validation_control(ctx, metagraph, coin)
+    assert figures["architectures"] == 2
+    assert figures["point_minus_shuffled"]["low"] <= 0 <= figures["point_minus_shuffled"]["high"]
+    assert not instance_aware(figures)
+    assert validation_control(ctx, metagraph, lambda x: pair[0].expand(len(x), *pair[0].shape)) == {"architectures": 1}

@@ -198,7 +198,8 @@ def test_policy_gradient_loss_by_hand():
 
 
 def test_paired_bootstrap_and_rank_correlation_by_hand():
-    from training.report import bootstrap_difference, spearman
+    from training.report import spearman
+    from training.stats import bootstrap_difference
 
     a = np.array([1, 1, 1, 1, 0, 1, 1, 1, 1, 1] * 50, bool)  # 90% right
     b = np.array([1, 0, 1, 0, 0, 1, 1, 0, 1, 1] * 50, bool)  # 60% right, wrong where a is wrong too

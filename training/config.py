@@ -234,6 +234,10 @@ class ExportConfig:
     # resolution: the meta-graph's MobileNetV2 and cheapest paths and this many of its most frequent
     # architectures (training/cascade_points.py, `first_codes`).
     first_candidates: int = 2
+    # A controller point that runs several architectures is served only where its routes beat the same
+    # routes shuffled across images on validation (training/controls.py); false: every point is served
+    # (the smoke preset, whose barely trained controllers give the serving tests per-image routes).
+    instance_aware_only: bool = True
 
 
 @dataclass
@@ -292,7 +296,7 @@ def _preset_smoke() -> RunConfig:
                             batch_size=32, alpha=0.9, beta=0.1, entropy="one_sided", log_steps=2),
         finetune=FinetuneConfig(epochs=1, bn_images=128),
         profile=ProfileConfig(repeats=5, warmup=2),
-        export=ExportConfig(latency_images=20, cascade_blends=(0.0, 0.3)),
+        export=ExportConfig(latency_images=20, cascade_blends=(0.0, 0.3), instance_aware_only=False),
         report=ReportConfig(latency_images=30, resamples=200, twin_candidates=2),
     )
 

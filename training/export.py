@@ -32,7 +32,7 @@ from service.manifest import (
     static_twin_name,
 )
 from training import baseline as baseline_phase
-from training import cascade_points, route
+from training import cascade_points, controls, route
 from training.bundle_writer import write_bundle
 from training.context import Context
 from training.evaluate import evaluate, evaluate_controller, fixed_policy, greedy
@@ -99,8 +99,8 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     version = f"{now:%Y%m%d.%H%M%S}-{revision[:12]}"
     baseline_state = ctx.run.load("baseline")
     baseline_val = (baseline_state or {}).get("figures", {}).get("val_top1")
-    test = {name_: evaluate_controller(ctx, metagraph, c, cost, "test") for name_, c in points.items()}
-    frequent = frequent_architectures(ctx, metagraph, points)
+    frequent = frequent_architectures(ctx, metagraph, points)  # of every point of the search
+    verdicts = controls.check(ctx, metagraph, points)
     x_test = next(iter(ctx.batches("test", ctx.config.export.latency_images)))[0].numpy()
     tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -124,11 +124,19 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
             networks.append(cascade_points.network_entry(folder, member, sha256_file(tmp / folder / "manifest.json")))
         val_figures = {**val_figures, **cascade_val}
         nets += [member for member in own if member.key in used]  # the bundle's own graphs: no network to write
-        test.update({c.name: cascade_points.test_figures(ctx, nets, c) for c in cascades})
+    kept = controls.served(verdicts, len(cascades), ctx.config.export.instance_aware_only)
+    for name_, figures in verdicts.items():
+        figures["served"] = name_ in kept
+        ctx.run.log("export", controller_point=name_, **{k: v for k, v in figures.items() if k != "point_minus_shuffled"},
+                    **{f"point_minus_shuffled_{k}": v for k, v in figures.get("point_minus_shuffled", {}).items()})
+    points = {name_: points[name_] for name_ in kept}
+    val_figures = {k: v for k, v in val_figures.items() if k in points or k in {c.name for c in cascades}}
+    test = {name_: evaluate_controller(ctx, metagraph, c, cost, "test") for name_, c in points.items()}
+    test.update({c.name: cascade_points.test_figures(ctx, nets, c) for c in cascades})
     default = default_point(val_figures, baseline_val, ctx.config.export.default_tolerance)
     training = {"config": ctx.config.to_dict(), "source_revision": revision,
                 "validation": {k: {m: v for m, v in f.items()} for k, f in val_figures.items()},
-                "first_stages": first_stages}
+                "first_stages": first_stages, "controller_controls": verdicts}
     manifest = write_bundle(
         tmp, metagraph, points, table, name=bundle_name, version=version, dataset=dataset,
         classes=ctx.train.classes, default_controller=default,

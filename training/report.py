@@ -41,22 +41,13 @@ from training.batchnorm import reestimate
 from training.context import Context
 from training.evaluate import evaluate, fixed_policy
 from training.rundir import RunError, write_atomic
+from training.stats import bootstrap_difference
 
 # InstaNAS-C10 A..E and MobileNetV2 widths: (top-1 %, latency relative to MobileNetV2 1.0x),
 # from the paper's CIFAR-10 table (../shared/docs/INSTANAS.md), another scale and machine.
 PAPER_POINTS = {"A": (95.70, 1 - 0.076), "B": (95.50, 1 - 0.402), "C": (94.80, 1 - 0.489), "D": (94.00, 1 - 0.641),
                 "E": (91.90, 1 - 0.826)}
 PAPER_MOBILENETS = {"0.4x": (92.56, 1 - 0.587), "1.0x": (94.44, 1.0), "1.4x": (95.08, 1.402)}
-
-
-def bootstrap_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
-    """Paired bootstrap of mean(a) - mean(b) over the same images: the difference and its 95% interval."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = a - b
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"difference": float(diff.mean()), "low": float(low), "high": float(high), "resamples": resamples}
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -238,12 +229,12 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
                           "mflops": float(static[False].costs.mflops(base_executed[:1])[0]),
                           "curve": _baseline_curve(ctx)}
 
-    from training import route
-
     metagraph = ctx.new_metagraph()
     metagraph.load_state_dict(ctx.run.require("finetune")["model"])
     metagraph.eval()
-    points = list(route.points(ctx)[0])
+    points = [c.name for c in manifest.controllers]  # the search's points the export serves (training/controls.py)
+    if manifest.training.get("controller_controls"):
+        report["controller_controls"] = manifest.training["controller_controls"]
     dynamic[True].warm([a.code for a in manifest.frequent_architectures])
     per_image = {}
     for point in points:
@@ -525,6 +516,15 @@ def frontier_table(report: dict) -> str:
                      f"`{c['static_twin']['code']}` | {c['static_twin']['top1']:.4f} | "
                      f"{ci(c['static_twin']['point_minus_control'])} | {p['difficulty_spearman']:+.3f} | "
                      f"{ci(p['vs_baseline'])} |")
+    checked = {name: c for name, c in report.get("controller_controls", {}).items() if c["architectures"] > 1}
+    if checked:
+        lines += ["", "Controller points that run several architectures, on the validation split, against their routes "
+                  "shuffled across images (the export serves one only where the interval is above zero):", "",
+                  "| point | architectures | top-1 | shuffled top-1 | point - shuffled | served |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for name, c in checked.items():
+            lines.append(f"| {name} | {c['architectures']} | {c['top1']:.4f} | {c['shuffled_top1']:.4f} | "
+                         f"{ci(c['point_minus_shuffled'])} | {'yes' if c['served'] else 'no'} |")
     oracles = {name: p["oracle"] for name, p in report["points"].items() if p.get("oracle")}
     if oracles:
         lines += ["", "Each cascade against its oracle: the cheapest choice, image by image, between its two answers "
