@@ -266,8 +266,10 @@ def test_values_the_run_could_not_use_are_refused_at_load(override, message):
 
 def test_a_multi_resolution_meta_graph_without_twins_is_refused():
     with pytest.raises(ValueError, match="multires.epochs: the export tries the multi-resolution meta-graph's"):
-        load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0"])
-    assert load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0", "multires.epochs=0"])
+        load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0", "shared_twins.epochs=0"])
+    with pytest.raises(ValueError, match="shared_twins.epochs: the phase trains the baseline at the twins' resolutions"):
+        load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0", "multires.epochs=0"])
+    assert load_config("smoke", ["twins.resolutions=[]", "coadapt.epochs=0", "multires.epochs=0", "shared_twins.epochs=0"])
 
 
 def test_channel_statistics_by_hand():

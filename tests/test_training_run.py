@@ -19,7 +19,8 @@ def _log(run) -> list[dict]:
 def test_smoke_run_writes_every_phase(smoke_run):
     log = _log(smoke_run)
     done = [r["phase"] for r in log if r.get("status") == "done"]
-    assert done == ["baseline", "pretrain", "profile", "search", "finetune", "route", "twins", "multires", "coadapt",
+    assert done == ["baseline", "pretrain", "profile", "search", "finetune", "route", "twins", "multires", "shared_twins",
+                    "coadapt",
                     "export",
                     "report"]  # route: off, a no-op
     assert [r["epoch"] for r in log if r["phase"] == "pretrain" and "epoch" in r] == [1, 2]

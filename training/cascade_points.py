@@ -1,13 +1,15 @@
-"""The export's cascade operating points: the baseline, its co-adapted copy, its twins and
-architectures of the multi-resolution meta-graph as networks of the bundle, thresholds fitted on
-the validation split, figures measured on the test split.
+"""The export's cascade operating points: the baseline, its co-adapted and shared-weight copies, its
+twins and architectures of the multi-resolution meta-graph as networks of the bundle, thresholds
+fitted on the validation split, figures measured on the test split.
 
 Each `cascade-<tolerance>` point runs a first stage at a lower resolution (the lowest-resolution twin,
-or, with phase `multires`, an architecture of the meta-graph at that resolution, whichever fits
-cheaper on validation) and sends the images it is not confident about to a full-resolution network: the baseline, or its copy fine-tuned on the images the twin
-escalates (phase `coadapt`), where that copy is better than the baseline on the validation images
-the twin is least sure about (the images it was trained for; more candidates are more chances for a
-lucky fit). One point per `export.cascade_tolerances`: of every last stage, confidence kind and
+or, with phase `shared_twins`, the shared-weight baseline at that resolution, or, with phase
+`multires`, an architecture of the meta-graph at that resolution, whichever fits cheaper on
+validation) and sends the images it is not confident about to a full-resolution network: the
+baseline; its copy fine-tuned on the images the twin escalates (phase `coadapt`), where that copy is
+better than the baseline on the validation images the twin is least sure about (the images it was
+trained for; more candidates are more chances for a lucky fit); or the shared-weight baseline at
+full resolution, where it is better than the baseline on validation. One point per `export.cascade_tolerances`: of every last stage, confidence kind and
 blend, the cheapest threshold whose validation top-1 is within that many points
 of the baseline's, cost estimated from the networks' measured tables as the service estimates it.
 The confidence kinds are the plain ones (max softmax, top-2 margin) and a learned gate on the twin's
@@ -30,7 +32,7 @@ from service.bundle import load_bundle
 from service.executor import Executor
 from service.manifest import Cascade, Network, Preprocessing, Stage
 from training import baseline as baseline_phase
-from training import cascade, coadapt, gate, multires, twins
+from training import cascade, coadapt, gate, multires, shared_twins, twins
 from training.context import Context
 from training.evaluate import fixed_policy
 from training.latency import costs, measure
@@ -38,6 +40,7 @@ from training.resolution import downsample
 
 BASELINE = "mobilenet_v2"  # the baseline's network name in a bundle
 COADAPTED = f"{BASELINE}-coadapted"  # the baseline fine-tuned on the images the first stage escalates
+SHARED = f"{BASELINE}-shared"  # the baseline trained at every resolution at once (phase `shared_twins`); `@<r>` below
 TOP = "cascade-top"  # the most accurate cascade at no more MFLOPs than the baseline (top_point)
 
 
@@ -88,8 +91,9 @@ class Member:
 
 
 def members(ctx: Context, table: dict) -> list[Member]:
-    """The networks a cascade may run: the baseline at full resolution, its co-adapted copy when the
-    run has one, then each twin (highest resolution first); empty without twins."""
+    """The networks a cascade may run: the baseline at full resolution, its co-adapted copy and its
+    shared-weight copy (phase `shared_twins`) at full resolution when the run has them, then each
+    twin (highest resolution first); empty without twins."""
     lows = twins.load(ctx)
     if not lows:
         return []
@@ -100,6 +104,9 @@ def members(ctx: Context, table: dict) -> list[Member]:
     adapted = coadapt.load(ctx)
     if adapted:
         out.append(Member(COADAPTED, size, adapted["coadapted"].cpu(), sub_table))
+    shared = shared_twins.networks(ctx)
+    if shared:
+        out.append(Member(SHARED, size, shared[size], sub_table))
     for r in sorted(lows, reverse=True):
         model = ctx.new_metagraph(ctx.baseline_space_at(r)).cpu()
         model.load_state_dict(lows[r].model.state_dict())
@@ -107,6 +114,18 @@ def members(ctx: Context, table: dict) -> list[Member]:
         own = measure(ctx, model)
         own["profile"]["dispatch_ms"] = table["profile"].get("dispatch_ms", 0.0)
         out.append(Member(network_name(r, size), r, model, own))
+    return out
+
+
+def shared_members(ctx: Context, table: dict) -> list[Member]:
+    """The shared-weight baseline (phase `shared_twins`) at each lower resolution, as first-stage
+    candidates named `mobilenet_v2-shared@<resolution>`; empty when the run has no such phase."""
+    out = []
+    for r, net in sorted(shared_twins.networks(ctx).items()):
+        if r < ctx.space.input_size:
+            own = measure(ctx, net)
+            own["profile"]["dispatch_ms"] = table["profile"].get("dispatch_ms", 0.0)
+            out.append(Member(f"{SHARED}@{r}", r, net, own))
     return out
 
 
@@ -142,6 +161,8 @@ def first_codes(ctx: Context, frequent: list[str]) -> list[str]:
 def describe(member: Member) -> str:
     """How a point's description names a first stage."""
     at = f"{member.resolution}x{member.resolution}"
+    if member.name.startswith(SHARED):
+        return f"{at} shared-weight twin"
     return f"{at} twin" if member.name.startswith(BASELINE) else f"the meta-graph's architecture {member.code} at {at}"
 
 
@@ -182,6 +203,14 @@ def fit_points(ctx: Context, nets: list[Member], candidates: list[Member] = (),
               f"{'a' if kept else 'not a'} last-stage candidate", flush=True)
         if not kept:
             lasts = [n for n in lasts if n.name != COADAPTED]
+    if SHARED in logits:  # a candidate only where it is the better full-resolution network
+        top1 = {name: float((logits[name].argmax(1) == labels).mean()) for name in (BASELINE, SHARED)}
+        kept = top1[SHARED] > top1[BASELINE]
+        ctx.run.log("export", shared_val_top1=top1[SHARED], baseline_val_top1=top1[BASELINE], shared_candidate=kept)
+        print(f"export: on validation, the shared-weight baseline {top1[SHARED]:.4f}, the baseline "
+              f"{top1[BASELINE]:.4f}: {'a' if kept else 'not a'} last-stage candidate", flush=True)
+        if not kept:
+            lasts = [n for n in lasts if n.name != SHARED]
     base_top1 = float((logits[BASELINE].argmax(1) == labels).mean())
     points, figures = [], {}
     for tolerance in ctx.config.export.cascade_tolerances:

@@ -70,6 +70,10 @@ def _run_phase(phase: str, ctx, args, explicit: bool) -> None:
         from training import multires
 
         multires.run(ctx)  # nothing unless multires.resolutions and multires.epochs
+    elif phase == "shared_twins":
+        from training import shared_twins
+
+        shared_twins.run(ctx)  # nothing unless shared_twins.epochs and twins.resolutions
     elif phase == "coadapt":
         from training import coadapt
 

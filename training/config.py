@@ -104,6 +104,19 @@ class MultiresConfig:
 
 
 @dataclass
+class SharedTwinsConfig:
+    """The baseline trained at its twins' resolutions and its input size at once (phase `shared_twins`):
+    one set of convolutions, batch norms per resolution, the finished baseline teaching."""
+
+    epochs: int = 0  # 0: the phase does nothing (needs twins.resolutions)
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+    distill: float = 0.5  # weight of the baseline's predictions (vs labels)
+
+
+@dataclass
 class CoadaptConfig:
     """The cascade's last stage fine-tuned on the images its first stage escalates (phase `coadapt`),
     beside the same fine-tuning on images drawn at random, its control; the finished baseline teaching."""
@@ -260,6 +273,7 @@ class RunConfig:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     twins: TwinsConfig = field(default_factory=TwinsConfig)
     multires: MultiresConfig = field(default_factory=MultiresConfig)
+    shared_twins: SharedTwinsConfig = field(default_factory=SharedTwinsConfig)
     coadapt: CoadaptConfig = field(default_factory=CoadaptConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
@@ -289,6 +303,7 @@ def _preset_smoke() -> RunConfig:
         baseline=BaselineConfig(epochs=2, lr=0.05, warmup_epochs=0.5),
         twins=TwinsConfig(resolutions=(16,), epochs=1, polish_epochs=1),
         multires=MultiresConfig(resolutions=(16,), epochs=1, bn_images=128),
+        shared_twins=SharedTwinsConfig(epochs=1),
         coadapt=CoadaptConfig(epochs=1),
         controller=ControllerConfig(channels=(8, 8, 16), downsample=2),
         pretrain=PretrainConfig(epochs=2, lr=0.05, sampling="sandwich", warm_start=True),
@@ -331,6 +346,9 @@ def _preset_cifar10_cpu() -> RunConfig:
         # The fine-tuned meta-graph at 16x16 and 32x32 at once, batch norms per resolution: its cheap
         # architectures at 16x16 are first-stage candidates beside the twin (docs/RESULTS.md, "Cascades").
         multires=MultiresConfig(resolutions=(16,), epochs=6, lr=0.01, distill=0.5),
+        # The baseline at 16x16 and 32x32 at once, one set of convolutions, batch norms per resolution:
+        # against the separate twin and baseline, on validation (docs/RESULTS.md, "Cascades").
+        shared_twins=SharedTwinsConfig(epochs=12, lr=0.01, distill=0.5),
         profile=ProfileConfig(repeats=30, warmup=5),
         # The blends of the twin's answer into the baseline's that the export tries for each cascade point:
         # on validation, the cheapest cascade no less accurate than the baseline blends 0.2 and escalates
@@ -443,6 +461,9 @@ def validate(config: RunConfig) -> RunConfig:
             problems.append("multires.epochs: the export tries the multi-resolution meta-graph's architectures as "
                             "cascade first stages, and cascades need twins; set twins.resolutions, or multires.epochs "
                             "to 0")
+        if config.shared_twins.epochs and not config.twins.resolutions:
+            problems.append("shared_twins.epochs: the phase trains the baseline at the twins' resolutions; set "
+                            "twins.resolutions, or shared_twins.epochs to 0")
         if config.coadapt.epochs and not config.twins.resolutions:
             problems.append("coadapt.epochs: co-adaptation fine-tunes a cascade's last stage on what its first "
                             "stage escalates; set twins.resolutions for a first stage, or coadapt.epochs to 0")

@@ -304,6 +304,7 @@ def run(ctx: Context, bundle: str | None = None, baseline_bundle: str | None = N
         report["first_stages"] = manifest.training["first_stages"]
         report["first_stage_of"] = {c.name: c.stages[0].network for c in manifest.cascades}
         report["multires"] = (ctx.run.load("multires") or {}).get("figures")
+        report["shared_twins"] = (ctx.run.load("shared_twins") or {}).get("figures")
 
     # a warm server: the timed images' most frequent architectures compiled before timing starts
     counts: dict[str, int] = {}
@@ -568,6 +569,14 @@ def frontier_table(report: dict) -> str:
                 if key.endswith("_own"):
                     path = key[len("val_top1_"):-len("_own")]
                     lines.append(f"| {path} | {own:.4f} | {report['multires'][key[:-4] + '_shared']:.4f} |")
+    if report.get("shared_twins"):
+        lines += ["", "The baseline trained at every resolution at once (phase `shared_twins`: one set of convolutions, "
+                  "batch norms per resolution) against a network of its own at each (the twin below the input size, "
+                  "the baseline at it), validation top-1:", "", "| resolution | shared | separate |", "| --- | --- | --- |"]
+        for key, shared in report["shared_twins"].items():
+            if key.endswith("_shared"):
+                r = key[len("val_top1_"):-len("_shared")]
+                lines.append(f"| {r}x{r} | {shared:.4f} | {report['shared_twins'][key[:-7] + '_separate']:.4f} |")
     return "\n".join(lines) + "\n"
 
 
