@@ -111,3 +111,17 @@ def export_cascade_bundle(out: Path, *, seed: int = 0, name: str = "cascade") ->
                  dataset="none", classes=[f"class{i}" for i in range(10)], default_controller="fast",
                  preprocessing=Preprocessing(input_size=32, **pre), networks=networks, cascades=[cascade])
     return {"models": models, "metagraph": metagraph, "threshold": threshold}
+
+
+def assert_trained_apart_per_resolution(own: dict, start: dict, what: str) -> None:
+    """`own` (a multi-resolution model's state: `metagraph.` + a plain network's keys, batch norms
+    switched per resolution) starts from `start` (a plain network's state) and trains: a convolution
+    differs from it, and some batch norm's statistics differ between the resolutions' copies."""
+    import torch
+
+    convolution = next(k for k in start if k.endswith("weight") and start[k].dim() == 4)
+    assert f"metagraph.{convolution}" in own, "one set of convolutions for every resolution"
+    assert not torch.equal(own[f"metagraph.{convolution}"], start[convolution]), f"starts from {what} and trains"
+    means = [k for k in own if k.endswith(".norms.0.running_mean")]
+    assert means and any(not torch.equal(own[k], own[k.replace(".norms.0.", ".norms.1.")]) for k in means), \
+        "each resolution's batch norms keep statistics of their own"

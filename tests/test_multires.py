@@ -21,7 +21,7 @@ from training.metagraph import MetaGraph
 from training.multires import MultiResolution
 from training.searchspace import build_tiny_space
 
-from .helpers import randomise, unit_table
+from .helpers import assert_trained_apart_per_resolution, randomise, unit_table
 
 
 def _model(seed: int = 0) -> MultiResolution:
@@ -136,12 +136,7 @@ def test_multires_trains_the_metagraph_at_each_resolution(smoke_run):
     assert {"val_top1_mobilenet_v2_16_own", "val_top1_mobilenet_v2_16_shared", "val_top1_cheapest_16_own",
             "val_top1_cheapest_16_shared"} <= set(state["figures"])
     finetuned = torch.load(smoke_run / "finetune.pt", weights_only=False)["model"]
-    own = state["model"]
-    convolution = next(k for k in finetuned if k.endswith("weight") and finetuned[k].dim() == 4)
-    assert not torch.equal(own[f"metagraph.{convolution}"], finetuned[convolution]), "starts from finetune and trains"
-    means = [k for k in own if k.endswith(".norms.0.running_mean")]
-    assert means and any(not torch.equal(own[k], own[k.replace(".norms.0.", ".norms.1.")]) for k in means), \
-        "each resolution's batch norms keep statistics of their own"
+    assert_trained_apart_per_resolution(state["model"], finetuned, "finetune")
 
 
 def test_the_search_space_lists_its_resolutions_and_first_stages_may_come_from_it(smoke_run):

@@ -9,6 +9,8 @@ import torch
 
 from service.bundle import load_bundle
 
+from .helpers import assert_trained_apart_per_resolution
+
 
 def test_shared_twins_trains_one_baseline_at_every_resolution(smoke_run):
     state = torch.load(smoke_run / "shared_twins.pt", weights_only=False)
@@ -20,13 +22,7 @@ def test_shared_twins_trains_one_baseline_at_every_resolution(smoke_run):
     baseline = torch.load(smoke_run / "baseline.pt", weights_only=False)["model"]
     separate = torch.load(smoke_run / "baseline.pt", weights_only=False)["figures"]["val_top1"]
     assert state["figures"]["val_top1_32_separate"] == separate
-    own = state["model"]
-    convolution = next(k for k in baseline if k.endswith("weight") and baseline[k].dim() == 4)
-    assert f"metagraph.{convolution}" in own, "one set of convolutions for every resolution"
-    assert not torch.equal(own[f"metagraph.{convolution}"], baseline[convolution]), "starts from the baseline and trains"
-    means = [k for k in own if k.endswith(".norms.0.running_mean")]
-    assert means and any(not torch.equal(own[k], own[k.replace(".norms.0.", ".norms.1.")]) for k in means), \
-        "each resolution's batch norms keep statistics of their own"
+    assert_trained_apart_per_resolution(state["model"], baseline, "the baseline")
 
 
 def test_the_export_tries_the_shared_twin_at_both_ends(smoke_run):

@@ -565,19 +565,22 @@ def frontier_table(report: dict) -> str:
             lines += ["", "Batch norms of the multi-resolution meta-graph at each lower resolution (validation top-1, "
                       "statistics re-estimated on the path at that resolution): the resolution's own (switchable) "
                       "against the full resolution's:", "", "| path | own | full resolution's |", "| --- | --- | --- |"]
-            for key, own in report["multires"].items():
-                if key.endswith("_own"):
-                    path = key[len("val_top1_"):-len("_own")]
-                    lines.append(f"| {path} | {own:.4f} | {report['multires'][key[:-4] + '_shared']:.4f} |")
+            for path, own, full in _side_by_side(report["multires"], "own", "shared"):
+                lines.append(f"| {path} | {own:.4f} | {full:.4f} |")
     if report.get("shared_twins"):
         lines += ["", "The baseline trained at every resolution at once (phase `shared_twins`: one set of convolutions, "
                   "batch norms per resolution) against a network of its own at each (the twin below the input size, "
                   "the baseline at it), validation top-1:", "", "| resolution | shared | separate |", "| --- | --- | --- |"]
-        for key, shared in report["shared_twins"].items():
-            if key.endswith("_shared"):
-                r = key[len("val_top1_"):-len("_shared")]
-                lines.append(f"| {r}x{r} | {shared:.4f} | {report['shared_twins'][key[:-7] + '_separate']:.4f} |")
+        for r, shared, separate in _side_by_side(report["shared_twins"], "shared", "separate"):
+            lines.append(f"| {r}x{r} | {shared:.4f} | {separate:.4f} |")
     return "\n".join(lines) + "\n"
+
+
+def _side_by_side(figures: dict, first: str, second: str) -> list[tuple[str, float, float]]:
+    """(what, a, b) for every pair of figures `val_top1_<what>_<first>` and `val_top1_<what>_<second>`."""
+    prefix, end = "val_top1_", f"_{first}"
+    return [(key[len(prefix):-len(end)], value, figures[key[: -len(end)] + f"_{second}"])
+            for key, value in figures.items() if key.startswith(prefix) and key.endswith(end)]
 
 
 def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, out_dir: Path,
