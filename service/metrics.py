@@ -177,9 +177,9 @@ class Metrics:
 
 
 class _Bound:
-    """One metric family seen from one model: `labels(...)` and the value methods (inc, observe,
-    set...) act on the model's series. Each series' child is looked up once and kept: prometheus_client's
-    `labels()` validates and locks on every call, a dozen times an image."""
+    """One metric family with labels besides `model`, seen from one model: `labels(...)` gives the
+    model's series. Each series' child is looked up once and kept: prometheus_client's `labels()`
+    validates and locks on every call, a dozen times an image."""
 
     def __init__(self, family, model: str):
         self._family, self._model = family, model
@@ -190,9 +190,6 @@ class _Bound:
         if child is None:
             child = self._children[values] = self._family.labels(self._model, *values)
         return child
-
-    def __getattr__(self, name: str):
-        return getattr(self.labels(), name)
 
 
 _PER_MODEL = ("stage_duration", "architecture_latency", "architecture_mflops", "architecture_modules",
@@ -208,7 +205,9 @@ class ModelMetrics:
     def __init__(self, process: Metrics, name: str, num_cells: int, num_modules: int):
         self.process, self.name = process, name
         for family in _PER_MODEL:
-            setattr(self, family, _Bound(getattr(process, family), name))
+            parent = getattr(process, family)
+            # a family labelled by model alone is its one child (each call reaches it at once); others a _Bound
+            setattr(self, family, parent.labels(name) if tuple(parent._labelnames) == ("model",) else _Bound(parent, name))
         self._executions = [[self.module_executions.labels(str(c), str(m)) for m in range(num_modules)]
                             for c in range(num_cells)]
         self._by_architecture: dict[bytes, list] = {}  # an architecture's (cell, module) children, by its matrix
