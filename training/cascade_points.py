@@ -9,9 +9,10 @@ validation) and sends the images it is not confident about to a full-resolution 
 baseline; its copy fine-tuned on the images the twin escalates (phase `coadapt`), where that copy is
 better than the baseline on the validation images the twin is least sure about (the images it was
 trained for; more candidates are more chances for a lucky fit); or the shared-weight baseline at
-full resolution, where it is better than the baseline on validation. One point per `export.cascade_tolerances`: of every last stage, confidence kind and
-blend, the cheapest threshold whose validation top-1 is within that many points
-of the baseline's, cost estimated from the networks' measured tables as the service estimates it.
+full resolution, where it is better than the baseline on validation. One point per
+`export.cascade_tolerances`: of every last stage, confidence kind and blend, the cheapest threshold
+whose validation top-1 is within that many points of the baseline's, cost estimated from the
+networks' measured tables as the service estimates it.
 The confidence kinds are the plain ones (max softmax, top-2 margin) and a learned gate on the twin's
 answer (training/gate.py), which a point uses only where it is cheaper on validation. One more
 point, `cascade-top` (top_point), starts with the twin and adds a third stage, an architecture of the bundle's own meta-graph,

@@ -109,8 +109,8 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     if nets:
         own = cascade_points.own_architectures(ctx, metagraph, table,
                                                 [f.code for f in frequent][: ctx.config.export.top_candidates])
-        firsts = [*cascade_points.shared_members(ctx, table),
-                  *cascade_points.multires_members(ctx, table, cascade_points.first_codes(ctx, [f.code for f in frequent]))]
+        codes = cascade_points.first_codes(ctx, [f.code for f in frequent])
+        firsts = [*cascade_points.shared_members(ctx, table), *cascade_points.multires_members(ctx, table, codes)]
         cascades, cascade_val = cascade_points.fit_points(ctx, nets, own, firsts)
         first_stages = {m.name: m.validation for m in [nets[-1], *firsts]}
         used = {(stage.network, stage.architecture) for c in cascades for stage in c.stages}
