@@ -46,7 +46,10 @@ def test_default_bundle_is_a_real_cifar10_instanas_model(bundle):
     evaluation = m.point().evaluation
     assert evaluation.split == "test" and evaluation.images == 8000
     assert evaluation.top1 >= 0.83  # a trained CIFAR-10 model; the default point measured 0.8514 (docs/RESULTS.md)
-    assert [c.name for c in m.controllers] == ["A", "B", "C", "D", "E"]  # one search's operating points
+    controls = m.training["controller_controls"]  # one search's operating points, each with its control
+    assert list(controls) == ["A", "B", "C", "D", "E"]
+    # B deals its two architectures no better than at random on validation, so it is not served
+    assert [c.name for c in m.controllers] == [n for n, f in controls.items() if f["served"]] == ["A", "C", "D", "E"]
     size = sum(f.stat().st_size for f in Path(bundle.path).rglob("*") if f.is_file())
     assert size < 8 * 2**20  # small enough to live in git
 
