@@ -272,6 +272,11 @@ def test_demo_endpoints(default_server):
                             headers={"content-type": "image/jpeg"}).json()
         assert (answer["architecture"]["code"], answer["architecture"]["network"]) == (group["code"], group["network"])
         assert answer["prediction"]["label"] == image["prediction"]
+        first = answer["cascade"]["stages"][0]["confidence"] if answer["cascade"] else answer["prediction"]["probability"]
+        assert image["confidence"] == pytest.approx(first, abs=1e-4)  # how sure the first look was
+    for group in gallery["groups"]:  # each row from the least sure image to the surest
+        sure = [image["confidence"] for image in group["images"]]
+        assert sure == sorted(sure)
     assert httpx.get(url + "/demo/gallery", params={"operating_point": "nope"}).status_code == 422
 
 

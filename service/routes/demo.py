@@ -10,13 +10,15 @@ browser, and a gallery of images grouped by the architecture the controller chos
 - `GET /demo/samples`: the CIFAR-10 test images shipped under service/static/samples/.
 - `GET /demo/gallery`: those samples (or up to `INSTANAS_DEMO_GALLERY_LIMIT` images of the
   folder `INSTANAS_DEMO_GALLERY`) classified once per operating point, grouped by architecture
-  code, heaviest first; `GET /demo/gallery/images/{index}` serves a gallery image.
+  code, heaviest first, each group's images from the least sure to the surest (`confidence`: a
+  cascade's first-stage confidence, else the answer's probability); `GET /demo/gallery/images/{index}` serves a gallery image.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import mimetypes
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,8 +235,12 @@ def _classify_gallery(state, images: list[GalleryImage], choice: operating_point
         if label is not None:
             labelled += 1
             correct += label == classes[top]
+        # how sure the first look was: a cascade's first stage's confidence, else the answer's probability
+        sure = float(probs[top]) if trace is None or not math.isfinite(trace.confidences[0]) else float(trace.confidences[0])
         group["images"].append({"name": image.name, "url": image.url, "label": label, "prediction": classes[top],
-                                "probability": round(float(probs[top]), 4)})
+                                "probability": round(float(probs[top]), 4), "confidence": round(sure, 4)})
+    for group in groups.values():  # the hardest image first: the heaviest row starts with the hardest of all
+        group["images"].sort(key=lambda entry: entry["confidence"])
     ordered = sorted(groups.values(), key=lambda g: (-g["estimated_latency_ms"], g["code"], g["network"] or ""))
     return {
         "operating_point": choice.operating_point,
