@@ -33,7 +33,7 @@ from service.bundle import load_bundle
 from service.executor import Executor
 from service.manifest import Cascade, Network, Preprocessing, Stage
 from training import baseline as baseline_phase
-from training import cascade, coadapt, gate, multires, shared_twins, twins
+from training import cascade, coadapt, gate, multires, twins
 from training.context import Context
 from training.evaluate import fixed_policy
 from training.latency import costs, measure
@@ -91,10 +91,10 @@ class Member:
         return np.concatenate([self.predict(x) for x, _ in ctx.batches(split)])
 
 
-def members(ctx: Context, table: dict) -> list[Member]:
+def members(ctx: Context, table: dict, shared: dict[int, torch.nn.Module]) -> list[Member]:
     """The networks a cascade may run: the baseline at full resolution, its co-adapted copy and its
-    shared-weight copy (phase `shared_twins`) at full resolution when the run has them, then each
-    twin (highest resolution first); empty without twins."""
+    shared-weight copy at full resolution (`shared`: shared_twins.networks) when the run has them,
+    then each twin (highest resolution first); empty without twins."""
     lows = twins.load(ctx)
     if not lows:
         return []
@@ -105,7 +105,6 @@ def members(ctx: Context, table: dict) -> list[Member]:
     adapted = coadapt.load(ctx)
     if adapted:
         out.append(Member(COADAPTED, size, adapted["coadapted"].cpu(), sub_table))
-    shared = shared_twins.networks(ctx)
     if shared:
         out.append(Member(SHARED, size, shared[size], sub_table))
     for r in sorted(lows, reverse=True):
@@ -118,11 +117,11 @@ def members(ctx: Context, table: dict) -> list[Member]:
     return out
 
 
-def shared_members(ctx: Context, table: dict) -> list[Member]:
-    """The shared-weight baseline (phase `shared_twins`) at each lower resolution, as first-stage
-    candidates named `mobilenet_v2-shared@<resolution>`; empty when the run has no such phase."""
+def shared_members(ctx: Context, table: dict, shared: dict[int, torch.nn.Module]) -> list[Member]:
+    """The shared-weight baseline (`shared`: shared_twins.networks) at each lower resolution, as
+    first-stage candidates named `mobilenet_v2-shared@<resolution>`; empty without it."""
     out = []
-    for r, net in sorted(shared_twins.networks(ctx).items()):
+    for r, net in sorted(shared.items()):
         if r < ctx.space.input_size:
             own = measure(ctx, net)
             own["profile"]["dispatch_ms"] = table["profile"].get("dispatch_ms", 0.0)

@@ -32,7 +32,7 @@ from service.manifest import (
     static_twin_name,
 )
 from training import baseline as baseline_phase
-from training import cascade_points, controls, route
+from training import cascade_points, controls, route, shared_twins
 from training.bundle_writer import write_bundle
 from training.context import Context
 from training.evaluate import evaluate, evaluate_controller, fixed_policy, greedy
@@ -105,12 +105,13 @@ def run(ctx: Context, bundle: str | None = None, name: str | None = None, baseli
     tmp = partial_folder(out)
     shutil.rmtree(tmp, ignore_errors=True)
     bundle_name = name or ctx.config.name
-    nets, networks, cascades, first_stages = cascade_points.members(ctx, table), [], [], {}
+    shared = shared_twins.networks(ctx)  # the baseline trained at every resolution at once, by resolution
+    nets, networks, cascades, first_stages = cascade_points.members(ctx, table, shared), [], [], {}
     if nets:
         own = cascade_points.own_architectures(ctx, metagraph, table,
                                                 [f.code for f in frequent][: ctx.config.export.top_candidates])
         codes = cascade_points.first_codes(ctx, [f.code for f in frequent])
-        firsts = [*cascade_points.shared_members(ctx, table), *cascade_points.multires_members(ctx, table, codes)]
+        firsts = [*cascade_points.shared_members(ctx, table, shared), *cascade_points.multires_members(ctx, table, codes)]
         cascades, cascade_val = cascade_points.fit_points(ctx, nets, own, firsts)
         first_stages = {m.name: m.validation for m in [nets[-1], *firsts]}
         used = {(stage.network, stage.architecture) for c in cascades for stage in c.stages}

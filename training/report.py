@@ -562,25 +562,31 @@ def frontier_table(report: dict) -> str:
             lines.append(f"| `{name}` | {f['top1']:.4f} | {f['latency_ms']:.4f} | {f['mflops']:.2f} | "
                          f"{', '.join(used.get(name, [])) or '-'} |")
         if report.get("multires"):
-            lines += ["", "Batch norms of the multi-resolution meta-graph at each lower resolution (validation top-1, "
-                      "statistics re-estimated on the path at that resolution): the resolution's own (switchable) "
-                      "against the full resolution's:", "", "| path | own | full resolution's |", "| --- | --- | --- |"]
-            for path, own, full in _side_by_side(report["multires"], "own", "shared"):
-                lines.append(f"| {path} | {own:.4f} | {full:.4f} |")
+            lines += _side_by_side(
+                "Batch norms of the multi-resolution meta-graph at each lower resolution (validation top-1, "
+                "statistics re-estimated on the path at that resolution): the resolution's own (switchable) "
+                "against the full resolution's:", ("path", "own", "full resolution's"), report["multires"],
+                "own", "shared", lambda path: path)
     if report.get("shared_twins"):
-        lines += ["", "The baseline trained at every resolution at once (phase `shared_twins`: one set of convolutions, "
-                  "batch norms per resolution) against a network of its own at each (the twin below the input size, "
-                  "the baseline at it), validation top-1:", "", "| resolution | shared | separate |", "| --- | --- | --- |"]
-        for r, shared, separate in _side_by_side(report["shared_twins"], "shared", "separate"):
-            lines.append(f"| {r}x{r} | {shared:.4f} | {separate:.4f} |")
+        lines += _side_by_side(
+            "The baseline trained at every resolution at once (phase `shared_twins`: one set of convolutions, "
+            "batch norms per resolution) against a network of its own at each (the twin below the input size, "
+            "the baseline at it), validation top-1:", ("resolution", "shared", "separate"), report["shared_twins"],
+            "shared", "separate", lambda r: f"{r}x{r}")
     return "\n".join(lines) + "\n"
 
 
-def _side_by_side(figures: dict, first: str, second: str) -> list[tuple[str, float, float]]:
-    """(what, a, b) for every pair of figures `val_top1_<what>_<first>` and `val_top1_<what>_<second>`."""
+def _side_by_side(intro: str, header: tuple[str, str, str], figures: dict, first: str, second: str,
+                  name) -> list[str]:
+    """A table of every pair of figures `val_top1_<what>_<first>` and `val_top1_<what>_<second>`,
+    a row each: `name(what)`, then both figures."""
     prefix, end = "val_top1_", f"_{first}"
-    return [(key[len(prefix):-len(end)], value, figures[key[: -len(end)] + f"_{second}"])
-            for key, value in figures.items() if key.startswith(prefix) and key.endswith(end)]
+    lines = ["", intro, "", "| " + " | ".join(header) + " |", "| --- | --- | --- |"]
+    for key, value in figures.items():
+        if key.startswith(prefix) and key.endswith(end):
+            other = figures[key[: -len(end)] + f"_{second}"]
+            lines.append(f"| {name(key[len(prefix):-len(end)])} | {value:.4f} | {other:.4f} |")
+    return lines
 
 
 def plots(report: dict, ctx: Context, per_image: dict, difficulty: np.ndarray, out_dir: Path,
