@@ -25,6 +25,11 @@ import traceback
 import uuid
 from datetime import UTC, datetime
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - orjson is in the serve extra
+    orjson = None
+
 HEADER = b"x-request-id"
 MAX_REQUEST_ID = 128
 ACCESS_LOGGER = "instanas.access"
@@ -79,7 +84,18 @@ class JsonFormatter(logging.Formatter):
             out["exception"] = record.exc_text
         if record.stack_info:
             out["stack"] = record.stack_info
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _dumps(out)
+
+
+def _dumps(out: dict) -> str:
+    """One JSON line, compact; orjson where installed (a tenth of json's time), json for what orjson
+    refuses (an integer past 64 bits, a key that is not a string)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(out, default=str).decode()
+        except TypeError:
+            pass
+    return json.dumps(out, default=str, ensure_ascii=False, separators=(",", ":"))
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -164,7 +180,9 @@ class AccessLog:
         if fields["architecture"]:
             text += f" architecture={','.join(fields['architecture'])} operating_point={fields['operating_point'] or '-'}"
         text += f" model={model or '-'} model_version={version or '-'}"
-        self.log.info(text, extra=fields)
+        # Logger.info less its search of the call stack for the caller's file and line (the
+        # middlewares' frames, a fifth of the line's cost): every handler and filter still sees it.
+        self.log.handle(self.log.makeRecord(self.log.name, logging.INFO, __file__, 0, text, (), None, extra=fields))
 
 
 def _internal_error(scope):

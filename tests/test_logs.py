@@ -8,6 +8,7 @@ import json
 import logging
 import re
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -70,6 +71,16 @@ def test_json_formatter_writes_one_object_a_record():
     out = json.loads(line)
     assert out["message"] == "hello world" and out["level"] == "WARNING" and out["logger"] == "instanas.test"
     assert out["status"] == 418 and "ValueError: boom" in out["exception"] and out["time"].endswith("+00:00")
+
+
+def test_json_formatter_writes_what_orjson_refuses_and_any_object():
+    record = logging.LogRecord("instanas.test", logging.INFO, __file__, 1, "caf\u00e9", (), None)
+    record.big, record.path, record.nan = 2**70, Path("/x"), float("nan")
+    out = json.loads(logs.JsonFormatter().format(record))  # an integer past 64 bits: the json module writes it
+    assert out["big"] == 2**70 and out["path"] == "/x" and out["message"] == "caf\u00e9"
+    del record.big
+    line = logs.JsonFormatter().format(record)
+    assert "\n" not in line and json.loads(line)["nan"] is None  # orjson: NaN is null, valid JSON
 
 
 def test_a_real_server_writes_one_json_access_line_per_request(bundle, test_jpegs, tmp_path):
@@ -160,7 +171,7 @@ def test_text_format_level_and_switch(bundle, tmp_path):
         warning.stop()
     # read once they have exited: whatever they were going to log is written
     assert "still-echoed" not in quiet.log.read_text() and "still-echoed" not in warning.log.read_text()
-    assert '"level": "INFO"' not in warning.log.read_text()
+    assert [r for r in records(warning.log) if r["level"] == "INFO"] == []
 
 
 def test_an_unhandled_error_still_answers_with_the_request_id(bundle, caplog):
