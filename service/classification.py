@@ -226,7 +226,6 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
             batch_size: int, code: str | None = None) -> dict:
     """One image's response body (service.schemas.ClassifyResponse as plain JSON data) from row
     `row` of an executor result; observes its metrics."""
-    costs = state.costs
     choice = request.choice
     executed = result.executed[row]
     code = code or architecture.encode(executed)
@@ -234,8 +233,12 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     trace = result.trace(row)
     classes = state.manifest.classes
     probs = result.probabilities[row]
-    order = np.argsort(-probs, kind="stable")[: request.top_k]
-    scores = [{"index": int(i), "label": classes[i], "probability": float(probs[i])} for i in order]
+    if request.top_k == 1:
+        top = int(probs.argmax())
+        scores = [{"index": top, "label": classes[top], "probability": float(probs[top])}]
+    else:
+        order = np.argsort(-probs, kind="stable")[: request.top_k]
+        scores = [{"index": int(i), "label": classes[i], "probability": float(probs[i])} for i in order]
     latency = {stage: round(v * 1e3, 4) for stage, v in stages.items()}
     latency["total"] = round((time.perf_counter() - request.t_start) * 1e3, 4)
     latency["batch"] = round(batch_s * 1e3, 4)
@@ -244,16 +247,7 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
         "model": state.model_json,
         "prediction": scores[0],
         "top_k": scores,
-        "architecture": {
-            "code": code,
-            "resolution": resolution(state, result, row),
-            "network": None if trace is None else trace.stage.network,
-            "cells": cells(state, executed, code),
-            "modules_executed": int(executed.sum()),
-            "mflops": round(mflops, 4),
-            "estimated_latency_ms": round(latency_ms, 4),
-            "relative_to_baseline": round(latency_ms / costs.baseline_ms, 4),
-        },
+        "architecture": described(state, result, row, executed, code, latency_ms, mflops),
         "operating_point": {"name": choice.operating_point, "reason": choice.reason},
         "cascade": None if trace is None else {
             "stages": [{"network": stage.network, "resolution": stage.resolution, "code": stage.code,
@@ -264,7 +258,31 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     }
 
 
-CELLS_CACHED = 1024  # architectures whose `cells` list (and costs, by operating point) a model keeps
+CELLS_CACHED = 1024  # architectures whose `cells` list, `architecture` block and costs a model keeps
+
+
+def described(state, result, row: int, executed: np.ndarray, code: str, latency_ms: float, mflops: float) -> dict:
+    """A response's `architecture` block. The same for every image that ran the same network and
+    architecture at the same estimated cost, so built once and shared by the responses after: read only."""
+    trace = result.trace(row)
+    network = None if trace is None else trace.stage.network
+    key = (code, network, latency_ms, mflops)
+    block = state.architectures_by_code.get(key)
+    if block is None:
+        block = {
+            "code": code,
+            "resolution": resolution(state, result, row),
+            "network": network,
+            "cells": cells(state, executed, code),
+            "modules_executed": int(executed.sum()),
+            "mflops": round(mflops, 4),
+            "estimated_latency_ms": round(latency_ms, 4),
+            "relative_to_baseline": round(latency_ms / state.costs.baseline_ms, 4),
+        }
+        if len(state.architectures_by_code) >= CELLS_CACHED:
+            state.architectures_by_code.clear()
+        state.architectures_by_code[key] = block
+    return block
 
 
 def cells(state, executed: np.ndarray, code: str) -> list[dict]:

@@ -47,6 +47,8 @@ class ServiceState:
         self.cells_by_code: dict[str, list] = {}
         # (estimated ms, MFLOPs) by (architecture code, operating point), as service.classification.observe charges them
         self.costs_by_code: dict[tuple[str, str | None], tuple[float, float]] = {}
+        # a response's `architecture` block by (code, network, estimated ms, MFLOPs): service.classification.described
+        self.architectures_by_code: dict[tuple, dict] = {}
         # every series a cascade can move, exported at 0 from the start
         for point, runner in self.executor.cascades.items():
             self.metrics.escalations.labels(point)
