@@ -1,19 +1,35 @@
 """What each feature of the request path costs: instanas-serve with one feature off at a time.
 
-    .venv/bin/python scripts/feature_prices.py --model models/cifar10-default-mobilenet_v2 \
-        --data ../shared/data/cifar10-jpeg/test.tar.gz [--requests 2000] [--rounds 3]
+    .venv/bin/python scripts/feature_prices.py --data ../shared/data/cifar10-jpeg/test.tar.gz \
+        [--model models/cifar10-default-mobilenet_v2] [--requests 2000] [--rounds 5]
 
 Starts the naive server (service/naive.py) and one instanas-serve per variant below, all on the
-same static bundle, one process each, then runs every variant at concurrency 1 and 32 in turn,
-`--rounds` times (the median round is reported, so a variant is never timed alone against a
-busier machine). A feature's price is what turning it off gains, as a share of the naive
-server's throughput. Variants are settings a user has (service/settings.py):
+same bundle, one process each, then runs every level (concurrency 1 and 32) on every server in
+turn, `--rounds` times. Each figure is the median over the rounds of a ratio taken within a round
+(`service.bench.paired`), so a machine that slows down between rounds moves no figure: `x naive`,
+the variant's throughput over the naive server's; `price`, what turning the feature off gains, as
+a share of the naive server's throughput (the variant's throughput minus the defaults', over the
+naive server's).
+
+Some features are settings a user has (service/settings.py):
 
 - defaults: every feature on, as `make serve` runs;
 - no access log: INSTANAS_ACCESS_LOG=false;
 - no batching: INSTANAS_MAX_BATCH_SIZE=1, INSTANAS_MAX_BATCH_DELAY_MS=0;
 - no governor: INSTANAS_QUEUE_TARGET_MS=0;
 - no fused cache: INSTANAS_FUSED_CACHE_SIZE=0 (the per-block path: what fusing saves).
+
+The others have no setting, since a server without them is not one to run; for this benchmark
+only, the server is started through this script (`--serve VARIANT`), which takes the feature
+out before handing over to instanas-serve (`PATCHES`):
+
+- no metrics: every Prometheus counter, gauge and histogram update does nothing;
+- no limits: no admission control (the queue bound), no body limits (size, time, bytes held)
+  and uvicorn's own HTTP protocol instead of the connection guard (header time and size,
+  connection count, requests per connection);
+- plain response: the response is the naive server's, the top class and its probability (the
+  metrics are still observed);
+- no decode: every request is answered with the input of the first image the server decoded.
 """
 
 from __future__ import annotations
@@ -24,32 +40,117 @@ import statistics
 import sys
 from pathlib import Path
 
-from service.bench import _load, _Server, read_jpegs
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from service.bench import _load, _Server, read_jpegs  # noqa: E402
 
-VARIANTS = {
-    "defaults": {},
-    "no access log": {"INSTANAS_ACCESS_LOG": "false"},
-    "no batching": {"INSTANAS_MAX_BATCH_SIZE": "1", "INSTANAS_MAX_BATCH_DELAY_MS": "0"},
-    "no governor": {"INSTANAS_QUEUE_TARGET_MS": "0"},
-    "no fused cache": {"INSTANAS_FUSED_CACHE_SIZE": "0"},
+VARIANTS = {  # name -> (environment, patch)
+    "defaults": ({}, None),
+    "no access log": ({"INSTANAS_ACCESS_LOG": "false"}, None),
+    "no metrics": ({}, "no-metrics"),
+    "no limits": ({}, "no-limits"),
+    "no batching": ({"INSTANAS_MAX_BATCH_SIZE": "1", "INSTANAS_MAX_BATCH_DELAY_MS": "0"}, None),
+    "no governor": ({"INSTANAS_QUEUE_TARGET_MS": "0"}, None),
+    "plain response": ({}, "plain-response"),
+    "no decode": ({}, "no-decode"),
+    "no fused cache": ({"INSTANAS_FUSED_CACHE_SIZE": "0"}, None),
 }
 
 
+def _nothing(*args, **kwargs) -> None:
+    return None
+
+
+def no_metrics() -> None:
+    from prometheus_client import Counter, Gauge, Histogram
+
+    for family, methods in ((Counter, ("inc",)), (Gauge, ("inc", "dec", "set")), (Histogram, ("observe",))):
+        for method in methods:
+            setattr(family, method, _nothing)
+
+
+def no_limits() -> None:
+    from service import classification, limits, server
+
+    classification.admit = _nothing
+
+    async def straight_through(self, scope, receive, send) -> None:
+        await self.app(scope, receive, send)
+
+    limits.RequestBodies.__call__ = straight_through
+
+    def uvicorn_protocol(http: str, connections, settings) -> type:
+        if http == "httptools":
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+            return HttpToolsProtocol
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+
+        return H11Protocol
+
+    server.protocol_class = uvicorn_protocol
+    # With no guard nothing counts connections: the inline path counts the requests in the app instead.
+    server.Connections.in_progress = lambda self: self.metrics.active_requests
+
+
+def plain_response() -> None:
+    from service import classification
+
+    def respond(state, result, row, request, stages, batch_s, batch_size, code=None) -> dict:
+        classification.observe(state, result, row, request.choice, stages, code)
+        probabilities = result.probabilities[row]
+        top = int(probabilities.argmax())
+        return {"label": state.manifest.classes[top], "probability": float(probabilities[top])}
+
+    classification.respond = respond
+
+
+def no_decode() -> None:
+    from service import classification, imaging
+
+    decode = classification.prepare
+    held = []
+
+    def prepare(state, body: bytes):
+        if not held:
+            held.append(decode(state, body))
+        return held[0]
+
+    classification.prepare = prepare
+    imaging.header_pixels = lambda data: 1  # the inline check's look at the header is decoding's too
+
+
+PATCHES = {"no-metrics": no_metrics, "no-limits": no_limits, "plain-response": plain_response, "no-decode": no_decode}
+
+
+def serve(patch: str, argv: list[str]) -> int:
+    """instanas-serve with `argv`, the feature `patch` names taken out first."""
+    PATCHES[patch]()
+    from service import cli
+
+    return cli.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve"]:
+        return serve(argv[1], argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", type=Path, default=Path("models/cifar10-default-mobilenet_v2"))
+    parser.add_argument("--model", type=Path, default=ROOT / "models" / "cifar10-default-mobilenet_v2")
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     jpegs = read_jpegs(args.data, 500)
     levels = [int(c) for c in args.concurrency.split(",")]
-    # _Server sets INSTANAS_ACCESS_LOG=false for the benchmark; the defaults put it back on
-    servers = {"naive": _Server(args.model, {}, naive=True),
-               **{name: _Server(args.model, {"INSTANAS_ACCESS_LOG": "true", **env}) for name, env in VARIANTS.items()}}
+    servers = {"naive": _Server(args.model, {}, naive=True)}
     try:
+        for name, (env, patch) in VARIANTS.items():
+            command = None if patch is None else [sys.executable, str(Path(__file__).resolve()), "--serve", patch]
+            # _Server sets INSTANAS_ACCESS_LOG=false for the benchmark; the defaults put it back on
+            servers[name] = _Server(args.model, {"INSTANAS_ACCESS_LOG": "true", **env}, command=command)
         for server in servers.values():
             _load(server.port, jpegs, 4, 300)
         runs: dict[tuple[str, int], list[float]] = {}
@@ -64,18 +165,26 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for server in servers.values():
             server.stop()
-    median = {key: statistics.median(values) for key, values in runs.items()}
-    print(f"{'variant':<16}" + "".join(f" {'c=' + str(c) + ' /s':>10} {'x naive':>8} {'price':>7}" for c in levels))
-    for name in servers:
-        cells = ""
-        for c in levels:
-            naive, this, default = median[("naive", c)], median[(name, c)], median[("defaults", c)]
-            price = "" if name in ("naive", "defaults") else f"{(this - default) / naive:+.2f}"
-            cells += f" {this:>10.0f} {this / naive:>8.2f} {price:>7}"
-        print(f"{name:<16}{cells}")
+    print(table(runs, list(servers), levels))
     if args.json:
         args.json.write_text(json.dumps({f"{name} c={c}": v for (name, c), v in runs.items()}, indent=2) + "\n")
     return 0
+
+
+def table(runs: dict[tuple[str, int], list[float]], names: list[str], levels: list[int]) -> str:
+    """Markdown: each variant's median throughput, and the medians of its rounds' ratios."""
+    head = "| variant |" + "".join(f" c={c} images/s | x naive | price |" for c in levels)
+    lines = [head, "|" + " --- |" * (1 + 3 * len(levels))]
+    for name in names:
+        cells = ""
+        for c in levels:
+            naive, this, default = runs[("naive", c)], runs[(name, c)], runs[("defaults", c)]
+            ratio = statistics.median(t / n for t, n in zip(this, naive))
+            price = "" if name in ("naive", "defaults") else \
+                f"{statistics.median((t - d) / n for t, d, n in zip(this, default, naive)):+.2f}"
+            cells += f" {statistics.median(this):.0f} | {ratio:.2f} | {price} |"
+        lines.append(f"| {name} |{cells}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@
     fused cache's hit rate over the test images in the order they come.
 (d) A table on stdout and every figure as JSON (`--json`); ratios, not absolute times, are
     what compare across machines.
+(e) With `--naive`, (b) against the naive server (service/naive.py) of the static baseline:
+    it, instanas-serve on the baseline and instanas-serve on the model, each level run on each
+    in turn, `--rounds` times; every throughput as the median of its rounds' ratios to the
+    naive server's (`paired`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -174,12 +179,13 @@ def _get(url: str, timeout: float = 1.0) -> int:
 class _Server:
     """instanas-serve on `model` (with `env`), or with `naive` the naive server (service/naive.py)."""
 
-    def __init__(self, model: Path, env: dict, naive: bool = False, workers: int = 1):
-        """`workers`: the naive server's processes (instanas-serve's come from INSTANAS_WORKERS in `env`)."""
+    def __init__(self, model: Path, env: dict, naive: bool = False, workers: int = 1, command: list[str] | None = None):
+        """`workers`: the naive server's processes (instanas-serve's come from INSTANAS_WORKERS in `env`);
+        `command`: what to run instead of instanas-serve (it takes instanas-serve's options)."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         serve = Path(sys.executable).with_name("instanas-serve")
-        command = [sys.executable, "-m", "service.naive", "--workers", str(workers)] if naive else [str(serve)]
+        command = [sys.executable, "-m", "service.naive", "--workers", str(workers)] if naive else command or [str(serve)]
         env = {**os.environ, "INSTANAS_ACCESS_LOG": "false", **env}
         self.process = subprocess.Popen([*command, "--model", str(model), "--host", "127.0.0.1", "--port",
                                          str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -275,38 +281,57 @@ def over_http(model: Path, jpegs: list[bytes], levels: tuple[int, ...], requests
 
 
 def against_naive(model: Path, baseline: Path, jpegs: list[bytes], levels: tuple[int, ...], requests: int,
-                  workers: int = 1) -> dict:
+                  workers: int = 1, rounds: int = 1) -> dict:
     """The naive server (service/naive.py) on the static baseline, instanas-serve on the same bundle
-    and on `model` with all its defaults (the access log included), `workers` processes each,
-    every level run on each in turn: {name: [results by level]}."""
+    and on `model` with all its defaults (the access log included), `workers` processes each;
+    `rounds` times, every level run on each server in turn: {name: [results by level]} (`paired`)."""
     served = {"INSTANAS_ACCESS_LOG": "true", "INSTANAS_WORKERS": str(workers)}
     servers = {"naive": _Server(baseline, {}, naive=True, workers=workers), "instanas_static": _Server(baseline, served),
                "instanas": _Server(model, served)}
     try:
         for server in servers.values():
             _load(server.port, jpegs, 4, min(300, requests))  # warm-up: fills the fused cache
-        out: dict[str, list[dict]] = {name: [] for name in servers}
-        for c in levels:
-            for name, server in servers.items():
-                result = _load(server.port, jpegs, c, requests)
-                print(f"{name} at concurrency {c}: {result['throughput_rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
-                      f"p99 {result['p99_ms']:.2f} ms, {result['errors']} errors", file=sys.stderr, flush=True)
-                out[name].append(result)
-        return out
+        runs: dict[str, list[list[dict]]] = {name: [[] for _ in levels] for name in servers}
+        for r in range(rounds):
+            for i, c in enumerate(levels):
+                for name, server in servers.items():
+                    result = _load(server.port, jpegs, c, requests)
+                    print(f"round {r + 1}/{rounds}: {name} at concurrency {c}: {result['throughput_rps']:.0f} req/s, "
+                          f"p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms, {result['errors']} errors",
+                          file=sys.stderr, flush=True)
+                    runs[name][i].append(result)
+        return {name: [paired(by_level[i], runs["naive"][i]) for i in range(len(levels))]
+                for name, by_level in runs.items()}
     finally:
         for server in servers.values():
             server.stop()
 
 
+def paired(mine: list[dict], naive: list[dict]) -> dict:
+    """One server's rounds at one level, each against the naive server's round run just before it:
+    the round of median throughput (its latencies), the errors of all rounds, every round's
+    throughput, and `x_naive`, the median of the rounds' throughput ratios. A ratio of two runs
+    side by side keeps its value when the machine slows down or speeds up between rounds, which
+    a ratio of medians does not."""
+    ratios = [m["throughput_rps"] / n["throughput_rps"] for m, n in zip(mine, naive)]
+    middle = sorted(mine, key=lambda m: m["throughput_rps"])[len(mine) // 2]
+    return {**middle, "errors": sum(m["errors"] for m in mine), "rounds": len(mine),
+            "rounds_rps": [m["throughput_rps"] for m in mine], "x_naive": statistics.median(ratios),
+            "x_naive_rounds": ratios}
+
+
 def naive_table(compared: dict, workers: int = 1) -> str:
     processes = "one process each" if workers == 1 else f"{workers} processes each"
+    rounds = compared["naive"][0]["rounds"]
     lines = [f"{'HTTP, ' + processes:<24} {'conc.':>5} {'req/s':>8} {'x naive':>8} {'p50 ms':>8} {'p99 ms':>8} "
              f"{'p99/p50':>8} {'errors':>7}"]
     for name, results in compared.items():
-        for r, base in zip(results, compared["naive"]):
-            lines.append(f"{name:<24} {r['concurrency']:>5} {r['throughput_rps']:>8.0f} "
-                         f"{r['throughput_rps'] / base['throughput_rps']:>8.2f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                         f"{r['p99_ms'] / r['p50_ms']:>8.2f} {r['errors']:>7}")
+        for r in results:
+            lines.append(f"{name:<24} {r['concurrency']:>5} {r['throughput_rps']:>8.0f} {r['x_naive']:>8.2f} "
+                         f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p99_ms'] / r['p50_ms']:>8.2f} {r['errors']:>7}")
+    if rounds > 1:
+        lines.append(f"{rounds} rounds: the median round's req/s and latencies; x naive, the median of the rounds' "
+                     "ratios; errors, all rounds'")
     return "\n".join(lines)
 
 
@@ -362,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                              "instanas-serve on the baseline and on the model, every figure a ratio to it")
     parser.add_argument("--workers", type=int, default=1,
                         help="with --naive: processes of each server (INSTANAS_WORKERS; the naive server's --workers)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --naive: run every level on every server this many times in turn, and report "
+                             "the median round and the median of the rounds' ratios to the naive server")
     parser.add_argument("--no-in-process", action="store_true", help="skip the in-process part")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
@@ -383,7 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         levels = tuple(int(c) for c in args.concurrency.split(","))
         if args.naive:
             result["workers"] = args.workers
-            result["against_naive"] = against_naive(args.model, baseline, jpegs, levels, args.requests, args.workers)
+            result["rounds"] = args.rounds
+            result["against_naive"] = against_naive(args.model, baseline, jpegs, levels, args.requests, args.workers,
+                                                    args.rounds)
         elif not args.no_http:
             result["http"] = over_http(args.model, jpegs, levels, args.requests)
     print(table(result))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -10,7 +13,13 @@ import time
 
 import httpx
 
-from tests.conftest import Server, free_port, run_cli
+from service import bench
+from service.metrics import sample
+from tests.conftest import ROOT, Server, free_port, run_cli
+
+_spec = importlib.util.spec_from_file_location("feature_prices", ROOT / "scripts" / "feature_prices.py")
+feature_prices = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(feature_prices)
 
 
 def test_bench_reports_in_process_http_and_cache_figures(smoke_bundle, data_root, tmp_path):
@@ -31,6 +40,19 @@ def test_bench_reports_in_process_http_and_cache_figures(smoke_bundle, data_root
     assert "HTTP concurrency" in done.stdout and "fused cache hit rate" in done.stdout
 
 
+def test_rounds_are_paired_with_the_naive_servers_round():
+    def run(rps, errors=0):
+        return {"concurrency": 1, "requests": 10, "throughput_rps": rps, "p50_ms": rps / 100, "p99_ms": 1.0,
+                "errors": errors}
+
+    mine = [run(100), run(300, errors=1), run(200, errors=2)]
+    naive = [run(100), run(100), run(400)]
+    got = bench.paired(mine, naive)
+    assert got["x_naive_rounds"] == [1.0, 3.0, 0.5] and got["x_naive"] == 1.0  # the median ratio, not 200 / 100
+    assert got["throughput_rps"] == 200 and got["p50_ms"] == 2.0  # the median round's figures
+    assert got["errors"] == 3 and got["rounds"] == 3 and got["rounds_rps"] == [100, 300, 200]
+
+
 def test_bench_against_the_naive_server(smoke_bundle, data_root, tmp_path):
     """`--naive --workers 2`: the naive server of the static twin (uvicorn's two worker processes),
     instanas-serve on it and on the bundle (INSTANAS_WORKERS=2), each level on each; the naive
@@ -38,7 +60,7 @@ def test_bench_against_the_naive_server(smoke_bundle, data_root, tmp_path):
     out = tmp_path / "bench.json"
     done = run_cli("instanas-bench", "--model", str(smoke_bundle), "--data", str(data_root / "test.tar.gz"),
                    "--images", "10", "--requests", "30", "--concurrency", "1,4", "--naive", "--workers", "2",
-                   "--no-in-process", "--json", str(out), timeout=600)
+                   "--rounds", "2", "--no-in-process", "--json", str(out), timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert json.loads(out.read_text())["workers"] == 2 and "HTTP, 2 processes each" in done.stdout
     compared = json.loads(out.read_text())["against_naive"]
@@ -46,7 +68,10 @@ def test_bench_against_the_naive_server(smoke_bundle, data_root, tmp_path):
     for results in compared.values():
         assert [r["concurrency"] for r in results] == [1, 4]
         assert all(r["errors"] == 0 and r["requests"] == 30 and r["throughput_rps"] > 0 for r in results)
-    assert "x naive" in done.stdout
+        assert all(r["rounds"] == 2 and len(r["rounds_rps"]) == 2 and r["throughput_rps"] in r["rounds_rps"]
+                   and r["x_naive"] == statistics.median(r["x_naive_rounds"]) for r in results)
+    assert all(r["x_naive_rounds"] == [1.0, 1.0] for r in compared["naive"])
+    assert "x naive" in done.stdout and "2 rounds" in done.stdout
 
     static = smoke_bundle.parent / "bundle-mobilenet_v2"
     jpeg = _first_jpeg(data_root / "test.tar.gz")
@@ -77,3 +102,41 @@ def _first_jpeg(archive) -> bytes:
     with tarfile.open(archive) as tar:
         member = next(m for m in tar if m.isfile() and m.name.endswith(".jpg"))
         return tar.extractfile(member).read()
+
+
+def _jpegs(archive, n: int) -> list[bytes]:
+    with tarfile.open(archive) as tar:
+        return [tar.extractfile(m).read() for m in itertools.islice((m for m in tar if m.isfile()
+                                                                      and m.name.endswith(".jpg")), n)]
+
+
+def test_each_feature_price_variant_takes_its_feature_out(smoke_bundle, data_root):
+    """scripts/feature_prices.py starts instanas-serve with one feature taken out: each variant
+    serves, and lacks exactly what it says (a body over the limit is refused with limits and
+    served without; the rest of the server still works)."""
+    static = smoke_bundle.parent / "bundle-mobilenet_v2"
+    script = [sys.executable, str(ROOT / "scripts" / "feature_prices.py"), "--serve"]
+    small_limit = {"INSTANAS_MAX_BODY_BYTES": "200"}  # below every test JPEG: refused unless the limits are out
+    servers = {patch: bench._Server(static, small_limit if patch == "no-limits" else {}, command=[*script, patch])
+               for patch in feature_prices.PATCHES}
+    servers["defaults"] = bench._Server(static, small_limit)
+    first, second = _jpegs(data_root / "test.tar.gz", 2)
+    try:
+        def classify(name: str, jpeg: bytes) -> httpx.Response:
+            return httpx.post(servers[name].url + "/classify", content=jpeg, headers={"content-type": "image/jpeg"})
+
+        def requests_counted(name: str) -> float:
+            return sample(httpx.get(servers[name].url + "/metrics").text, "instanas_requests_total", endpoint="/classify")
+
+        assert classify("defaults", first).status_code == 413 and classify("no-limits", first).status_code == 200
+        for patch in ("no-metrics", "plain-response", "no-decode"):
+            assert classify(patch, first).status_code == 200
+        assert requests_counted("no-metrics") == 0 and requests_counted("no-limits") == 1
+        plain = classify("plain-response", second).json()
+        assert set(plain) == {"label", "probability"} and requests_counted("plain-response") == 2
+        one, other = classify("no-decode", second).json(), classify("no-decode", first).json()
+        assert one["prediction"] == other["prediction"] and one["top_k"] == other["top_k"]  # the first image's input
+        assert one["latency_ms"]["decode"] >= 0 and requests_counted("no-decode") == 3
+    finally:
+        for server in servers.values():
+            server.stop()
