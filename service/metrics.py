@@ -15,6 +15,7 @@ before a worker imports prometheus_client) and `/metrics` adds them up across th
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -28,7 +29,8 @@ def multiprocess_dir() -> str | None:
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
-    """The text `/metrics` answers: this process's registry, or every worker's values added up."""
+    """The text `/metrics` answers: this process's registry, or every worker's values added up
+    (`Metrics.exposition` first adds in what its models hold back)."""
     if multiprocess_dir():
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged)
@@ -143,9 +145,27 @@ class Metrics:
                                    "Images a cascade operating point sent past its first stage.",
                                    ["model", "operating_point"], registry=r)
 
+        self._models: list[ModelMetrics] = []  # those that hold counts back until read (ModelMetrics.flush)
+
     def model(self, name: str, num_cells: int, num_modules: int) -> ModelMetrics:
         """The metrics of the model served as `name` (its (cell, module) counters exported at 0 from the start)."""
-        return ModelMetrics(self, name, num_cells, num_modules)
+        model = ModelMetrics(self, name, num_cells, num_modules)
+        if model.deferred:
+            self._models.append(model)
+        return model
+
+    def retire(self, model: ModelMetrics) -> None:
+        """A model no longer served: what it held back is counted, and it holds nothing back from now on."""
+        model.deferred = False
+        model.flush()
+        if model in self._models:
+            self._models.remove(model)
+
+    def exposition(self) -> bytes:
+        """What `/metrics` answers, every model's held-back counts included."""
+        for model in list(self._models):
+            model.flush()
+        return exposition(self.registry)
 
     def queue_moved(self, delta: int) -> None:
         """Jobs entered (+) or left (-) a batcher's queue: the depth and its peak."""
@@ -211,6 +231,12 @@ class ModelMetrics:
         self._executions = [[self.module_executions.labels(str(c), str(m)) for m in range(num_modules)]
                             for c in range(num_cells)]
         self._by_architecture: dict[bytes, list] = {}  # an architecture's (cell, module) children, by its matrix
+        # Images by architecture (its matrix) not yet added to the (cell, module) counters: one dict update an
+        # image instead of a counter increment per module that ran. Added when /metrics is read (`flush`); with
+        # several workers, whose values other processes read from files, at once.
+        self.deferred = multiprocess_dir() is None
+        self._held: dict[bytes, list] = {}  # matrix bytes -> [images, matrix]
+        self._lock = threading.Lock()  # executor threads observe while /metrics flushes
         for result in ("ok", "error"):
             self.fused_builds.labels(result)
         for family in ("fused_hits", "fused_misses", "fused_evictions", "fused_cache_size"):
@@ -222,15 +248,42 @@ class ModelMetrics:
     def observe_architecture(self, executed: np.ndarray, latency_ms: float, mflops: float) -> None:
         """One image's architecture: (cells, modules) boolean of what ran."""
         key = executed.tobytes()
+        if self.deferred:
+            with self._lock:
+                held = self._held.get(key)
+                if held is None:
+                    held = self._held[key] = [0, executed]
+                held[0] += 1
+                full = len(self._held) >= ARCHITECTURES_HELD
+            # full: a bound on what clients sending architecture codes can make it hold; no longer deferred:
+            # retired (Metrics.retire) meanwhile, and nothing would read this count
+            if full or not self.deferred:
+                self.flush()
+        else:
+            for child in self._children(key, executed):
+                child.inc()
+        self.architecture_latency.observe(latency_ms / 1e3)
+        self.architecture_mflops.observe(mflops)
+        self.architecture_modules.observe(int(executed.sum()))
+
+    def flush(self) -> None:
+        """Add the images held back by architecture to the (cell, module) counters."""
+        with self._lock:
+            held, self._held = self._held, {}
+        for key, (images, executed) in held.items():
+            for child in self._children(key, executed):
+                child.inc(images)
+
+    def _children(self, key: bytes, executed: np.ndarray) -> list:
+        """The (cell, module) counters of the modules that ran in `executed` (`key`: its bytes)."""
         children = self._by_architecture.get(key)
         if children is None:
             rows = self._executions
             children = [rows[c][m] for c, m in zip(*np.nonzero(executed))]
-            if len(self._by_architecture) >= 4096:  # a bound on what clients sending codes can make it hold
+            if len(self._by_architecture) >= ARCHITECTURES_HELD:  # a bound on what clients sending codes can make it hold
                 self._by_architecture.clear()
             self._by_architecture[key] = children
-        for child in children:
-            child.inc()
-        self.architecture_latency.observe(latency_ms / 1e3)
-        self.architecture_mflops.observe(mflops)
-        self.architecture_modules.observe(int(executed.sum()))
+        return children
+
+
+ARCHITECTURES_HELD = 4096  # architectures a model keeps counters for, or holds counts back for

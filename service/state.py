@@ -68,6 +68,7 @@ class ServiceState:
     def stop(self) -> None:
         self.fused.stop()
         self.batcher.close()
+        self.metrics.process.retire(self.metrics)  # counts it held back are added now, later ones at once
 
 
 async def get_state(request: Request) -> ServiceState:

@@ -6,7 +6,6 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.metrics import exposition
 from service.schemas import ErrorResponse
 from service.security import require_token
 
@@ -18,4 +17,4 @@ router = APIRouter(dependencies=[Depends(require_token)],
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def prometheus(request: Request):
     """Every served model's metrics (label `model`); with several workers, all workers' added up."""
-    return Response(exposition(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(request.app.state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
