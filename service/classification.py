@@ -105,11 +105,8 @@ def prepare(state, body: bytes) -> np.ndarray:
 def make_batcher(state) -> Batcher:
     settings, metrics = state.settings, state.metrics
 
-    def on_dispatch(n: int) -> None:
-        metrics.in_flight.inc(n)
-
     def on_done(n: int) -> None:
-        metrics.in_flight.dec(n)
+        metrics.executing(-n)
 
     def inline(job) -> bool:
         """Run on the loop's thread: the only request the server is handling, and a small one, in
@@ -127,7 +124,7 @@ def make_batcher(state) -> Batcher:
 
     return Batcher(run, workers=settings.max_concurrency,
                    max_batch_size=settings.max_batch_size, max_batch_delay_s=settings.max_batch_delay_ms / 1e3,
-                   on_dispatch=on_dispatch, on_done=on_done, on_queue=metrics.queue_moved, max_queue=settings.max_queue,
+                   on_dispatch=metrics.executing, on_done=on_done, on_queue=metrics.queue_moved, max_queue=settings.max_queue,
                    inline=inline if settings.inline_max_bytes > 0 else None)
 
 

@@ -66,7 +66,7 @@ class Metrics:
                                       "The highest instanas_queue_depth since the process started "
                                       "(with several workers: the highest of one worker).", registry=r,
                                       multiprocess_mode="livemax")
-        self._queued = self._queue_peak = self._bodies_peak = 0
+        self._queued = self._queue_peak = self._bodies = self._bodies_peak = self._in_flight = 0
         self.active_requests = 0  # HTTP requests in the app now (app.RequestMetrics)
         # Requests in progress, for the inline path (service/classification.py): the server replaces this with
         # its count of connections whose request is parsed (service/server.py), which also sees requests whose
@@ -91,6 +91,13 @@ class Metrics:
         self.rejections = Counter("instanas_rejections_total", "Requests refused, by reason.", ["reason"], registry=r)
         self.model_info = Gauge("instanas_model_info", "The served bundles (value 1), one series each.",
                                 ["name", "version", "sha256"], registry=r, multiprocess_mode="livemax")
+        # Gauges of what is under way now, read when /metrics is read; with several workers, whose values other
+        # processes read from files, set at every change instead (`_live` False).
+        self._live = multiprocess_dir() is None
+        if self._live:
+            self.queue_depth.set_function(lambda: float(self._queued))
+            self.buffered_bytes.set_function(lambda: float(self._bodies))
+            self.in_flight.set_function(lambda: float(self._in_flight))
         for result in ("ok", "error"):
             self.reloads.labels(result)
         for reason in ("evicted", "refused"):
@@ -167,17 +174,26 @@ class Metrics:
             model.flush()
         return exposition(self.registry)
 
+    def executing(self, delta: int) -> None:
+        """Classifications began (+) or ended (-) in an executor: instanas_in_flight_requests. On the loop."""
+        self._in_flight += delta
+        if not self._live:
+            self.in_flight.set(self._in_flight)
+
     def queue_moved(self, delta: int) -> None:
-        """Jobs entered (+) or left (-) a batcher's queue: the depth and its peak."""
+        """Jobs entered (+) or left (-) a batcher's queue: the depth and its peak. On the loop."""
         self._queued += delta
-        self.queue_depth.set(self._queued)
+        if not self._live:
+            self.queue_depth.set(self._queued)
         if self._queued > self._queue_peak:
             self._queue_peak = self._queued
             self.queue_depth_peak.set(self._queued)
 
     def bodies_held(self, used: int) -> None:
-        """Request body bytes reserved now (service.limits.ByteBudget): the gauge and its peak."""
-        self.buffered_bytes.set(used)
+        """Request body bytes reserved now (service.limits.ByteBudget): the gauge and its peak. On the loop."""
+        self._bodies = used
+        if not self._live:
+            self.buffered_bytes.set(used)
         if used > self._bodies_peak:
             self._bodies_peak = used
             self.buffered_bytes_peak.set(used)

@@ -58,3 +58,20 @@ def test_architectures_held_back_are_bounded():
         assert len(model._held) < ARCHITECTURES_HELD
     got = executions(metrics)
     assert sum(got.values()) == sum(f"{i:013b}".count("1") for i in range(ARCHITECTURES_HELD + 10))
+
+
+def test_gauges_of_work_under_way_are_read_when_metrics_are_read():
+    from service.metrics import sample
+
+    metrics = Metrics()
+    metrics.executing(3)
+    metrics.queue_moved(2)
+    metrics.queue_moved(-1)
+    metrics.bodies_held(500)
+    metrics.bodies_held(200)
+    text = metrics.exposition().decode()
+    assert sample(text, "instanas_in_flight_requests") == 3 and sample(text, "instanas_queue_depth") == 1
+    assert sample(text, "instanas_queue_depth_peak") == 2 and sample(text, "instanas_buffered_body_bytes") == 200
+    assert sample(text, "instanas_buffered_body_bytes_peak") == 500
+    metrics.executing(-3)
+    assert sample(metrics.exposition().decode(), "instanas_in_flight_requests") == 0
