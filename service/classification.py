@@ -16,7 +16,6 @@ default JSON may shape the answer (service/routes/v2.py renders tensors).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -76,18 +75,25 @@ def admit(state) -> None:
         raise ApiError(503, "overloaded", "the server is at capacity; retry later", retry_after())
 
 
-@contextlib.asynccontextmanager
-async def admitted(state):
-    """Admission for a request whose body is still to be read: refused at once when the server is
-    full (`admit`), else announced to the batcher (a batch that is not full may wait for it) until
-    the block ends; a block that raises (a body refused or unreadable) withdraws the announcement."""
-    admit(state)
-    state.batcher.expect()
-    try:
-        yield
-    except BaseException:
-        state.batcher.cancel()
-        raise
+class admitted:
+    """`async with admitted(state):` admission for a request whose body is still to be read: refused
+    at once when the server is full (`admit`), else announced to the batcher (a batch that is not
+    full may wait for it) until the block ends; a block that raises (a body refused or unreadable)
+    withdraws the announcement. (A class: a generator-based context manager costs four times as much.)"""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state):
+        self.state = state
+
+    async def __aenter__(self) -> None:
+        admit(self.state)
+        self.state.batcher.expect()
+
+    async def __aexit__(self, kind, exc, traceback) -> bool:
+        if kind is not None:
+            self.state.batcher.cancel()
+        return False
 
 
 def image_error(exc: imaging.ImageError, index: int | None = None) -> ApiError:
