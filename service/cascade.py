@@ -130,6 +130,7 @@ class StageRunner:
     estimated_ms: float
     mflops: float
     padded: np.ndarray  # `executed` within the bundle's (cells, modules), as the executor's results hold it
+    padded_code: str  # the code of `padded`, as responses give it
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         """The stage's architecture on full-size rows `x`: its fused graph where the cache has
@@ -190,7 +191,7 @@ class CascadeRunner:
             self.stages.append(StageRunner(
                 executor, stage.network, space.input_size, executed, architecture.encode(executed), stage.confidence,
                 None if stage.gate is None else tuple(stage.gate), stage.threshold, stage.blend, float(costs.latency_ms(executed[None])[0]),
-                float(costs.mflops(executed[None])[0]), padded))
+                float(costs.mflops(executed[None])[0]), padded, architecture.encode(padded)))
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[Trace]]:
         """Every row through the stages until one is confident (the last always answers): the

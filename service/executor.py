@@ -178,7 +178,8 @@ class Executor:
             probabilities[rest] = softmax(logits[rest])
         t2 = time.perf_counter()
         return Result(logits, probabilities, executed, {"controller": t1 - t0, "backbone": t2 - t1}, uniform,
-                      operating_points=row_points, fused_rows=fused_rows, traces=traces)
+                      operating_points=row_points, fused_rows=fused_rows, traces=traces,
+                      codes=None if len(rest) else [trace.stage.padded_code for trace in traces])
 
     def _run_cascade(self, x: np.ndarray, point: str) -> Result:
         """Every row through the cascade `point` (the common case at batch 1: no bookkeeping of other points)."""
@@ -186,7 +187,8 @@ class Executor:
         logits, probabilities, traces = self.cascades[point].run(x)
         executed = np.array([trace.stage.padded for trace in traces])
         return Result(logits, probabilities, executed,
-                      {"controller": 0.0, "backbone": time.perf_counter() - t0}, point, traces=traces)
+                      {"controller": 0.0, "backbone": time.perf_counter() - t0}, point, traces=traces,
+                      codes=[trace.stage.padded_code for trace in traces])
 
     def backbone(self, x: np.ndarray, executed: np.ndarray, code: str | None = None) -> tuple[np.ndarray, int]:
         """Logits of stem, the `executed` blocks (empty-cell rule applied) and head; and how many

@@ -13,6 +13,7 @@ import pytest
 import torch
 import tritonclient.http as triton
 
+from service import architecture
 from service import cascade as serving
 from service.bundle import BundleError, load_bundle, sha256_file
 from service.executor import Executor
@@ -152,6 +153,10 @@ def test_a_batch_mixing_cascade_and_controller_rows(cascade_bundle):
     assert np.abs(mixed.logits[[1, 3]] - alone_a.logits).max() < 1e-5
     assert np.abs(mixed.logits[[0, 2, 4, 5]] - alone_fast.logits).max() < 1e-5
     assert [t is None for t in mixed.traces] == [False, True, False, True, False, False]
+    # the codes a result gives are its architectures' (a mixed batch's are left to the caller to encode)
+    assert mixed.codes is None
+    for cascaded in (executor.run_batch(x, ["fast"] * 6, [None] * 6), alone_fast, executor.run(x[:1], operating_point="fast")):
+        assert cascaded.codes == architecture.encode_many(cascaded.executed)
 
 
 def test_pool_is_the_mean_of_each_square():

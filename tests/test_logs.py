@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -55,6 +56,21 @@ def test_request_ids_are_taken_when_usable_and_made_otherwise():
     for unusable in (None, b"", b"   ", b"x" * 129, b"tab\there", b"caf\xc3\xa9", b"nul\x00"):
         assert HEX_ID.match(logs.request_id_from(unusable)), unusable
     assert logs.request_id_from(None) != logs.request_id_from(None)
+
+
+def test_made_request_ids_are_unique_across_forked_workers():
+    ids = [logs.new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(HEX_ID.match(i) for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # a worker forked from the supervisor: its own prefix, so no id repeats the parent's
+        os.write(write, logs.new_request_id().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    theirs = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert HEX_ID.match(theirs) and theirs[:16] != logs.new_request_id()[:16]
 
 
 def test_json_formatter_writes_one_object_a_record():
