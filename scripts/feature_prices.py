@@ -24,9 +24,9 @@ only, the server is started through this script (`--serve VARIANT`), which takes
 out before handing over to instanas-serve (`PATCHES`):
 
 - no metrics: every Prometheus counter, gauge and histogram update does nothing;
-- no limits: no admission control (the queue bound), no body limits (size, time, bytes held)
-  and uvicorn's own HTTP protocol instead of the connection guard (header time and size,
-  connection count, requests per connection);
+- no limits: no admission control (the queue bound), no body limits (size, time, bytes held),
+  no header time or size limit and no connection limit (the guard still counts the requests in
+  progress, which the inline path asks for);
 - plain response: the response is the naive server's, the top class and its probability (the
   metrics are still observed);
 - no decode: every request is answered with the input of the first image the server decoded.
@@ -78,19 +78,11 @@ def no_limits() -> None:
         await self.app(scope, receive, send)
 
     limits.RequestBodies.__call__ = straight_through
-
-    def uvicorn_protocol(http: str, connections, settings) -> type:
-        if http == "httptools":
-            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-            return HttpToolsProtocol
-        from uvicorn.protocols.http.h11_impl import H11Protocol
-
-        return H11Protocol
-
-    server.protocol_class = uvicorn_protocol
-    # With no guard nothing counts connections: the inline path counts the requests in the app instead.
-    server.Connections.in_progress = lambda self: self.metrics.active_requests
+    # The connection guard stays only to count connections with a request in progress (the inline
+    # path asks how many there are); its limits go: no header timer or size, no connection limit.
+    server.Guard._arm_header_timer = _nothing
+    server.Guard._count_header_bytes = _nothing
+    server.connection_limit = lambda wanted: 1 << 30
 
 
 def plain_response() -> None:

@@ -262,7 +262,7 @@ def _load(port: int, jpegs: list[bytes], concurrency: int, requests: int, on_bod
         t.join()
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "requests": requests, "errors": errors[0],
-            "throughput_rps": requests / wall, **_stats(np.array(latencies))}
+            "throughput_rps": requests / wall, **_stats(np.array(latencies)), "latencies_ms": latencies}
 
 
 def over_http(model: Path, jpegs: list[bytes], levels: tuple[int, ...], requests: int) -> list[dict]:
@@ -274,7 +274,7 @@ def over_http(model: Path, jpegs: list[bytes], levels: tuple[int, ...], requests
             result = _load(server.port, jpegs, c, requests)
             print(f"HTTP concurrency {c}: {result['throughput_rps']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
                   f"p99 {result['p99_ms']:.2f} ms, {result['errors']} errors", file=sys.stderr, flush=True)
-            out.append(result)
+            out.append({k: v for k, v in result.items() if k != "latencies_ms"})
         return out
     finally:
         server.stop()
@@ -309,15 +309,16 @@ def against_naive(model: Path, baseline: Path, jpegs: list[bytes], levels: tuple
 
 def paired(mine: list[dict], naive: list[dict]) -> dict:
     """One server's rounds at one level, each against the naive server's round run just before it:
-    the round of median throughput (its latencies), the errors of all rounds, every round's
-    throughput, and `x_naive`, the median of the rounds' throughput ratios. A ratio of two runs
-    side by side keeps its value when the machine slows down or speeds up between rounds, which
-    a ratio of medians does not."""
+    the median round's throughput, the latencies and errors of all rounds' requests together,
+    every round's throughput, and `x_naive`, the median of the rounds' throughput ratios. A ratio
+    of two runs side by side keeps its value when the machine slows down or speeds up between
+    rounds, which a ratio of medians does not; many short rounds follow the drift closer."""
     ratios = [m["throughput_rps"] / n["throughput_rps"] for m, n in zip(mine, naive)]
-    middle = sorted(mine, key=lambda m: m["throughput_rps"])[len(mine) // 2]
-    return {**middle, "errors": sum(m["errors"] for m in mine), "rounds": len(mine),
-            "rounds_rps": [m["throughput_rps"] for m in mine], "x_naive": statistics.median(ratios),
-            "x_naive_rounds": ratios}
+    latencies = np.array([ms for m in mine for ms in m["latencies_ms"]])
+    return {"concurrency": mine[0]["concurrency"], "requests": sum(m["requests"] for m in mine),
+            "errors": sum(m["errors"] for m in mine), "throughput_rps": statistics.median(m["throughput_rps"] for m in mine),
+            **_stats(latencies), "rounds": len(mine), "rounds_rps": [m["throughput_rps"] for m in mine],
+            "x_naive": statistics.median(ratios), "x_naive_rounds": ratios}
 
 
 def naive_table(compared: dict, workers: int = 1) -> str:
@@ -330,8 +331,8 @@ def naive_table(compared: dict, workers: int = 1) -> str:
             lines.append(f"{name:<24} {r['concurrency']:>5} {r['throughput_rps']:>8.0f} {r['x_naive']:>8.2f} "
                          f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p99_ms'] / r['p50_ms']:>8.2f} {r['errors']:>7}")
     if rounds > 1:
-        lines.append(f"{rounds} rounds: the median round's req/s and latencies; x naive, the median of the rounds' "
-                     "ratios; errors, all rounds'")
+        lines.append(f"{rounds} rounds: req/s, the median round's; x naive, the median of the rounds' ratios; "
+                     "latencies and errors, all rounds' requests")
     return "\n".join(lines)
 
 

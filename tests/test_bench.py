@@ -12,6 +12,7 @@ import tarfile
 import time
 
 import httpx
+import numpy as np
 
 from service import bench
 from service.metrics import sample
@@ -41,16 +42,17 @@ def test_bench_reports_in_process_http_and_cache_figures(smoke_bundle, data_root
 
 
 def test_rounds_are_paired_with_the_naive_servers_round():
-    def run(rps, errors=0):
-        return {"concurrency": 1, "requests": 10, "throughput_rps": rps, "p50_ms": rps / 100, "p99_ms": 1.0,
-                "errors": errors}
+    def run(rps, latencies, errors=0):
+        return {"concurrency": 1, "requests": len(latencies), "throughput_rps": rps, "errors": errors,
+                "latencies_ms": latencies, **bench._stats(np.array(latencies))}
 
-    mine = [run(100), run(300, errors=1), run(200, errors=2)]
-    naive = [run(100), run(100), run(400)]
+    mine = [run(100, [1.0, 2.0]), run(300, [3.0], errors=1), run(200, [4.0, 5.0], errors=2)]
+    naive = [run(100, [1.0]), run(100, [1.0]), run(400, [1.0])]
     got = bench.paired(mine, naive)
     assert got["x_naive_rounds"] == [1.0, 3.0, 0.5] and got["x_naive"] == 1.0  # the median ratio, not 200 / 100
-    assert got["throughput_rps"] == 200 and got["p50_ms"] == 2.0  # the median round's figures
-    assert got["errors"] == 3 and got["rounds"] == 3 and got["rounds_rps"] == [100, 300, 200]
+    assert got["throughput_rps"] == 200 and got["p50_ms"] == 3.0  # latencies: all rounds' requests together
+    assert got["errors"] == 3 and got["requests"] == 5 and got["rounds"] == 3 and got["rounds_rps"] == [100, 300, 200]
+    assert "latencies_ms" not in got
 
 
 def test_bench_against_the_naive_server(smoke_bundle, data_root, tmp_path):
@@ -67,8 +69,8 @@ def test_bench_against_the_naive_server(smoke_bundle, data_root, tmp_path):
     assert list(compared) == ["naive", "instanas_static", "instanas"]
     for results in compared.values():
         assert [r["concurrency"] for r in results] == [1, 4]
-        assert all(r["errors"] == 0 and r["requests"] == 30 and r["throughput_rps"] > 0 for r in results)
-        assert all(r["rounds"] == 2 and len(r["rounds_rps"]) == 2 and r["throughput_rps"] in r["rounds_rps"]
+        assert all(r["errors"] == 0 and r["requests"] == 60 and r["throughput_rps"] > 0 for r in results)
+        assert all(r["rounds"] == 2 and len(r["rounds_rps"]) == 2 and r["throughput_rps"] == statistics.median(r["rounds_rps"])
                    and r["x_naive"] == statistics.median(r["x_naive_rounds"]) for r in results)
     assert all(r["x_naive_rounds"] == [1.0, 1.0] for r in compared["naive"])
     assert "x naive" in done.stdout and "2 rounds" in done.stdout
