@@ -93,22 +93,28 @@ class RequestBodies:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        names = {name for name, _ in scope.get("headers", ())}
-        if b"content-length" in names and b"transfer-encoding" in names:
+        # one pass over the headers: the framings, the declared length, the size of the request line and headers
+        framings, declared, size = 0, None, len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        for name, value in scope.get("headers", ()):
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                if not framings & 1:  # the first one's, as the server framed the body by it
+                    declared = int(value) if value.isdigit() else None
+                framings |= 1
+            elif name == b"transfer-encoding":
+                framings |= 2
+        if framings == 3:
             # Two framings: the way to request smuggling behind a proxy that reads the other one.
             # httptools refuses these itself; h11 lets Transfer-Encoding win, so refuse here too.
             response = error_response(400, "bad_request", "the request has both Content-Length and "
                                       "Transfer-Encoding", {"Connection": "close"})
             return await response(scope, receive, send)
-        if self.max_header_bytes is not None:
-            # httptools' headers are counted while parsed (service/server.py); h11 takes a request
-            # that arrives whole in one read whatever its size, so count again here.
-            size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
-                len(name) + len(value) + 4 for name, value in scope.get("headers", ()))
-            if size > self.max_header_bytes:
-                response = error_response(431, "headers_too_large", "the request line and headers exceed "
-                                          f"{self.max_header_bytes} bytes", {"Connection": "close"})
-                return await response(scope, receive, send)
+        # httptools' headers are counted while parsed (service/server.py); h11 takes a request
+        # that arrives whole in one read whatever its size, so count again here.
+        if self.max_header_bytes is not None and size > self.max_header_bytes:
+            response = error_response(431, "headers_too_large", "the request line and headers exceed "
+                                      f"{self.max_header_bytes} bytes", {"Connection": "close"})
+            return await response(scope, receive, send)
         reservation = self.budget.reservation()
         deadline = None
         received = 0
@@ -121,7 +127,6 @@ class RequestBodies:
             if not started:  # the handler's first read: reserve what the client declared
                 started = True
                 deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-                declared = _content_length(scope)
                 if declared is not None:
                     if declared > self.max_body_bytes:
                         raise self._too_large(f"the body is {declared} bytes")
@@ -152,13 +157,6 @@ class RequestBodies:
             await self.app(scope, guarded_receive, send)
         finally:
             reservation.release()
-
-
-def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
-    return None
 
 
 def document_limits(app) -> None:
