@@ -69,15 +69,26 @@ def no_metrics() -> None:
             setattr(family, method, _nothing)
 
 
+class _Unlimited:
+    """A request's `receive` as it comes, with no body limits."""
+
+    def __init__(self, receive):
+        self.receive = receive
+
+    async def __call__(self):
+        return await self.receive()
+
+    def release(self) -> None:
+        pass
+
+
 def no_limits() -> None:
     from service import classification, limits, server
 
     classification.admit = _nothing
 
-    async def straight_through(self, scope, receive, send) -> None:
-        await self.app(scope, receive, send)
-
-    limits.RequestBodies.__call__ = straight_through
+    limits.BodyLimits.refusal = _nothing
+    limits.BodyLimits.reader = lambda self, receive, declared: _Unlimited(receive)
     # The connection guard stays only to count connections with a request in progress (the inline
     # path asks how many there are); its limits go: no header timer or size, no connection limit.
     server.Guard._arm_header_timer = _nothing

@@ -10,7 +10,6 @@ process's metrics and the repository (`models`, which a reload swaps).
 
 from __future__ import annotations
 
-import time
 from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -19,47 +18,12 @@ from fastapi import FastAPI
 
 from service import errors, limits, logs, security, warmup
 from service.bundle import Bundle
-from service.fast_path import FastClassify
+from service.envelope import Envelope
 from service.metrics import Metrics
 from service.repository import Repository, load_repository
 from service.routes import admin, classify, demo, health, model, monitoring, v2
 from service.settings import Settings
 from service.state import ServiceState
-
-
-class RequestMetrics:
-    """Counts every request by route and status, times it, and keeps the number being handled
-    (`Metrics.active_requests`): a plain ASGI middleware (Starlette's BaseHTTPMiddleware adds a
-    task and a stream per request)."""
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-        self._children: dict[tuple[str, int], tuple] = {}  # (endpoint, status) -> (requests, duration) children
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        status = 500
-        self.metrics.active_requests += 1
-
-        async def send_status(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.active_requests -= 1
-            endpoint = getattr(scope.get("route"), "path", "unmatched")
-            children = self._children.get((endpoint, status))
-            if children is None:  # looked up once per series (endpoints are the routes' paths, statuses few)
-                children = self._children[endpoint, status] = (self.metrics.requests.labels(endpoint, str(status)),
-                                                              self.metrics.request_duration.labels(endpoint))
-            children[0].inc()
-            children[1].observe(time.perf_counter() - t0)
 
 
 def _version() -> str:
@@ -110,17 +74,14 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
         metrics.rejections.labels(code).inc()
 
     errors.install(app, on_rejection)
-    # Innermost: POST /classify answered without the framework's routing and dependency solving
-    # where its query is plainly valid (service/fast_path.py); everything else goes on to the routes.
-    app.add_middleware(FastClassify, on_rejection=on_rejection)
-    app.add_middleware(RequestMetrics, metrics=metrics)
-    # Body bytes held, body size and body time, for every route (service/limits.py).
-    app.add_middleware(limits.RequestBodies, max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,
-                       max_header_bytes=settings.max_header_bytes,
-                       budget=limits.ByteBudget(settings.max_buffered_bytes, on_change=metrics.bodies_held))
     security.install_cors(app, settings)  # off unless INSTANAS_CORS_ORIGINS is set
-    # Outermost: request ids and the access log line (service/logs.py) cover every response.
-    app.add_middleware(logs.AccessLog, enabled=settings.access_log)
+    # Outermost: every request's id, limits, request metrics and access line, and POST /classify's
+    # fast path (service/envelope.py).
+    body_limits = limits.BodyLimits(limits.ByteBudget(settings.max_buffered_bytes, on_change=metrics.bodies_held),
+                                max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,
+                                max_header_bytes=settings.max_header_bytes)
+    app.add_middleware(Envelope, metrics=metrics, limits=body_limits, access_log=logs.AccessLog(settings.access_log),
+                       on_rejection=on_rejection, cors=bool(settings.cors_origin_list))
     # demo: the live demo page at GET / (service/static/); admin: POST /admin/reload
     for router in (classify.router, health.router, model.router, monitoring.router, v2.router, demo.router,
                    admin.router):

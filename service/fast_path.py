@@ -4,12 +4,12 @@ The route in service/routes/classify.py declares /classify for the OpenAPI docum
 but for every request FastAPI also passes it through its exception middleware and router, solves
 the route's dependencies and validates its query parameters through pydantic, a cost of the same
 order as the static baseline's model at batch 1 (scripts/inprocess_naive.py measures the path).
-`FastClassify` sits below this app's middlewares
-(access log, body limits, request metrics: they see every request alike) and answers a POST to
-/classify itself when its query parameters are plainly valid: each named at most once, `top_k` a
-positive integer, `max_latency_ms` a positive decimal, the strings non-empty. It then calls what
-the route calls (`routes.classify.answer`), so the answer, every refusal and every metric are the
-route's. Anything else, including every query the route would refuse, goes on to the app's routes.
+The request envelope (service/envelope.py: request id, access log, limits, request metrics; every
+request alike) answers a POST to /classify itself (`answer`) when its query parameters are plainly
+valid (`parse_query`): each named at most once, `top_k` a positive integer, `max_latency_ms` a
+positive decimal, the strings non-empty. It then calls what the route calls
+(`routes.classify.answer`), so the answer, every refusal and every metric are the route's.
+Anything else, including every query the route would refuse, goes on to the app's routes.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service.errors import ApiError, error_response
 from service.routes import classify
 
 PATH = "/classify"
+ROUTE = next(r for r in classify.router.routes if r.path == PATH)
 _INTEGER = re.compile(r"[1-9][0-9]{0,8}")
 _DECIMAL = re.compile(r"[0-9]{1,12}(\.[0-9]{1,12})?")
 
@@ -53,32 +54,28 @@ def parse_query(query: bytes) -> dict | None:
     return params
 
 
-class FastClassify:
-    """The ASGI middleware: see the module docstring. `on_rejection(code)` counts refusals, as the
-    app's error handler does (service/errors.py)."""
+def takes(scope) -> bool:
+    """Whether the request is a POST to /classify that the fast path may answer (its query aside)."""
+    return scope["path"] == PATH and scope["method"] == "POST" and not scope.get("root_path")
 
-    def __init__(self, app, on_rejection):
-        self.app, self.on_rejection = app, on_rejection
-        # the /classify route, as the router would have set it in the scope: request metrics label by its path
-        self.route = next(r for r in classify.router.routes if r.path == PATH)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        params = parse_query(scope.get("query_string", b""))
-        if params is None or scope.get("root_path"):
-            return await self.app(scope, receive, send)
-        scope["route"] = self.route
-        content_type = ""
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value.decode("latin-1")
-                break
-        try:
-            body = await classify.answer(scope["app"].state.models, scope, receive, content_type, **params)
-        except ApiError as exc:
-            self.on_rejection(exc.code)
-            return await error_response(exc.status, exc.code, exc.message, exc.headers)(scope, receive, send)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
+async def answer(scope, receive, send, content_type: bytes | None, params: dict, extra_header: tuple,
+                 on_rejection) -> int:
+    """Answer POST /classify as its route would, with `params` from `parse_query`, adding
+    `extra_header` (the request id) to the response; the status sent. `on_rejection(code)` counts
+    refusals, as the app's error handler does (service/errors.py)."""
+    scope["route"] = ROUTE  # as the router would have set it: the request metrics label by its path
+    try:
+        body = await classify.answer(scope["app"].state.models, scope, receive,
+                                     content_type.decode("latin-1") if content_type else "", **params)
+    except ApiError as exc:
+        on_rejection(exc.code)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        response.raw_headers.append(extra_header)
+        await response(scope, receive, send)
+        return exc.status
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json"),
+                            extra_header]})
+    await send({"type": "http.response.body", "body": body})
+    return 200

@@ -1,4 +1,4 @@
-"""Limits on requests, for every route, in one ASGI middleware (`RequestBodies`).
+"""Limits on requests, for every route: `BodyLimits`, applied by the request envelope (service/envelope.py).
 
 - Bytes held: `ByteBudget` bounds the bytes of request bodies held at once, across all requests
   (being read, or read and waiting for or in classification). A request reserves its
@@ -15,8 +15,8 @@
   `bad_request`, one whose request line and headers pass `INSTANAS_MAX_HEADER_BYTES` 431
   `headers_too_large` (httptools refuses both while parsing, service/server.py; h11 does not).
 
-The body refusals are raised from `receive`, inside the handler, so the app's error handlers give
-them the JSON error shape. (The time to send the request line and headers is bounded below
+The body refusals are raised from `receive` (`BodyReader`), inside the handler, so the app's error
+handlers give them the JSON error shape. (The time to send the request line and headers is bounded below
 the app, in service/server.py.)
 """
 
@@ -78,93 +78,95 @@ class Reservation:
             self.bytes = 0
 
 
-class RequestBodies:
-    """The middleware: see the module docstring."""
+class BodyLimits:
+    """The limits on one request's line, headers and body (see the module docstring), applied by
+    the request envelope (service/envelope.py) to every request."""
 
-    def __init__(self, app, budget: ByteBudget, max_body_bytes: int, timeout_s: float,
-                 max_header_bytes: int | None = None):
-        self.app, self.budget, self.max_body_bytes, self.timeout_s = app, budget, max_body_bytes, timeout_s
+    def __init__(self, budget: ByteBudget, max_body_bytes: int, timeout_s: float, max_header_bytes: int | None = None):
+        self.budget, self.max_body_bytes, self.timeout_s = budget, max_body_bytes, timeout_s
         self.max_header_bytes = max_header_bytes
 
-    def _too_large(self, what: str) -> ApiError:
-        return ApiError(413, "body_too_large", f"{what}; the limit is {self.max_body_bytes} bytes",
-                        {"Connection": "close"})
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        # one pass over the headers: the framings, the declared length, the size of the request line and headers
-        framings, declared, size = 0, None, len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
-        for name, value in scope.get("headers", ()):
-            size += len(name) + len(value) + 4
-            if name == b"content-length":
-                if not framings & 1:  # the first one's, as the server framed the body by it
-                    declared = int(value) if value.isdigit() else None
-                framings |= 1
-            elif name == b"transfer-encoding":
-                framings |= 2
+    def refusal(self, scope, size: int, framings: int):
+        """The error response for a request whose line and headers (`size` bytes) or framing
+        (`framings`: bit 0 Content-Length, bit 1 Transfer-Encoding) are refused; None when it may go on."""
         if framings == 3:
             # Two framings: the way to request smuggling behind a proxy that reads the other one.
             # httptools refuses these itself; h11 lets Transfer-Encoding win, so refuse here too.
-            response = error_response(400, "bad_request", "the request has both Content-Length and "
-                                      "Transfer-Encoding", {"Connection": "close"})
-            return await response(scope, receive, send)
+            return error_response(400, "bad_request", "the request has both Content-Length and "
+                                  "Transfer-Encoding", {"Connection": "close"})
         # httptools' headers are counted while parsed (service/server.py); h11 takes a request
         # that arrives whole in one read whatever its size, so count again here.
         if self.max_header_bytes is not None and size > self.max_header_bytes:
-            response = error_response(431, "headers_too_large", "the request line and headers exceed "
-                                      f"{self.max_header_bytes} bytes", {"Connection": "close"})
-            return await response(scope, receive, send)
-        reservation = self.budget.reservation()
-        deadline = None
-        received = 0
-        started = done = False
+            return error_response(431, "headers_too_large", "the request line and headers exceed "
+                                  f"{self.max_header_bytes} bytes", {"Connection": "close"})
+        return None
 
-        async def guarded_receive():
-            nonlocal deadline, received, started, done
-            if done:  # the body is in: later reads wait for the disconnect, with no limit
-                return await receive()
-            if not started:  # the handler's first read: reserve what the client declared
-                started = True
-                deadline = time.monotonic() + self.timeout_s if self.timeout_s else None
-                if declared is not None:
-                    if declared > self.max_body_bytes:
-                        raise self._too_large(f"the body is {declared} bytes")
-                    reservation.ensure(declared)
-            try:
-                if deadline is None:
-                    message = await receive()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError
-                    async with asyncio.timeout(left):
-                        message = await receive()
-            except TimeoutError:
-                raise ApiError(408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s",
-                               {"Connection": "close"}) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    raise self._too_large("the body is longer")
-                reservation.ensure(received)
-                done = not message.get("more_body", False)
-            else:
-                done = True
-            return message
+    def reader(self, receive, declared: int | None) -> BodyReader:
+        """`receive` with this request's body limits; `declared`: its Content-Length (the first one's)."""
+        return BodyReader(self, receive, declared)
 
+    def too_large(self, what: str) -> ApiError:
+        return ApiError(413, "body_too_large", f"{what}; the limit is {self.max_body_bytes} bytes",
+                        {"Connection": "close"})
+
+
+class BodyReader:
+    """An ASGI `receive` that holds one request's body to its limits: its bytes reserved in the
+    budget, its size, its time. Refusals are ApiErrors raised from the call; `release()` gives
+    the bytes back once the response is sent."""
+
+    __slots__ = ("limits", "receive", "declared", "reservation", "deadline", "received", "started", "done")
+
+    def __init__(self, limits: BodyLimits, receive, declared: int | None):
+        self.limits, self.receive, self.declared = limits, receive, declared
+        self.reservation = limits.budget.reservation()
+        self.deadline = None
+        self.received = 0
+        self.started = self.done = False
+
+    async def __call__(self):
+        if self.done:  # the body is in: later reads wait for the disconnect, with no limit
+            return await self.receive()
+        limits = self.limits
+        if not self.started:  # the handler's first read: reserve what the client declared
+            self.started = True
+            self.deadline = time.monotonic() + limits.timeout_s if limits.timeout_s else None
+            if self.declared is not None:
+                if self.declared > limits.max_body_bytes:
+                    raise limits.too_large(f"the body is {self.declared} bytes")
+                self.reservation.ensure(self.declared)
         try:
-            await self.app(scope, guarded_receive, send)
-        finally:
-            reservation.release()
+            if self.deadline is None:
+                message = await self.receive()
+            else:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    message = await self.receive()
+        except TimeoutError:
+            raise ApiError(408, "request_timeout", f"the request body did not arrive within {limits.timeout_s:g} s",
+                           {"Connection": "close"}) from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > limits.max_body_bytes:
+                raise limits.too_large("the body is longer")
+            self.reservation.ensure(self.received)
+            self.done = not message.get("more_body", False)
+        else:
+            self.done = True
+        return message
+
+    def release(self) -> None:
+        self.reservation.release()
 
 
 def document_limits(app) -> None:
     """The OpenAPI document states what the app enforces beyond the route signatures, so a client
     (or a fuzzer) takes no documented-valid request for an invalid one and meets no undocumented
     status: `top_k` at most the models' classes; the served models' names as the `model`
-    parameter's values (404 for others); on every operation with a body, the refusals of this
-    middleware (408, 413, 503) and the framework's 400 for a body that does not parse; on every
+    parameter's values (404 for others); on every operation with a body, the refusals of the
+    body limits (408, 413, 503) and the framework's 400 for a body that does not parse; on every
     operation with a path parameter, 404 for a resource that does not exist."""
     from fastapi import FastAPI
 

@@ -2,12 +2,12 @@
 
 `configure(format, level)` puts one handler on the root logger (stderr): JSON objects, one a
 line (`json`), or plain lines (`text`). uvicorn's own loggers propagate to it; its access log is
-replaced by `AccessLog`, a plain ASGI middleware that
+replaced by `AccessLog`. For every request, the request envelope (service/envelope.py)
 
 - takes the request id from the `X-Request-ID` header when it is usable (printable ASCII, at
   most 128 characters) and otherwise makes one (`new_request_id`: 32 hex digits);
 - echoes it in the `X-Request-ID` header of every response, errors included;
-- writes one line per request to the `instanas.access` logger: method, path, status,
+- writes one line to the `instanas.access` logger (`AccessLog`): method, path, status,
   duration_ms, request id, and what the handler noted in `notes(scope)` (the architecture
   code of each image, the operating point, the model version).
 
@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import sys
-import time
 import traceback
 import uuid
 from datetime import UTC, datetime
@@ -74,7 +73,7 @@ def current_request_id() -> str | None:
 
 def notes(scope) -> dict:
     """The dict in which a handler notes what the access log line should say about its request
-    (keys: architecture, operating_point, model, model_version); a throwaway one without the middleware."""
+    (keys: architecture, operating_point, model, model_version); a throwaway one without the envelope."""
     return scope.setdefault(NOTES_KEY, {})
 
 
@@ -133,44 +132,25 @@ def configure(log_format: str = "json", level: str = "info") -> logging.Handler:
     return handler
 
 
+def bind_request_id(rid: str) -> contextvars.Token:
+    """Records logged on this task from now on carry `rid` (service/envelope.py binds each request's)."""
+    return _request_id.set(rid)
+
+
+def unbind_request_id(token: contextvars.Token) -> None:
+    _request_id.reset(token)
+
+
 class AccessLog:
-    """Request ids and one access log line per request: a plain ASGI middleware (see the module
-    docstring). `enabled=False` keeps the request ids and drops the lines."""
+    """One access line per request to the `instanas.access` logger (see the module docstring);
+    `enabled=False` writes none."""
 
-    def __init__(self, app, enabled: bool = True, logger: str = ACCESS_LOGGER):
-        self.app, self.enabled, self.log = app, enabled, logging.getLogger(logger)
+    def __init__(self, enabled: bool = True, logger: str = ACCESS_LOGGER):
+        self.enabled, self.log = enabled, logging.getLogger(logger)
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        given = next((v for k, v in scope.get("headers", ()) if k.lower() == HEADER), None)
-        rid = request_id_from(given)
-        scope[NOTES_KEY] = {}
-        token = _request_id.set(rid)
-        status = None
-
-        async def send_with_id(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != HEADER]
-                message = {**message, "headers": [*headers, (HEADER, rid.encode())]}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        except Exception:
-            if status is None:  # unhandled: answer here, with the id (the app's error handler still logs it)
-                await _internal_error(scope)(scope, receive, send_with_id)
-            raise
-        else:
-            _request_id.reset(token)
-        finally:
-            if self.enabled and self.log.isEnabledFor(logging.INFO):
-                self._line(scope, rid, status or 500, (time.perf_counter() - t0) * 1e3)
-
-    def _line(self, scope, rid: str, status: int, duration_ms: float) -> None:
+    def write(self, scope, rid: str, status: int, duration_ms: float) -> None:
+        if not (self.enabled and self.log.isEnabledFor(logging.INFO)):
+            return
         noted = scope.get(NOTES_KEY) or {}
         model, version = noted.get("model"), noted.get("model_version")
         if version is None:  # the default model, for requests that classified nothing
@@ -199,11 +179,12 @@ class AccessLog:
             text += f" architecture={','.join(fields['architecture'])} operating_point={fields['operating_point'] or '-'}"
         text += f" model={model or '-'} model_version={version or '-'}"
         # Logger.info less its search of the call stack for the caller's file and line (the
-        # middlewares' frames, a fifth of the line's cost): every handler and filter still sees it.
+        # envelope's frames, a fifth of the line's cost): every handler and filter still sees it.
         self.log.handle(self.log.makeRecord(self.log.name, logging.INFO, __file__, 0, text, (), None, extra=fields))
 
 
-def _internal_error(scope):
+def internal_error(scope):
+    """The 500 answered for a request whose handler failed before it began its response."""
     from service.errors import error_response  # late: errors imports FastAPI
 
     message = "the server failed to handle this request; see its log"

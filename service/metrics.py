@@ -67,7 +67,8 @@ class Metrics:
                                       "(with several workers: the highest of one worker).", registry=r,
                                       multiprocess_mode="livemax")
         self._queued = self._queue_peak = self._bodies = self._bodies_peak = self._in_flight = 0
-        self.active_requests = 0  # HTTP requests in the app now (app.RequestMetrics)
+        self.active_requests = 0  # HTTP requests in the app now (service/envelope.py)
+        self._request_children: dict[tuple[str, int], tuple] = {}  # (endpoint, status) -> (count, duration) children
         # Requests in progress, for the inline path (service/classification.py): the server replaces this with
         # its count of connections whose request is parsed (service/server.py), which also sees requests whose
         # handler has not started yet.
@@ -173,6 +174,15 @@ class Metrics:
         for model in list(self._models):
             model.flush()
         return exposition(self.registry)
+
+    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+        """An HTTP request answered: instanas_requests_total and instanas_request_duration_seconds."""
+        children = self._request_children.get((endpoint, status))
+        if children is None:  # looked up once per series (endpoints are the routes' paths, statuses few)
+            children = self._request_children[endpoint, status] = (self.requests.labels(endpoint, str(status)),
+                                                                   self.request_duration.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def executing(self, delta: int) -> None:
         """Classifications began (+) or ended (-) in an executor: instanas_in_flight_requests. On the loop."""
