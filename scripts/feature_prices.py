@@ -88,7 +88,7 @@ def no_limits() -> None:
     classification.admit = _nothing
 
     limits.BodyLimits.refusal = _nothing
-    limits.BodyLimits.reader = lambda self, receive, declared: _Unlimited(receive)
+    limits.BodyLimits.reader = lambda self, scope, receive, declared: _Unlimited(receive)
     # The connection guard stays only to count connections with a request in progress (the inline
     # path asks how many there are); its limits go: no header timer or size, no connection limit.
     server.Guard._arm_header_timer = _nothing

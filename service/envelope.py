@@ -81,7 +81,7 @@ class Envelope:
             refusal = self.limits.refusal(scope, size, framings)
             params = None
             if refusal is None:
-                reader = self.limits.reader(receive, declared)
+                reader = self.limits.reader(scope, receive, declared)
                 if self.fast and fast_path.takes(scope) and not (self.cors and origin):
                     params = fast_path.parse_query(scope.get("query_string", b""))
             if refusal is not None:

@@ -10,7 +10,9 @@
 - Time: the body must have arrived in full within `INSTANAS_BODY_TIMEOUT` seconds of the first
   read, else 408 `request_timeout` (and the connection closes). One deadline for the whole
   body, not one per read, so a client that trickles a byte a second is cut off as surely as
-  one that stops sending, or one whose `Content-Length` promised more than it sends.
+  one that stops sending, or one whose `Content-Length` promised more than it sends. A body
+  the server has already received in full (it says so in the scope, `BODY_ARRIVED`:
+  service/server.py) is read with no timer.
 - Framing and headers: a request with both Content-Length and Transfer-Encoding is 400
   `bad_request`, one whose request line and headers pass `INSTANAS_MAX_HEADER_BYTES` 431
   `headers_too_large` (httptools refuses both while parsing, service/server.py; h11 does not).
@@ -26,6 +28,8 @@ import asyncio
 import time
 
 from service.errors import ApiError, error_response, retry_after
+
+BODY_ARRIVED = "instanas.body_arrived"  # scope key: True once the server has received the whole body
 
 
 class ByteBudget:
@@ -101,9 +105,9 @@ class BodyLimits:
                                   f"{self.max_header_bytes} bytes", {"Connection": "close"})
         return None
 
-    def reader(self, receive, declared: int | None) -> BodyReader:
+    def reader(self, scope, receive, declared: int | None) -> BodyReader:
         """`receive` with this request's body limits; `declared`: its Content-Length (the first one's)."""
-        return BodyReader(self, receive, declared)
+        return BodyReader(self, scope, receive, declared)
 
     def too_large(self, what: str) -> ApiError:
         return ApiError(413, "body_too_large", f"{what}; the limit is {self.max_body_bytes} bytes",
@@ -115,10 +119,10 @@ class BodyReader:
     budget, its size, its time. Refusals are ApiErrors raised from the call; `release()` gives
     the bytes back once the response is sent."""
 
-    __slots__ = ("limits", "receive", "declared", "reservation", "deadline", "received", "started", "done")
+    __slots__ = ("limits", "scope", "receive", "declared", "reservation", "deadline", "received", "started", "done")
 
-    def __init__(self, limits: BodyLimits, receive, declared: int | None):
-        self.limits, self.receive, self.declared = limits, receive, declared
+    def __init__(self, limits: BodyLimits, scope, receive, declared: int | None):
+        self.limits, self.scope, self.receive, self.declared = limits, scope, receive, declared
         self.reservation = limits.budget.reservation()
         self.deadline = None
         self.received = 0
@@ -130,7 +134,8 @@ class BodyReader:
         limits = self.limits
         if not self.started:  # the handler's first read: reserve what the client declared
             self.started = True
-            self.deadline = time.monotonic() + limits.timeout_s if limits.timeout_s else None
+            if limits.timeout_s and not self.scope.get(BODY_ARRIVED):
+                self.deadline = time.monotonic() + limits.timeout_s
             if self.declared is not None:
                 if self.declared > limits.max_body_bytes:
                     raise limits.too_large(f"the body is {self.declared} bytes")

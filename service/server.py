@@ -54,7 +54,7 @@ from collections import OrderedDict
 
 import uvicorn
 
-from service import heap, reload
+from service import heap, limits, reload
 from service.app import create_app
 from service.bundle import BundleError
 from service.errors import retry_after, retry_after_raw
@@ -271,6 +271,12 @@ class Guard:
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._parsed_header_bytes = 0
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body:  # the whole body is in: reading it needs no timer
+            cycle.scope[limits.BODY_ARRIVED] = True
 
     def on_url(self, url: bytes) -> None:
         self._count_header_bytes(len(url))

@@ -6,6 +6,7 @@ is refused at once when every other one is busy. The same guards with uvicorn's 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
@@ -15,6 +16,8 @@ import time
 import httpx
 import pytest
 
+from service import limits
+from service.errors import ApiError
 from tests import hostile as h
 from tests.conftest import BIN, Server, free_port, metric, wait_until
 
@@ -62,6 +65,31 @@ def test_a_body_at_one_byte_a_second_is_cut_off_within_the_body_timeout(server):
     assert reply.json()["error"]["code"] == "request_timeout"
     assert reply.headers.get("connection") == "close"
     assert 2.5 <= elapsed <= 3 + SLACK_S, elapsed  # INSTANAS_BODY_TIMEOUT=3, against 20 s of trickling
+
+
+def test_a_body_the_server_already_holds_is_read_with_no_timer(monkeypatch):
+    """The body timer matters only while the body is arriving: once the server holds all of it, it
+    marks the scope (service/server.py) and the body is read with no timer; unmarked, the timer runs."""
+    body_limits = limits.BodyLimits(limits.ByteBudget(1 << 20), max_body_bytes=1000, timeout_s=0.05)
+
+    def no_timer(delay):
+        raise AssertionError("a timer was set")
+
+    async def whole():
+        return {"type": "http.request", "body": b"x" * 10, "more_body": False}
+
+    async def never():
+        await asyncio.sleep(3600)
+
+    async def scenario():
+        with monkeypatch.context() as patched:
+            patched.setattr(asyncio, "timeout", no_timer)
+            assert (await body_limits.reader({limits.BODY_ARRIVED: True}, whole, 10)())["body"] == b"x" * 10
+        with pytest.raises(ApiError) as refused:
+            await body_limits.reader({}, never, 10)()
+        assert refused.value.code == "request_timeout"
+
+    asyncio.run(scenario())
 
 
 def test_headers_must_arrive_within_the_header_timeout(server):
