@@ -202,14 +202,14 @@ def process(state, jobs: list[Job]) -> list:
         given += [choice.executed] * len(rows)
     result = state.executor.run_batch(inputs[0][None] if len(inputs) == 1 else np.stack(inputs), points, given)
     metrics = state.metrics
-    metrics.batch_size.observe(len(inputs))
+    metrics.later(metrics.batch_size.observe, len(inputs))
     decode_s = t1 - t0
     codes = result.codes or architecture.encode_many(result.executed)
     for i, rows in spans:
         job = jobs[i]
         request = job.payload
         stages = {"decode": decode_s, "queue": job.queue_s, **result.seconds}
-        metrics.batch_wait.observe(job.batch_s)
+        metrics.later(metrics.batch_wait.observe, job.batch_s)
         state.governor.observe(job.queue_s)
         try:
             outcomes[i] = (request.render or render_json)(state, result, rows, request, stages, job.batch_s,
@@ -303,9 +303,10 @@ def cells(state, executed: np.ndarray, code: str) -> list[dict]:
 
 def observe(state, result, row: int, choice: Choice, stages: dict[str, float],
             code: str | None = None) -> tuple[float, float]:
-    """Observe one image's metrics (architecture, operating point, stages); its estimated latency
-    (ms) and MFLOPs (`code`: its architecture's, when known: the costs are then looked up once per code)."""
-    metrics, costs = state.metrics, state.costs
+    """Observe one image's metrics (architecture, operating point, stages; after the response
+    where it runs on the event loop, `ModelMetrics.later`); its estimated latency (ms) and MFLOPs
+    (`code`: its architecture's, when known: the costs are then looked up once per code)."""
+    costs = state.costs
     executed = result.executed[row]
     point = result.point(row)
     trace = result.trace(row)
@@ -320,14 +321,21 @@ def observe(state, result, row: int, choice: Choice, stages: dict[str, float],
         latency_ms, mflops = held
     else:
         latency_ms, mflops = trace.estimated_ms, trace.mflops
-        if trace.escalated:
-            metrics.escalations.labels(point).inc()
+    state.metrics.later(_observed, state.metrics, executed, latency_ms, mflops, resolution(state, result, row),
+                        choice, stages, point if trace is not None and trace.escalated else None)
+    return latency_ms, mflops
+
+
+def _observed(metrics, executed: np.ndarray, latency_ms: float, mflops: float, resolution: int, choice: Choice,
+              stages: dict[str, float], escalated_at: str | None) -> None:
+    """The metric updates of one image (`observe`)."""
+    if escalated_at is not None:
+        metrics.escalations.labels(escalated_at).inc()
     metrics.observe_architecture(executed, latency_ms, mflops)
-    metrics.resolutions.labels(str(resolution(state, result, row))).inc()
+    metrics.resolutions.labels(str(resolution)).inc()
     metrics.operating_points.labels(choice.operating_point or "", choice.reason).inc()
     for stage, seconds in stages.items():
         metrics.stage_duration.labels(stage).observe(seconds)
-    return latency_ms, mflops
 
 
 def resolution(state, result, row: int) -> int:

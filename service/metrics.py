@@ -14,8 +14,10 @@ before a worker imports prometheus_client) and `/metrics` adds them up across th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
+from collections import deque
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -153,25 +155,26 @@ class Metrics:
                                    "Images a cascade operating point sent past its first stage.",
                                    ["model", "operating_point"], registry=r)
 
-        self._models: list[ModelMetrics] = []  # those that hold counts back until read (ModelMetrics.flush)
+        self._models: list[ModelMetrics] = []  # the models served: what they hold back is added when read
 
     def model(self, name: str, num_cells: int, num_modules: int) -> ModelMetrics:
         """The metrics of the model served as `name` (its (cell, module) counters exported at 0 from the start)."""
         model = ModelMetrics(self, name, num_cells, num_modules)
-        if model.deferred:
-            self._models.append(model)
+        self._models.append(model)
         return model
 
     def retire(self, model: ModelMetrics) -> None:
         """A model no longer served: what it held back is counted, and it holds nothing back from now on."""
         model.deferred = False
+        model.run_later()
         model.flush()
         if model in self._models:
             self._models.remove(model)
 
     def exposition(self) -> bytes:
-        """What `/metrics` answers, every model's held-back counts included."""
+        """What `/metrics` answers, every model's held-back counts and updates included."""
         for model in list(self._models):
+            model.run_later()
             model.flush()
         return exposition(self.registry)
 
@@ -263,6 +266,8 @@ class ModelMetrics:
         self.deferred = multiprocess_dir() is None
         self._held: dict[bytes, list] = {}  # matrix bytes -> [images, matrix]
         self._lock = threading.Lock()  # executor threads observe while /metrics flushes
+        self._later: deque = deque()  # (function, arguments) of updates made after the response (`later`)
+        self._later_scheduled = False
         for result in ("ok", "error"):
             self.fused_builds.labels(result)
         for family in ("fused_hits", "fused_misses", "fused_evictions", "fused_cache_size"):
@@ -270,6 +275,30 @@ class ModelMetrics:
 
     def __getattr__(self, name: str):
         return getattr(self.process, name)
+
+    def later(self, update, *args) -> None:
+        """Make the metric update `update(*args)`, one no response waits for: at once in a worker
+        thread; on the event loop's thread (a request run there inline, service/batching.py), once
+        the loop's current turn is over, so after the response is sent, or when /metrics is read
+        (`Metrics.exposition`), whichever comes first."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            update(*args)
+            return
+        self._later.append((update, args))
+        if len(self._later) >= LATER_HELD:  # a loop that never turns (a caller that never yields) holds no more
+            self.run_later()
+        elif not self._later_scheduled:
+            self._later_scheduled = True
+            loop.call_soon(self.run_later)
+
+    def run_later(self) -> None:
+        """Make the updates `later` holds."""
+        self._later_scheduled = False
+        while self._later:
+            update, args = self._later.popleft()
+            update(*args)
 
     def observe_architecture(self, executed: np.ndarray, latency_ms: float, mflops: float) -> None:
         """One image's architecture: (cells, modules) boolean of what ran."""
@@ -313,3 +342,4 @@ class ModelMetrics:
 
 
 ARCHITECTURES_HELD = 4096  # architectures a model keeps counters for, or holds counts back for
+LATER_HELD = 1024  # updates a model holds for after the response, at most

@@ -75,3 +75,37 @@ def test_gauges_of_work_under_way_are_read_when_metrics_are_read():
     assert sample(text, "instanas_buffered_body_bytes_peak") == 500
     metrics.executing(-3)
     assert sample(metrics.exposition().decode(), "instanas_in_flight_requests") == 0
+
+
+def test_updates_on_the_event_loop_wait_for_the_response_and_are_in_every_read():
+    """`ModelMetrics.later`: on the event loop's thread an update waits for the loop's next turn
+    (the response of a request run inline goes out first), or for /metrics to be read, whichever
+    comes first; in a worker thread it is made at once; and a loop that never turns holds a bounded
+    number of them."""
+    import asyncio
+
+    from service.metrics import LATER_HELD, sample
+
+    metrics = Metrics()
+    model = metrics.model("m", 2, 2)
+
+    def count() -> float:
+        return sample(metrics.exposition().decode(), "instanas_batch_size_count", model="m")
+
+    async def on_the_loop():
+        model.later(model.batch_size.observe, 1)
+        assert len(model._later) == 1  # not made yet: the response would go out first
+        await asyncio.sleep(0)  # the loop's next turn
+        assert not model._later
+        model.later(model.batch_size.observe, 1)
+        assert count() == 2  # a read makes what is held first
+        for _ in range(3 * LATER_HELD):
+            model.later(model.batch_size.observe, 1)
+            assert len(model._later) < LATER_HELD
+        assert count() == 2 + 3 * LATER_HELD
+
+    asyncio.run(on_the_loop())
+    worker = threading.Thread(target=model.later, args=(model.batch_size.observe, 1))
+    worker.start()
+    worker.join()
+    assert not model._later and count() == 3 + 3 * LATER_HELD
