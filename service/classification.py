@@ -38,9 +38,16 @@ try:
 
     def dumps(obj) -> bytes:
         return orjson.dumps(obj)
+
+    def serialized(obj):
+        """`obj` as JSON already written, for a value that `dumps` writes into many responses."""
+        return orjson.Fragment(orjson.dumps(obj))
 except ImportError:  # pragma: no cover - orjson is in the serve extra
     def dumps(obj) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
+
+    def serialized(obj):
+        return obj
 
 
 @dataclass(frozen=True)
@@ -173,8 +180,8 @@ def render_json(state, result, rows: Sequence[int], request: Request, stages: di
                 batch_size: int, codes: Sequence[str]) -> bytes:
     """/classify's body: one image's response, or `{"results": [...]}` for several."""
     if len(rows) == 1 and not request.images:
-        return dumps(respond(state, result, rows[0], request, stages, batch_s, batch_size, codes[rows[0]]))
-    return dumps({"results": [respond(state, result, row, request, stages, batch_s, batch_size, codes[row])
+        return dumps(respond(state, result, rows[0], request, stages, batch_s, batch_size, codes[rows[0]], True))
+    return dumps({"results": [respond(state, result, row, request, stages, batch_s, batch_size, codes[row], True)
                               for row in rows]})
 
 
@@ -226,31 +233,28 @@ def process(state, jobs: list[Job]) -> list:
 
 
 def respond(state, result, row: int, request: Request, stages: dict[str, float], batch_s: float,
-            batch_size: int, code: str | None = None) -> dict:
+            batch_size: int, code: str | None = None, written: bool = False) -> dict:
     """One image's response body (service.schemas.ClassifyResponse as plain JSON data) from row
-    `row` of an executor result; observes its metrics."""
+    `row` of an executor result; observes its metrics. `written`: the parts shared by many
+    responses (model, architecture) come as JSON already written, for `dumps` only (`serialized`)."""
     choice = request.choice
     executed = result.executed[row]
     code = code or architecture.encode(executed)
     latency_ms, mflops = observe(state, result, row, choice, stages, code)
     trace = result.trace(row)
     classes = state.manifest.classes
-    probs = result.probabilities[row]
-    if request.top_k == 1:
-        top = int(probs.argmax())
-        scores = [{"index": top, "label": classes[top], "probability": float(probs[top])}]
-    else:
-        order = np.argsort(-probs, kind="stable")[: request.top_k]
-        scores = [{"index": int(i), "label": classes[i], "probability": float(probs[i])} for i in order]
+    probs = result.probabilities[row].tolist()
+    scores = [{"index": i, "label": classes[i], "probability": probs[i]} for i in ranked(probs, request.top_k)]
     latency = {stage: round(v * 1e3, 4) for stage, v in stages.items()}
     latency["total"] = round((time.perf_counter() - request.t_start) * 1e3, 4)
     latency["batch"] = round(batch_s * 1e3, 4)
     latency["batch_size"] = batch_size
+    block, block_json = described(state, result, row, executed, code, latency_ms, mflops)
     return {
-        "model": state.model_json,
+        "model": state.model_written if written else state.model_json,
         "prediction": scores[0],
         "top_k": scores,
-        "architecture": described(state, result, row, executed, code, latency_ms, mflops),
+        "architecture": block_json if written else block,
         "operating_point": {"name": choice.operating_point, "reason": choice.reason},
         "cascade": None if trace is None else {
             "stages": [{"network": stage.network, "resolution": stage.resolution, "code": stage.code,
@@ -261,17 +265,27 @@ def respond(state, result, row: int, request: Request, stages: dict[str, float],
     }
 
 
+def ranked(probabilities: list[float], k: int) -> list[int]:
+    """The indices of the `k` highest probabilities, highest first, equals in index order (as a
+    stable argsort of their negation)."""
+    if k == 1:
+        return [max(range(len(probabilities)), key=probabilities.__getitem__)]  # the first of equals
+    return sorted(range(len(probabilities)), key=probabilities.__getitem__, reverse=True)[:k]
+
+
 CELLS_CACHED = 1024  # architectures whose `cells` list, `architecture` block and costs a model keeps
 
 
-def described(state, result, row: int, executed: np.ndarray, code: str, latency_ms: float, mflops: float) -> dict:
-    """A response's `architecture` block. The same for every image that ran the same network and
-    architecture at the same estimated cost, so built once and shared by the responses after: read only."""
+def described(state, result, row: int, executed: np.ndarray, code: str, latency_ms: float,
+              mflops: float) -> tuple[dict, object]:
+    """A response's `architecture` block, and the same as JSON already written (`serialized`). The
+    same for every image that ran the same network and architecture at the same estimated cost, so
+    built once and shared by the responses after: read only."""
     trace = result.trace(row)
     network = None if trace is None else trace.stage.network
     key = (code, network, latency_ms, mflops)
-    block = state.architectures_by_code.get(key)
-    if block is None:
+    described_ = state.architectures_by_code.get(key)
+    if described_ is None:
         block = {
             "code": code,
             "resolution": resolution(state, result, row),
@@ -284,8 +298,8 @@ def described(state, result, row: int, executed: np.ndarray, code: str, latency_
         }
         if len(state.architectures_by_code) >= CELLS_CACHED:
             state.architectures_by_code.clear()
-        state.architectures_by_code[key] = block
-    return block
+        described_ = state.architectures_by_code[key] = (block, serialized(block))
+    return described_
 
 
 def cells(state, executed: np.ndarray, code: str) -> list[dict]:

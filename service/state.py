@@ -41,14 +41,16 @@ class ServiceState:
         self.ready = False
         self.model_ref = ModelRef(name=self.manifest.name, version=self.manifest.version, sha256=bundle.sha256)
         self.model_json = self.model_ref.model_dump()  # as responses carry it
+        self.model_written = classification.serialized(self.model_json)
         self.module_names = [[m.name for m in cell.modules] for cell in space.cells]
         # The `architecture.cells` list of a response, by architecture code (service.classification.cells);
         # bounded, as codes a client sends are as many as it likes.
         self.cells_by_code: dict[str, list] = {}
         # (estimated ms, MFLOPs) by (architecture code, operating point), as service.classification.observe charges them
         self.costs_by_code: dict[tuple[str, str | None], tuple[float, float]] = {}
-        # a response's `architecture` block by (code, network, estimated ms, MFLOPs): service.classification.described
-        self.architectures_by_code: dict[tuple, dict] = {}
+        # a response's `architecture` block, and as JSON, by (code, network, estimated ms, MFLOPs):
+        # service.classification.described
+        self.architectures_by_code: dict[tuple, tuple] = {}
         # every series a cascade can move, exported at 0 from the start
         for point, runner in self.executor.cascades.items():
             self.metrics.escalations.labels(point)

@@ -92,6 +92,17 @@ def test_execution_counters_move_exactly_as_responses_say(varied_server, test_jp
     assert np.array_equal(moved, expected)
 
 
+def test_top_k_ranks_highest_first_and_equals_in_class_order():
+    """As a stable argsort of the negated probabilities, ties and all."""
+    from service.classification import ranked
+
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        probabilities = rng.choice([0.0, 0.1, 0.25, 0.5], size=10).astype(np.float32)
+        for k in (1, 3, 10):
+            assert ranked(probabilities.tolist(), k) == np.argsort(-probabilities, kind="stable")[:k].tolist()
+
+
 def test_multipart_png_and_top_k(server, test_jpegs):
     image = Image.open(io.BytesIO(test_jpegs[0][1]))
     png = io.BytesIO()
