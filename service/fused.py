@@ -247,8 +247,8 @@ class FusedCache:
             else:
                 self.stats.misses += images
                 self._sighted(key, images, executed, network)
-        if self.metrics is not None:
-            (self.metrics.fused_hits if graph is not None else self.metrics.fused_misses).inc(images)
+        if self.metrics is not None:  # after the response, for a request run on the event loop
+            self.metrics.later((self.metrics.fused_hits if graph is not None else self.metrics.fused_misses).inc, images)
         return graph
 
     def network(self, name: str) -> "NetworkCache":
