@@ -18,7 +18,6 @@ the executor of its network (one `Executor` per network of the bundle, sharing t
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,12 +52,10 @@ class Result:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    if logits.shape[0] == 1:  # a batch of one (most requests): a row of a few classes costs less in Python than numpy
-        row = logits[0].tolist()
-        top = max(row)
-        e = [math.exp(v - top) for v in row]
-        total = sum(e)
-        return np.array([[v / total for v in e]], np.float32)
+    if logits.shape[0] == 1:  # a batch of one (most requests): whole-array reductions, half the time
+        e = np.exp(logits - logits.max())
+        e /= e.sum()
+        return e
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
