@@ -99,7 +99,7 @@ def no_limits() -> None:
 def plain_response() -> None:
     from service import classification
 
-    def respond(state, result, row, request, stages, batch_s, batch_size, code=None) -> dict:
+    def respond(state, result, row, request, stages, batch_s, batch_size, code=None, written=False) -> dict:
         classification.observe(state, result, row, request.choice, stages, code)
         probabilities = result.probabilities[row]
         top = int(probabilities.argmax())
