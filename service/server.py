@@ -218,6 +218,8 @@ class Guard:
         self._header_bytes = 0
         self._header_timer = None
         self._parse_error = ""
+        self._parsed_header_bytes = 0  # of the request being parsed (httptools' callbacks)
+        self._headers_too_large = False
         if hasattr(self, "parser") and self.parser is not None:  # httptools
             self.parser = _RecordingParser(self.parser, self)
         if not self.guard_connections.add(self):
@@ -279,18 +281,20 @@ class Guard:
             cycle.scope[limits.BODY_ARRIVED] = True
 
     def on_url(self, url: bytes) -> None:
-        self._count_header_bytes(len(url))
+        self._parsed_header_bytes += len(url)
+        if self._parsed_header_bytes > self.max_header_bytes:
+            self._refuse_headers()
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_header_bytes(len(name) + len(value) + 4)
+        self._parsed_header_bytes += len(name) + len(value) + 4  # (counted inline: called for every header)
+        if self._parsed_header_bytes > self.max_header_bytes:
+            self._refuse_headers()
         super().on_header(name, value)
 
-    def _count_header_bytes(self, n: int) -> None:
-        self._parsed_header_bytes = getattr(self, "_parsed_header_bytes", 0) + n
-        if self._parsed_header_bytes > self.max_header_bytes:
-            self._headers_too_large = True
-            raise ValueError("the request line and headers are too large")  # the parser stops: send_400_response
+    def _refuse_headers(self) -> None:
+        self._headers_too_large = True
+        raise ValueError("the request line and headers are too large")  # the parser stops: send_400_response
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -314,7 +318,7 @@ class Guard:
                              tuple(retry_after().items()))
 
     def send_400_response(self, msg: str) -> None:
-        if getattr(self, "_headers_too_large", False):
+        if self._headers_too_large:
             self._close_with(431, "Request Header Fields Too Large", "headers_too_large",
                              f"the request line and headers exceed {self.max_header_bytes} bytes")
             return
@@ -375,17 +379,12 @@ class _AnswerWhenStopping:
             return await self.app(scope, receive, send)
         if self.connections.stopping:
             return await self._draining(send)
-        started = False
-
-        async def tracked_send(message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
         try:
-            await self.app(scope, receive, tracked_send)
+            await self.app(scope, receive, send)
         except asyncio.CancelledError:
-            if started or not self.connections.stopping:
+            # whether the response began: uvicorn's request cycle knows (`send` is its method), with
+            # no wrapper around every send to find out; a server that does not say is taken to have begun
+            if getattr(getattr(send, "__self__", None), "response_started", True) or not self.connections.stopping:
                 raise
             await self._draining(send)
 
