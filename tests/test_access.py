@@ -85,6 +85,12 @@ def test_cors_allows_the_configured_origins_only(tiny_bundle):
     assert r.headers["access-control-allow-origin"] == "https://a.example"
     other = call(app, "GET", "/healthz/live", headers={"origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+    # a classification from a browser goes through CORS too (not the envelope's fast path)
+    classified = call(app, "POST", "/classify", content=h.jpeg(),
+                      headers={"origin": "https://a.example", "content-type": "image/jpeg"})
+    assert classified.status_code == 200, classified.text
+    assert classified.headers["access-control-allow-origin"] == "https://a.example"
+    assert "x-request-id" in classified.headers["access-control-expose-headers"].lower()
 
 
 # --- Prometheus can send the token ----------------------------------------------------------------------
