@@ -142,3 +142,51 @@ def test_each_feature_price_variant_takes_its_feature_out(smoke_bundle, data_roo
     finally:
         for server in servers.values():
             server.stop()
+
+
+_profile_spec = importlib.util.spec_from_file_location("profile_request_path",
+                                                       ROOT / "scripts" / "profile_request_path.py")
+profile_request_path = importlib.util.module_from_spec(_profile_spec)
+_profile_spec.loader.exec_module(profile_request_path)
+
+
+def test_profile_samples_fall_in_the_part_of_their_innermost_frame():
+    """scripts/profile_request_path.py: numpy and the interpreter count for whatever called them, the
+    connection guard for HTTP, a thread blocked on a lock for waiting."""
+    part = profile_request_path.part_of
+    loop = ["_run_module_as_main (<frozen runpy>:198)", "Runner.run (asyncio/runners.py:118)",
+            "RequestResponseCycle.run_asgi (uvicorn/protocols/http/httptools_impl.py:409)",
+            "_AnswerWhenStopping.__call__ (service/server.py:371)", "Envelope.__call__ (service/envelope.py:90)",
+            "answer (service/routes/classify.py:97)", "process (service/classification.py:190)"]
+    assert part(loop + ["prepare (service/classification.py:150)", "to_input (service/imaging.py:230)",
+                        "_mean (numpy/_core/_methods.py:118)", "PyArray_Mean (_multiarray_umath.so)"]) == "decode"
+    assert part(loop + ["run_batch (service/executor.py:140)", "softmax (service/executor.py:56)",
+                        "_amax (numpy/_core/_methods.py:44)"]) == "request path"
+    assert part(loop + ["FusedGraph.__call__ (service/fused.py:177)",
+                        "Session.run (onnxruntime/capi/onnxruntime_inference_collection.py:275)",
+                        "MlasConvDepthwise (libonnxruntime.so)"]) == "onnxruntime"
+    assert part(loop[:4] + ["AccessLog.write (service/logs.py:190)", "Logger.handle (logging/__init__.py:1644)",
+                            "write (libc.so.6)"]) == "access log"
+    assert part(loop[:3] + ["Guard.on_header (service/server.py:285)"]) == "HTTP and event loop"
+    assert part(["Thread.run (threading.py:982)", "_worker (concurrent/futures/thread.py:83)",
+                 "_queue_SimpleQueue_get", "PyThread_acquire_lock_timed"]) == "waiting"
+    assert part(["thread_run", "0x7f0012"]) == "other"
+
+
+def test_the_profile_of_a_real_server_under_load(smoke_bundle, data_root, tmp_path):
+    """py-spy records a real instanas-serve while it serves: every level gets samples, the graphs'
+    among them, and the table lists every part."""
+    static = smoke_bundle.parent / "bundle-mobilenet_v2"
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_request_path.py"), "--model", str(static),
+                           "--data", str(data_root / "test.tar.gz"), "--concurrency", "1,8", "--requests", "400",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = done.stdout
+    for part in profile_request_path.ORDER:
+        assert f"| {part} |" in table
+    levels = json.loads(out.read_text())["levels"]
+    assert [level["concurrency"] for level in levels] == [1, 8]
+    for level in levels:
+        assert level["errors"] == 0 and level["samples"].get("onnxruntime", 0) > 0
+        assert abs(sum(level["share_of_busy"].values()) - 1) < 1e-9
