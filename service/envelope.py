@@ -78,7 +78,7 @@ class Envelope:
         metrics.active_requests += 1
         reader = None
         try:
-            refusal = self.limits.refusal(scope, size, framings)
+            refusal = self.limits.refusal(size, framings)
             params = None
             if refusal is None:
                 reader = self.limits.reader(scope, receive, declared)
@@ -102,5 +102,6 @@ class Envelope:
                 reader.release()
             metrics.active_requests -= 1
             status = status or 500
-            metrics.request_done(getattr(scope.get("route"), "path", "unmatched"), status, time.perf_counter() - t0)
-            self.access_log.write(scope, rid, status, (time.perf_counter() - t0) * 1e3)
+            seconds = time.perf_counter() - t0
+            metrics.request_done(getattr(scope.get("route"), "path", "unmatched"), status, seconds)
+            self.access_log.write(scope, rid, status, seconds * 1e3)

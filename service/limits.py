@@ -90,7 +90,7 @@ class BodyLimits:
         self.budget, self.max_body_bytes, self.timeout_s = budget, max_body_bytes, timeout_s
         self.max_header_bytes = max_header_bytes
 
-    def refusal(self, scope, size: int, framings: int):
+    def refusal(self, size: int, framings: int):
         """The error response for a request whose line and headers (`size` bytes) or framing
         (`framings`: bit 0 Content-Length, bit 1 Transfer-Encoding) are refused; None when it may go on."""
         if framings == 3:
