@@ -29,7 +29,10 @@ out before handing over to instanas-serve (`PATCHES`):
   progress, which the inline path asks for);
 - plain response: the response is the naive server's, the top class and its probability (the
   metrics are still observed);
-- no decode: every request is answered with the input of the first image the server decoded.
+- no decode: every request is answered with the input of the first image the server decoded;
+- decode in the executors: small images are decoded by the executor threads, as larger ones
+  are, not on the event loop's thread (service/classification.py, `decoded_on_loop`); its price
+  is what decoding on the loop gains, negative where it gains.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ VARIANTS = {  # name -> (environment, patch)
     "no governor": ({"INSTANAS_QUEUE_TARGET_MS": "0"}, None),
     "plain response": ({}, "plain-response"),
     "no decode": ({}, "no-decode"),
+    "decode in the executors": ({}, "executor-decode"),
     "no fused cache": ({"INSTANAS_FUSED_CACHE_SIZE": "0"}, None),
 }
 
@@ -89,10 +93,10 @@ def no_limits() -> None:
 
     limits.BodyLimits.refusal = _nothing
     limits.BodyLimits.reader = lambda self, scope, receive, declared: _Unlimited(receive)
-    # The connection guard stays only to count connections with a request in progress (the inline
-    # path asks how many there are); its limits go: no header timer or size, no connection limit.
+    # The connection guard stays to count connections with a request in progress (the inline path
+    # asks how many there are) and the header bytes httptools parses (an addition and a comparison
+    # a header, inline in its callbacks); its other limits go: no header timer, no connection limit.
     server.Guard._arm_header_timer = _nothing
-    server.Guard._count_header_bytes = _nothing
     server.connection_limit = lambda wanted: 1 << 30
 
 
@@ -123,7 +127,14 @@ def no_decode() -> None:
     imaging.header_pixels = lambda data: 1  # the inline check's look at the header is decoding's too
 
 
-PATCHES = {"no-metrics": no_metrics, "no-limits": no_limits, "plain-response": plain_response, "no-decode": no_decode}
+def executor_decode() -> None:
+    from service import classification
+
+    classification.LOOP_DECODE_MAX_PIXELS = -1  # no image is small enough
+
+
+PATCHES = {"no-metrics": no_metrics, "no-limits": no_limits, "plain-response": plain_response, "no-decode": no_decode,
+           "executor-decode": executor_decode}
 
 
 def serve(patch: str, argv: list[str]) -> int:

@@ -4,9 +4,17 @@
 `routes/classify.py` only turns HTTP into these calls.
 
 A request's job goes to the app's `Batcher` (service/batching.py). A worker thread takes a
-batch of jobs and, in that one thread hop, decodes every image, runs the executor once on
-the batch (each controller once on the rows that asked for it, each fused architecture or
-block once on the rows that ran it) and renders every response to JSON bytes.
+batch of jobs and, in that one thread hop, decodes every image still encoded, runs the executor
+once on the batch (each controller once on the rows that asked for it, each fused architecture
+or block once on the rows that ran it) and renders every response to JSON bytes.
+
+Small images (`decoded_on_loop`: at most `INSTANAS_INLINE_MAX_BYTES` and LOOP_DECODE_MAX_PIXELS)
+are decoded on the event loop's thread before the job is queued, so that the worker threads run
+the model alone. Decoding is Python code around short native calls that each give up the
+interpreter's lock; in the worker threads, under load, each such call then waited for the lock
+held by the loop or the other worker, and at concurrency 32 the workers spent most of a decode
+waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small image's decode is a
+fraction of a millisecond, with no wait for the lock between its steps.
 
 A request may carry several images (`Request.images`: encoded bytes, or inputs already in the
 bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are): they ride
@@ -20,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,6 +40,7 @@ from service.operating_points import Choice
 log = logging.getLogger("instanas.service")
 
 INLINE_MAX_PIXELS = 1 << 20  # decoded pixels, all images together, of a request run on the loop's thread
+LOOP_DECODE_MAX_PIXELS = 1 << 16  # pixels in the headers, all images together, of a request decoded on the loop
 
 try:
     import orjson
@@ -54,7 +63,7 @@ except ImportError:  # pragma: no cover - orjson is in the serve extra
 class Request:
     """What a worker needs to answer one request."""
 
-    body: bytes | None  # the image, when there is one (else `images`)
+    body: bytes | np.ndarray | None  # the image, when there is one (else `images`): encoded, or prepared
     choice: Choice
     top_k: int
     t_start: float  # perf_counter when the handler started
@@ -64,6 +73,7 @@ class Request:
     render: Callable | None = None
     # Filled by the worker for the access log (service/logs.py): architectures, operating point, model version.
     notes: dict | None = None
+    decode_s: float = 0.0  # seconds its images took to decode on the loop (`decoded_on_loop`)
 
     @property
     def items(self) -> tuple:
@@ -155,9 +165,33 @@ async def classify(state, body: bytes | None, choice: Choice, top_k: int, t_star
 
 async def submit(state, request: Request, *, expected: bool = False):
     """Run a request's images as one job of the batcher (so in one executor batch); its outcome,
-    what its render function returned."""
+    what its render function returned. Small images are decoded first, here (`decoded_on_loop`)."""
+    try:
+        request = decoded_on_loop(state, request)
+    except ApiError:
+        if expected:
+            state.batcher.cancel()
+        raise
     job = await state.batcher.run(request, expected=expected, size=len(request.items))
     return job.result
+
+
+def decoded_on_loop(state, request: Request) -> Request:
+    """`request` with its images prepared now, on the calling (event loop's) thread, when they are
+    small: at most `INSTANAS_INLINE_MAX_BYTES` encoded and LOOP_DECODE_MAX_PIXELS in their headers,
+    all together (see the module docstring); else `request` as it is, for the worker to decode.
+    An image that does not decode is refused here as the worker would (ApiError)."""
+    items = request.items
+    encoded = [x for x in items if isinstance(x, bytes)]
+    if not encoded or sum(map(len, encoded)) > state.settings.inline_max_bytes \
+            or sum(imaging.header_pixels(x) or 0 for x in encoded) > LOOP_DECODE_MAX_PIXELS:
+        return request
+    t0 = time.perf_counter()
+    inputs = prepare_items(state, request)
+    decode_s = time.perf_counter() - t0
+    if request.images:
+        return replace(request, images=tuple(inputs), decode_s=decode_s)
+    return replace(request, body=inputs[0], decode_s=decode_s)
 
 
 def prepare_items(state, request: Request) -> list[np.ndarray]:
@@ -215,7 +249,7 @@ def process(state, jobs: list[Job]) -> list:
     for i, rows in spans:
         job = jobs[i]
         request = job.payload
-        stages = {"decode": decode_s, "queue": job.queue_s, **result.seconds}
+        stages = {"decode": decode_s + request.decode_s, "queue": job.queue_s, **result.seconds}
         metrics.later(metrics.batch_wait.observe, job.batch_s)
         state.governor.observe(job.queue_s)
         try:

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Larger requests get 413.")
     max_pixels: int = Field(default=40_000_000, ge=1, description="Larger decoded images get 413.")
     max_concurrency: int = Field(default=2, ge=1, description=(
-        "Executor threads: batches classified at the same time (each thread decodes its batch's images)."))
+        "Executor threads: batches classified at the same time (each thread decodes its batch's images that "
+        "were not decoded on the event loop: see inline_max_bytes)."))
     max_queue: int = Field(default=64, ge=0, description="Requests waiting beyond this get 503.")
     default_top_k: int = Field(default=5, ge=1)
     max_batch_size: int = Field(default=8, ge=1, description=(
@@ -44,8 +45,9 @@ class Settings(BaseSettings):
         "Longest a batch that is not full waits for requests still arriving; an idle server never waits."))
     inline_max_bytes: int = Field(default=64 * 1024, ge=0, description=(
         "A server handling one request only classifies it on the event loop's thread, without the two thread "
-        "hand-offs (service/batching.py), when its images total at most this many bytes and 1 Mpixel; "
-        "0: always on the executor threads."))
+        "hand-offs (service/batching.py), when its images total at most this many bytes and 1 Mpixel; and "
+        "a request's images are decoded on the event loop's thread, not the executor's, when they total at most "
+        "this many bytes and 65,536 pixels (service/classification.py); 0: neither."))
     fused_cache_size: int = Field(default=32, ge=0, description=(
         "Fused whole-architecture graphs kept (least recently used dropped); 0 disables fusion."))
     fused_min_count: int = Field(default=3, ge=1, description="Images of an architecture seen before it is fused.")

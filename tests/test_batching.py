@@ -406,3 +406,56 @@ def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, te
     assert off.batcher.inline is None
     state.stop()
     off.stop()
+
+
+def test_small_images_are_decoded_on_the_loop_and_answer_as_the_workers_would(tiny_bundle, test_jpegs):
+    """submit() decodes small images before queueing (classification.decoded_on_loop): the worker gets
+    the prepared inputs, the answer is the same to the bit, the decode stage counts that time, and an
+    image that does not decode is refused there with the announced request withdrawn."""
+    import asyncio
+    import io
+    import json
+
+    from PIL import Image
+
+    from service import classification
+    from service.errors import ApiError
+    from service.operating_points import Choice
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    jpeg = test_jpegs[0][1]
+    large = io.BytesIO()
+    Image.new("RGB", (300, 300), (20, 40, 60)).save(large, "PNG")  # few bytes, 90,000 pixels
+    on = ServiceState(Settings(model=tiny_bundle), load_bundle(tiny_bundle))
+    off = ServiceState(Settings(model=tiny_bundle, inline_max_bytes=0), load_bundle(tiny_bundle))  # never on the loop
+
+    def request(body=None, images=()):
+        return classification.Request(body, Choice(None, "default"), 3, 0.0, images=images)
+
+    prepared = classification.decoded_on_loop(on, request(jpeg))
+    np.testing.assert_array_equal(prepared.body, classification.prepare(on, jpeg))
+    assert prepared.decode_s > 0
+    several = classification.decoded_on_loop(on, request(images=(jpeg, np.zeros((3, 32, 32), np.float32))))
+    assert all(isinstance(x, np.ndarray) for x in several.images) and len(several.images) == 2
+    for untouched in (request(large.getvalue()), request(jpeg + bytes(64 * 1024)), request(images=(jpeg,) * 100)):
+        assert classification.decoded_on_loop(on, untouched) is untouched  # too many pixels, or bytes
+    assert classification.decoded_on_loop(off, request(jpeg)).body is jpeg
+
+    async def answers(state, body):
+        state.batcher.expect()
+        try:
+            return json.loads(await classification.submit(state, request(body), expected=True))
+        finally:
+            assert state.batcher.arriving == 0
+
+    async def main():
+        here, there = await answers(on, jpeg), await answers(off, jpeg)
+        assert here["top_k"] == there["top_k"] and here["architecture"] == there["architecture"]
+        with pytest.raises(ApiError) as refused:
+            await answers(on, b"\xff\xd8 not a jpeg")
+        assert refused.value.status == 400 and on.batcher.idle
+
+    asyncio.run(main())
+    on.stop()
+    off.stop()

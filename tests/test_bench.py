@@ -131,7 +131,7 @@ def test_each_feature_price_variant_takes_its_feature_out(smoke_bundle, data_roo
             return sample(httpx.get(servers[name].url + "/metrics").text, "instanas_requests_total", endpoint="/classify")
 
         assert classify("defaults", first).status_code == 413 and classify("no-limits", first).status_code == 200
-        for patch in ("no-metrics", "plain-response", "no-decode"):
+        for patch in ("no-metrics", "plain-response", "no-decode", "executor-decode"):
             assert classify(patch, first).status_code == 200
         assert requests_counted("no-metrics") == 0 and requests_counted("no-limits") == 1
         plain = classify("plain-response", second).json()
