@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -134,9 +134,12 @@ def make_batcher(state) -> Batcher:
     def inline(job) -> bool:
         """Run on the loop's thread: the only request the server is handling, and a small one, in
         bytes and in decoded pixels (a small PNG of one colour may hold a very large picture)."""
+        if metrics.requests_in_progress() > 1:
+            return False
+        if job.payload.decode_s:  # its images were small enough to decode on the loop (decoded_on_loop)
+            return True
         items = job.payload.items
-        if metrics.requests_in_progress() > 1 or \
-                sum(len(x) if isinstance(x, bytes) else x.nbytes for x in items) > settings.inline_max_bytes:
+        if sum(len(x) if isinstance(x, bytes) else x.nbytes for x in items) > settings.inline_max_bytes:
             return False
         return sum(imaging.header_pixels(x) or 0 for x in items if isinstance(x, bytes)) <= INLINE_MAX_PIXELS
 
@@ -168,7 +171,7 @@ async def submit(state, request: Request, *, expected: bool = False):
     what its render function returned. Small images are decoded first, here (`decoded_on_loop`)."""
     try:
         request = decoded_on_loop(state, request)
-    except ApiError:
+    except BaseException:  # refused, or failed: the announced request never queues its job
         if expected:
             state.batcher.cancel()
         raise
@@ -181,17 +184,24 @@ def decoded_on_loop(state, request: Request) -> Request:
     small: at most `INSTANAS_INLINE_MAX_BYTES` encoded and LOOP_DECODE_MAX_PIXELS in their headers,
     all together (see the module docstring); else `request` as it is, for the worker to decode.
     An image that does not decode is refused here as the worker would (ApiError)."""
-    items = request.items
-    encoded = [x for x in items if isinstance(x, bytes)]
-    if not encoded or sum(map(len, encoded)) > state.settings.inline_max_bytes \
-            or sum(imaging.header_pixels(x) or 0 for x in encoded) > LOOP_DECODE_MAX_PIXELS:
-        return request
-    t0 = time.perf_counter()
-    inputs = prepare_items(state, request)
-    decode_s = time.perf_counter() - t0
-    if request.images:
-        return replace(request, images=tuple(inputs), decode_s=decode_s)
-    return replace(request, body=inputs[0], decode_s=decode_s)
+    t0 = time.perf_counter()  # the header's reading is decoding's first step (the decode reuses it)
+    body, images = request.body, request.images
+    if images:
+        encoded = [x for x in images if isinstance(x, bytes)]
+        if not encoded or sum(map(len, encoded)) > state.settings.inline_max_bytes \
+                or sum(imaging.header_pixels(x) or 0 for x in encoded) > LOOP_DECODE_MAX_PIXELS:
+            return request
+        images, body = tuple(prepare_items(state, request)), None
+    else:  # one image (most requests)
+        if not isinstance(body, bytes) or len(body) > state.settings.inline_max_bytes \
+                or (imaging.header_pixels(body) or 0) > LOOP_DECODE_MAX_PIXELS:
+            return request
+        try:
+            body = prepare(state, body)
+        except imaging.ImageError as exc:
+            raise image_error(exc) from None
+    return Request(body, request.choice, request.top_k, request.t_start, images=images, render=request.render,
+                   notes=request.notes, decode_s=time.perf_counter() - t0)
 
 
 def prepare_items(state, request: Request) -> list[np.ndarray]:

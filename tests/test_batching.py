@@ -395,6 +395,9 @@ def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, te
     jpeg = test_jpegs[0][1]
     assert inline(job(jpeg)) and inline(job(b"not an image"))  # the decoder refuses it at once
     assert inline(job(np.zeros((3, 32, 32), np.float32)))
+    assert not inline(job(np.zeros((3, 224, 224), np.float32)))  # 588 KiB of input
+    decoded = classification.Request(np.zeros((3, 224, 224), np.float32), Choice(None, "default"), 1, 0.0, decode_s=1e-3)
+    assert inline(Job(decoded))  # decoded on the loop (classification.decoded_on_loop): small
     assert not inline(job(flat.getvalue()))  # small in bytes, not in pixels
     small = io.BytesIO()
     Image.new("RGB", (600, 600), (20, 40, 60)).save(small, "PNG")
