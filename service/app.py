@@ -34,8 +34,25 @@ def _version() -> str:
         return "0+unknown"
 
 
+class App(FastAPI):
+    """The service's FastAPI app. Its request envelope (service/envelope.py; `envelope`: the
+    Envelope's keyword arguments) is the outermost layer of its middleware stack, outside the
+    layers FastAPI puts first (Starlette's error layer, FastAPI's exception telemetry and body
+    limit), so that POST /classify's fast path runs through none of them: each adds its
+    coroutine, and the error layer a wrapper around `send`, to every request. Requests that go
+    on to the routes still pass through all of them; the envelope answers (500) and logs an
+    error that escapes the fast path, as the error layer does for the routes."""
+
+    def __init__(self, *args, envelope: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.envelope = envelope
+
+    def build_middleware_stack(self):
+        return Envelope(super().build_middleware_stack(), **self.envelope)
+
+
 def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *,
-               before_batch: Callable[[list], None] | None = None) -> FastAPI:
+               before_batch: Callable[[list], None] | None = None) -> App:
     """`bundle`: one bundle already loaded, served alone (tests and benchmarks); default: `settings.model`.
 
     `before_batch(jobs)`: called with each batch of requests (service/batching.py) where it runs,
@@ -65,23 +82,23 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
             current.ready = False
             current.stop()
 
-    app = FastAPI(title="instanas", version=_version(), lifespan=lifespan,
-                  description="Instance-aware NAS: each image runs the architecture its controller picks.")
-    app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
-    app.state.before_batch = before_batch  # for the models of a reload (service/reload.py)
-    models.mark_served(metrics)
     def on_rejection(code: str) -> None:
         metrics.rejections.labels(code).inc()
 
-    errors.install(app, on_rejection)
-    security.install_cors(app, settings)  # off unless INSTANAS_CORS_ORIGINS is set
     # Outermost: every request's id, limits, request metrics and access line, and POST /classify's
     # fast path (service/envelope.py).
     body_limits = limits.BodyLimits(limits.ByteBudget(settings.max_buffered_bytes, on_change=metrics.bodies_held),
-                                max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,
-                                max_header_bytes=settings.max_header_bytes)
-    app.add_middleware(Envelope, metrics=metrics, limits=body_limits, access_log=logs.AccessLog(settings.access_log),
-                       on_rejection=on_rejection, cors=bool(settings.cors_origin_list))
+                                    max_body_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout,
+                                    max_header_bytes=settings.max_header_bytes)
+    envelope = {"metrics": metrics, "limits": body_limits, "access_log": logs.AccessLog(settings.access_log),
+                "on_rejection": on_rejection, "cors": bool(settings.cors_origin_list)}
+    app = App(title="instanas", version=_version(), lifespan=lifespan, envelope=envelope,
+              description="Instance-aware NAS: each image runs the architecture its controller picks.")
+    app.state.settings, app.state.metrics, app.state.models = settings, metrics, models
+    app.state.before_batch = before_batch  # for the models of a reload (service/reload.py)
+    models.mark_served(metrics)
+    errors.install(app, on_rejection)
+    security.install_cors(app, settings)  # off unless INSTANAS_CORS_ORIGINS is set
     # demo: the live demo page at GET / (service/static/); admin: POST /admin/reload
     for router in (classify.router, health.router, model.router, monitoring.router, v2.router, demo.router,
                    admin.router):

@@ -1,4 +1,5 @@
-"""The envelope of every HTTP request: one plain ASGI middleware around the app's routes.
+"""The envelope of every HTTP request: one plain ASGI middleware, the app's outermost layer
+(service/app.py, `App`).
 
 For each request, `Envelope`
 
@@ -18,11 +19,14 @@ path (docs/RESULTS.md). The headers are read in one pass for all of them.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from service import fast_path, logs
 from service.limits import BodyLimits
 from service.metrics import Metrics
+
+log = logging.getLogger("instanas.service")
 
 
 class Envelope:
@@ -92,7 +96,8 @@ class Envelope:
                 status = await fast_path.answer(scope, reader, send, content_type, params, id_header,
                                                 self.on_rejection)
         except Exception:
-            if status is None:  # unhandled: answer here, with the id (the app's error handler still logs it)
+            if status is None:  # unhandled, no response begun (the fast path's): answered and logged here
+                log.exception("unhandled error")
                 await logs.internal_error(scope)(scope, receive, send_with_id)
             raise
         else:

@@ -57,9 +57,7 @@ def apps(bundle):
     """(served app, the same app without the fast path); each runs once (its lifespan stops its models)."""
     settings = Settings(model=str(bundle), max_images_per_request=3)
     served, route_only = create_app(settings), create_app(settings)
-    for middleware in route_only.user_middleware:
-        if middleware.cls is Envelope:
-            middleware.kwargs["fast"] = False
+    route_only.envelope["fast"] = False  # (the envelope is built at the app's first request)
     return served, route_only
 
 
@@ -162,3 +160,37 @@ def test_plain_queries_take_the_fast_path_and_the_others_the_route(apps, test_jp
     responses, _ = asyncio.run(_send_all(served, requests))
     assert [r.status_code for r in responses] == [200, 200]
     assert callers == ["answer", "classify"]  # fast_path.answer, then the FastAPI route's handler
+
+
+def test_an_error_escaping_either_path_answers_500_with_its_id_and_is_logged(apps, test_jpegs, monkeypatch, caplog):
+    """The envelope is the app's outermost layer, outside the framework's error layer: an error
+    escaping the fast path is answered and logged by the envelope, one escaping the route by the
+    app's error handler, alike."""
+    import logging
+
+    from service import classification, logs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setattr(classification, "classify", broken)
+    jpeg = test_jpegs[0][1]
+    for app in apps:
+        caplog.clear()
+
+        async def send():
+            async with app.router.lifespan_context(app):
+                transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+                async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                    return await client.post("/classify?top_k=2", content=jpeg,
+                                             headers={"content-type": "image/jpeg", "x-request-id": "boom-2"})
+
+        with caplog.at_level(logging.INFO):
+            response = asyncio.run(send())
+        assert isinstance(app.middleware_stack, Envelope)
+        assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+        assert response.headers["x-request-id"] == "boom-2"
+        [traceback] = [r for r in caplog.records if r.name == "instanas.service" and r.exc_info]  # logged once
+        assert traceback.getMessage() == "unhandled error"
+        [line] = [r for r in caplog.records if r.name == logs.ACCESS_LOGGER]
+        assert line.status == 500 and line.request_id == "boom-2"
