@@ -57,7 +57,8 @@ def create_app(settings: Settings | None = None, bundle: Bundle | None = None, *
 
     `before_batch(jobs)`: called with each batch of requests (service/batching.py) where it runs,
     an executor thread or, for a lone small request, the event loop's thread, just before it is
-    decoded and classified; raising fails the batch's requests. For tracing or fault injection:
+    classified (and its images decoded, but for small ones, decoded on the loop before they were
+    queued); raising fails the batch's requests. For tracing or fault injection:
     the tests hold batches with it, so that requests queue however fast the machine is. Every
     model gets it, those of later reloads too."""
     settings = settings or Settings()
