@@ -30,7 +30,7 @@ out before handing over to instanas-serve (`PATCHES`):
 - plain response: the response is the naive server's, the top class and its probability (the
   metrics are still observed);
 - no decode: every request is answered with the input of the first image the server decoded;
-- decode in the executors: small images are decoded by the executor threads, as larger ones
+- decode in the executors: small JPEGs are decoded by the executor threads, as larger ones
   are, not on the event loop's thread (service/classification.py, `decoded_on_loop`); its price
   is what decoding on the loop gains, negative where it gains.
 """

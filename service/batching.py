@@ -3,7 +3,7 @@
 Requests hand their job to a `Batcher` on the event loop. Whenever an executor worker is
 free, the batcher gives it up to `max_batch_size` queued jobs at once; the worker (a thread
 of the batcher's own pool, one hop from the loop and one back per batch) decodes what is still
-encoded (small images were decoded on the loop, service/classification.py), runs and answers
+encoded (small JPEGs were decoded on the loop, service/classification.py), runs and answers
 them all. A batch is held back only while it is not full AND other admitted
 requests are still arriving (reading their bodies), and never longer than `max_batch_delay`
 after its oldest job was queued: a request to an idle server runs at once.

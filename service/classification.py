@@ -8,13 +8,17 @@ batch of jobs and, in that one thread hop, decodes every image still encoded, ru
 once on the batch (each controller once on the rows that asked for it, each fused architecture
 or block once on the rows that ran it) and renders every response to JSON bytes.
 
-Small images (`decoded_on_loop`: at most `INSTANAS_INLINE_MAX_BYTES` and LOOP_DECODE_MAX_PIXELS)
-are decoded on the event loop's thread before the job is queued, so that the worker threads run
-the model alone. Decoding is Python code around short native calls that each give up the
+Small JPEGs (`decoded_on_loop`: sequential, not progressive, at most `INSTANAS_INLINE_MAX_BYTES`
+and LOOP_DECODE_MAX_PIXELS) are decoded on the event loop's thread before the job is queued, so
+that the worker threads run the model alone. Decoding is Python code around short native calls that each give up the
 interpreter's lock; in the worker threads, under load, each such call then waited for the lock
 held by the loop or the other worker, and at concurrency 32 the workers spent most of a decode
-waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small image's decode is a
-fraction of a millisecond, with no wait for the lock between its steps.
+waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small JPEG's decode is a
+fraction of a millisecond, with no wait for the lock between its steps. Only a format whose
+decoding time those limits bound goes there: a progressive JPEG of 64 KiB can repeat its scans
+thousands of times, each a pass over the picture (imaging.sequential_jpeg), and other formats
+carry chunks (compressed text, frames) that the pixel count does not bound; those are decoded by
+the workers, as a client could otherwise hold the loop with them.
 
 A request may carry several images (`Request.images`: encoded bytes, or inputs already in the
 bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are): they ride
@@ -168,7 +172,7 @@ async def classify(state, body: bytes | None, choice: Choice, top_k: int, t_star
 
 async def submit(state, request: Request, *, expected: bool = False):
     """Run a request's images as one job of the batcher (so in one executor batch); its outcome,
-    what its render function returned. Small images are decoded first, here (`decoded_on_loop`)."""
+    what its render function returned. Small JPEGs are decoded first, here (`decoded_on_loop`)."""
     try:
         request = decoded_on_loop(state, request)
     except BaseException:  # refused, or failed: the announced request never queues its job
@@ -181,20 +185,21 @@ async def submit(state, request: Request, *, expected: bool = False):
 
 def decoded_on_loop(state, request: Request) -> Request:
     """`request` with its images prepared now, on the calling (event loop's) thread, when they are
-    small: at most `INSTANAS_INLINE_MAX_BYTES` encoded and LOOP_DECODE_MAX_PIXELS in their headers,
-    all together (see the module docstring); else `request` as it is, for the worker to decode.
-    An image that does not decode is refused here as the worker would (ApiError)."""
+    small sequential JPEGs: at most `INSTANAS_INLINE_MAX_BYTES` encoded and LOOP_DECODE_MAX_PIXELS
+    in their headers, all together (see the module docstring); else `request` as it is, for the
+    worker to decode. An image that does not decode is refused here as the worker would (ApiError)."""
     t0 = time.perf_counter()  # the header's reading is decoding's first step (the decode reuses it)
     body, images = request.body, request.images
     if images:
         encoded = [x for x in images if isinstance(x, bytes)]
-        if not encoded or sum(map(len, encoded)) > state.settings.inline_max_bytes \
-                or sum(imaging.header_pixels(x) or 0 for x in encoded) > LOOP_DECODE_MAX_PIXELS:
+        if len(encoded) < len(images) or sum(map(len, encoded)) > state.settings.inline_max_bytes \
+                or sum(imaging.header_pixels(x) or 0 for x in encoded) > LOOP_DECODE_MAX_PIXELS \
+                or not all(map(imaging.sequential_jpeg, encoded)):
             return request
         images, body = tuple(prepare_items(state, request)), None
     else:  # one image (most requests)
         if not isinstance(body, bytes) or len(body) > state.settings.inline_max_bytes \
-                or (imaging.header_pixels(body) or 0) > LOOP_DECODE_MAX_PIXELS:
+                or (imaging.header_pixels(body) or 0) > LOOP_DECODE_MAX_PIXELS or not imaging.sequential_jpeg(body):
             return request
         try:
             body = prepare(state, body)

@@ -107,6 +107,21 @@ def header_pixels(data: bytes) -> int | None:
     return width * height
 
 
+def sequential_jpeg(data: bytes) -> bool:
+    """Whether `data` is a JPEG decoded in one sequential pass over its bytes: not progressive (a
+    progressive JPEG may repeat its scans thousands of times within a few KiB, each scan a pass
+    over the whole picture). Reads the header only, the one `header_pixels` opened if it did."""
+    held = _opened.get(id(data))
+    if held is not None and held[0] is data:
+        image = held[1]
+    else:
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - not an image: decode() says why, wherever it runs
+            return False
+    return image.format == "JPEG" and not image.info.get("progressive")
+
+
 def _open(data: bytes) -> Image.Image:
     """The image of `data`, its header read: the one `header_pixels` opened for this very object, if held."""
     held = _opened.pop(id(data), None)

@@ -411,10 +411,11 @@ def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, te
     off.stop()
 
 
-def test_small_images_are_decoded_on_the_loop_and_answer_as_the_workers_would(tiny_bundle, test_jpegs):
-    """submit() decodes small images before queueing (classification.decoded_on_loop): the worker gets
-    the prepared inputs, the answer is the same to the bit, the decode stage counts that time, and an
-    image that does not decode is refused there with the announced request withdrawn."""
+def test_small_jpegs_are_decoded_on_the_loop_and_answer_as_the_workers_would(tiny_bundle, test_jpegs):
+    """submit() decodes small sequential JPEGs before queueing (classification.decoded_on_loop): the
+    worker gets the prepared inputs, the answer is the same to the bit, the decode stage counts that
+    time, and an image that does not decode is refused there with the announced request withdrawn.
+    Larger images, progressive JPEGs (whose scans may repeat) and other formats are the workers'."""
     import asyncio
     import io
     import json
@@ -428,8 +429,12 @@ def test_small_images_are_decoded_on_the_loop_and_answer_as_the_workers_would(ti
     from service.state import ServiceState
 
     jpeg = test_jpegs[0][1]
-    large = io.BytesIO()
-    Image.new("RGB", (300, 300), (20, 40, 60)).save(large, "PNG")  # few bytes, 90,000 pixels
+
+    def encoded(size: int, fmt: str, **options) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (size, size), (20, 40, 60)).save(out, fmt, **options)
+        return out.getvalue()
+
     on = ServiceState(Settings(model=tiny_bundle), load_bundle(tiny_bundle))
     off = ServiceState(Settings(model=tiny_bundle, inline_max_bytes=0), load_bundle(tiny_bundle))  # never on the loop
 
@@ -439,25 +444,40 @@ def test_small_images_are_decoded_on_the_loop_and_answer_as_the_workers_would(ti
     prepared = classification.decoded_on_loop(on, request(jpeg))
     np.testing.assert_array_equal(prepared.body, classification.prepare(on, jpeg))
     assert prepared.decode_s > 0
-    several = classification.decoded_on_loop(on, request(images=(jpeg, np.zeros((3, 32, 32), np.float32))))
-    assert all(isinstance(x, np.ndarray) for x in several.images) and len(several.images) == 2
-    for untouched in (request(large.getvalue()), request(jpeg + bytes(64 * 1024)), request(images=(jpeg,) * 100)):
-        assert classification.decoded_on_loop(on, untouched) is untouched  # too many pixels, or bytes
+    several = classification.decoded_on_loop(on, request(images=(jpeg, test_jpegs[1][1])))
+    assert [x.shape for x in several.images] == [(3, 32, 32)] * 2 and several.body is None
+    for untouched in (request(encoded(300, "JPEG")),  # 90,000 pixels
+                      request(encoded(32, "JPEG", progressive=True)), request(encoded(32, "PNG")),
+                      request(jpeg + bytes(64 * 1024)), request(images=(jpeg,) * 100),  # too many bytes
+                      request(images=(jpeg, np.zeros((3, 32, 32), np.float32)))):
+        assert classification.decoded_on_loop(on, untouched) is untouched
     assert classification.decoded_on_loop(off, request(jpeg)).body is jpeg
 
+    queued = []
+
     async def answers(state, body):
+        run = state.batcher.run
+
+        async def spy(payload, **kwargs):
+            queued.append(payload)
+            return await run(payload, **kwargs)
+
+        state.batcher.run = spy
         state.batcher.expect()
         try:
             return json.loads(await classification.submit(state, request(body), expected=True))
         finally:
             assert state.batcher.arriving == 0
+            del state.batcher.run
 
     async def main():
         here, there = await answers(on, jpeg), await answers(off, jpeg)
         assert here["top_k"] == there["top_k"] and here["architecture"] == there["architecture"]
-        with pytest.raises(ApiError) as refused:
-            await answers(on, b"\xff\xd8 not a jpeg")
-        assert refused.value.status == 400 and on.batcher.idle
+        assert isinstance(queued[0].body, np.ndarray) and queued[1].body is jpeg  # what each worker got
+        assert here["latency_ms"]["decode"] >= round(queued[0].decode_s * 1e3, 4) > 0
+        with pytest.raises(ApiError) as refused:  # its header reads, its data is cut short
+            await answers(on, jpeg[:-100])
+        assert refused.value.status == 400 and on.batcher.idle and len(queued) == 2  # refused on the loop
 
     asyncio.run(main())
     on.stop()

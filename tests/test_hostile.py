@@ -385,7 +385,7 @@ MD_MEMORY = """
 
 One request holds its body, the copies made while its images are taken out of it, and one decoded
 picture at a time in the thread that decodes it: an executor thread, or the event loop's for a small
-image (service/imaging.py: 16 bytes a pixel at worst, plus a few MiB of decoder buffers). The copies: a JSON body holds, at worst, the body, the
+JPEG (service/imaging.py: 16 bytes a pixel at worst, plus a few MiB of decoder buffers). The copies: a JSON body holds, at worst, the body, the
 parsed text, two copies while whitespace is dropped and padding added, the ASCII bytes and the decoded
 image (about 6 bodies); a multipart body, the body, the part and its bytes (3); a raw body, its chunks
 and their join (2). So:
