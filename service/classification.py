@@ -10,9 +10,9 @@ or block once on the rows that ran it) and renders every response to JSON bytes.
 
 Small JPEGs (`decoded_on_loop`: sequential, not progressive, at most `INSTANAS_INLINE_MAX_BYTES`
 and LOOP_DECODE_MAX_PIXELS) are decoded on the event loop's thread before the job is queued, so
-that the worker threads run the model alone. Decoding is Python code around short native calls that each give up the
-interpreter's lock; in the worker threads, under load, each such call then waited for the lock
-held by the loop or the other worker, and at concurrency 32 the workers spent most of a decode
+that the worker threads run the model alone. Decoding is Python code around short native calls
+that each give up the interpreter's lock; in the worker threads, under load, each such call then
+waited for the lock held by the loop or the other worker, and at concurrency 32 the workers spent most of a decode
 waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small JPEG's decode is a
 fraction of a millisecond, with no wait for the lock between its steps. Only a format whose
 decoding time those limits bound goes there: a progressive JPEG of 64 KiB can repeat its scans
@@ -189,22 +189,13 @@ def decoded_on_loop(state, request: Request) -> Request:
     in their headers, all together (see the module docstring); else `request` as it is, for the
     worker to decode. An image that does not decode is refused here as the worker would (ApiError)."""
     t0 = time.perf_counter()  # the header's reading is decoding's first step (the decode reuses it)
-    body, images = request.body, request.images
-    if images:
-        encoded = [x for x in images if isinstance(x, bytes)]
-        if len(encoded) < len(images) or sum(map(len, encoded)) > state.settings.inline_max_bytes \
-                or sum(imaging.header_pixels(x) or 0 for x in encoded) > LOOP_DECODE_MAX_PIXELS \
-                or not all(map(imaging.sequential_jpeg, encoded)):
-            return request
-        images, body = tuple(prepare_items(state, request)), None
-    else:  # one image (most requests)
-        if not isinstance(body, bytes) or len(body) > state.settings.inline_max_bytes \
-                or (imaging.header_pixels(body) or 0) > LOOP_DECODE_MAX_PIXELS or not imaging.sequential_jpeg(body):
-            return request
-        try:
-            body = prepare(state, body)
-        except imaging.ImageError as exc:
-            raise image_error(exc) from None
+    items = request.items
+    if not all(isinstance(x, bytes) for x in items) or sum(map(len, items)) > state.settings.inline_max_bytes \
+            or sum(imaging.header_pixels(x) or 0 for x in items) > LOOP_DECODE_MAX_PIXELS \
+            or not all(map(imaging.sequential_jpeg, items)):
+        return request
+    inputs = prepare_items(state, request)
+    body, images = (None, tuple(inputs)) if request.images else (inputs[0], ())
     return Request(body, request.choice, request.top_k, request.t_start, images=images, render=request.render,
                    notes=request.notes, decode_s=time.perf_counter() - t0)
 

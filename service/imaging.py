@@ -87,43 +87,45 @@ class ImageError(ValueError):
         return STATUS_BY_CODE.get(self.code, 400)
 
 
-# Images `header_pixels` opened, by the id of their bytes, for `decode` of the same bytes object to
-# take instead of parsing the header again (the batcher's inline check, then the decode). Bounded:
-# bytes that are never decoded (a request refused in between) are dropped in time.
+# Images whose header was read (`_header`), by the id of their bytes, for `decode` of the same bytes
+# object to take instead of parsing the header again (the size checks before a decode, then the
+# decode). Bounded: bytes that are never decoded (a request refused in between) are dropped in time.
 _opened: dict[int, tuple[bytes, Image.Image]] = {}
 _OPENED_MAX = 64
 
 
-def header_pixels(data: bytes) -> int | None:
-    """Width x height from the image's header (nothing decoded); None when it cannot be read."""
+def _header(data: bytes) -> Image.Image | None:
+    """The image of `data` with its header read (nothing decoded), held for `decode`; opened once
+    per bytes object. None when the header cannot be read."""
+    held = _opened.get(id(data))
+    if held is not None and held[0] is data:
+        return held[1]
     try:
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
     except Exception:  # noqa: BLE001 - whatever the bytes are, decode() says what is wrong with them
         return None
     if len(_opened) >= _OPENED_MAX:
         _opened.clear()
     _opened[id(data)] = (data, image)  # the bytes are kept with it, so their id names them while held
-    return width * height
+    return image
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height from the image's header (nothing decoded); None when it cannot be read."""
+    image = _header(data)
+    return None if image is None else image.size[0] * image.size[1]
 
 
 def sequential_jpeg(data: bytes) -> bool:
     """Whether `data` is a JPEG decoded in one sequential pass over its bytes: not progressive (a
     progressive JPEG may repeat its scans thousands of times within a few KiB, each scan a pass
-    over the whole picture). Reads the header only, the one `header_pixels` opened if it did."""
-    held = _opened.get(id(data))
-    if held is not None and held[0] is data:
-        image = held[1]
-    else:
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Exception:  # noqa: BLE001 - not an image: decode() says why, wherever it runs
-            return False
-    return image.format == "JPEG" and not image.info.get("progressive")
+    over the whole picture). Reads the header only."""
+    image = _header(data)
+    return image is not None and image.format == "JPEG" and not image.info.get("progressive")
 
 
 def _open(data: bytes) -> Image.Image:
-    """The image of `data`, its header read: the one `header_pixels` opened for this very object, if held."""
+    """The image of `data`, its header read: the one `_header` opened for this very object, if held."""
     held = _opened.pop(id(data), None)
     if held is not None and held[0] is data:
         return held[1]
