@@ -124,7 +124,9 @@ def no_decode() -> None:
         return held[0]
 
     classification.prepare = prepare
-    imaging.header_pixels = lambda data: 1  # the inline check's look at the header is decoding's too
+    # the looks at the header before a decode (its size, its format) are decoding's too
+    imaging.header_pixels = lambda data: 1
+    imaging.sequential_jpeg = lambda data: True
 
 
 def executor_decode() -> None:
