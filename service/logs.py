@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 import uuid
 from datetime import UTC, datetime
@@ -83,13 +84,7 @@ class JsonFormatter(logging.Formatter):
     exception's traceback when there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-            "pid": record.process,
-        }
+        out = _head(record.created, record.levelname, record.name, record.getMessage(), record.process)
         for key, value in vars(record).items():
             if key not in _RECORD_ATTRS and not key.startswith("_"):
                 out[key] = value
@@ -102,6 +97,12 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             out["stack"] = record.stack_info
         return _dumps(out)
+
+
+def _head(created: float, level: str, logger: str, message: str, pid: int | None) -> dict:
+    """The fields every JSON line begins with."""
+    return {"time": datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds"), "level": level,
+            "logger": logger, "message": message, "pid": pid}
 
 
 def _dumps(out: dict) -> str:
@@ -178,9 +179,35 @@ class AccessLog:
         if fields["architecture"]:
             text += f" architecture={','.join(fields['architecture'])} operating_point={fields['operating_point'] or '-'}"
         text += f" model={model or '-'} model_version={version or '-'}"
+        handler = self._only_handler()
+        if handler is not None:
+            line = _dumps({**_head(time.time(), "INFO", self.log.name, text, os.getpid()), **fields})
+            with handler.lock:
+                handler.stream.write(line + handler.terminator)
+                handler.stream.flush()
+            return
         # Logger.info less its search of the call stack for the caller's file and line (the
-        # envelope's frames, a fifth of the line's cost): every handler and filter still sees it.
+        # envelope's frames, a fifth of the line's cost): every handler and filter sees it.
         self.log.handle(self.log.makeRecord(self.log.name, logging.INFO, __file__, 0, text, (), None, extra=fields))
+
+    def _only_handler(self) -> logging.StreamHandler | None:
+        """`configure()`'s JSON handler when it is the only handler an access line reaches and
+        nothing could filter or change the line on its way: then the line is written to its stream
+        directly, as JsonFormatter would write the record, without making the record (together
+        two thirds of the line's cost). Else None, and the line goes through the logging module."""
+        log = self.log
+        if log.filters:
+            return None
+        found, logger = None, log
+        while logger is not None:
+            for handler in logger.handlers:
+                if found is not None or not getattr(handler, "_instanas", False):
+                    return None
+                found = handler
+            logger = logger.parent if logger.propagate else None
+        if found is None or found.filters or found.level > logging.INFO or type(found.formatter) is not JsonFormatter:
+            return None
+        return found
 
 
 def internal_error(scope):

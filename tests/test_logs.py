@@ -4,11 +4,13 @@ or made and echoed on every response (errors included), the text format, the lev
 from __future__ import annotations
 
 import base64
+import io
 import json
 import logging
 import os
 import re
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -97,6 +99,63 @@ def test_json_formatter_writes_what_orjson_refuses_and_any_object():
     del record.big
     line = logs.JsonFormatter().format(record)
     assert "\n" not in line and json.loads(line)["nan"] is None  # orjson: NaN is null, valid JSON
+
+
+@pytest.fixture
+def only_our_handler():
+    """configure()'s JSON handler, writing to a buffer; the root logger's handlers as they were, after."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers = []
+    handler = logs.configure("json", "info")
+    handler.setStream(io.StringIO())
+    yield handler
+    root.handlers, root.level = saved, level
+
+
+def test_an_access_line_written_directly_is_the_line_the_logging_module_writes(only_our_handler):
+    """With configure()'s handler the only one, AccessLog writes the JSON line itself; anything else
+    that could see or change the line (a filter, another handler) sends it through the logging
+    module, and the two lines carry the same fields in the same order."""
+    scope = {"method": "POST", "path": "/classify", "query_string": b"top_k=2", "client": ("10.0.0.7", 5),
+             logs.NOTES_KEY: {"architecture": ["a1b2"], "operating_point": "fast", "model": "m", "model_version": "3"}}
+    access, stream = logs.AccessLog(), only_our_handler.stream
+    seen = []
+
+    def one_line() -> dict:
+        start = stream.tell()
+        access.write(scope, "f" * 32, 200, 1.23456)
+        line = stream.getvalue()[start:]
+        assert line.endswith("\n") and line.count("\n") == 1
+        return json.loads(line)
+
+    logging.getLogger().handlers = [only_our_handler]  # pytest adds its own for each test's call
+    assert access._only_handler() is only_our_handler
+    direct = one_line()
+    access.log.addFilter(lambda record: seen.append(record) or True)
+    try:
+        assert access._only_handler() is None
+        through_logging = one_line()
+    finally:
+        access.log.filters.clear()
+    assert len(seen) == 1 and seen[0].status == 200  # the filter saw the record: the logging module wrote it
+    assert abs(time.time() - datetime.fromisoformat(direct.pop("time")).timestamp()) < 60
+    through_logging.pop("time")
+    assert list(direct.items()) == list(through_logging.items())
+    assert direct["message"] == ('10.0.0.7 "POST /classify?top_k=2" 200 1.2ms request_id=' + "f" * 32
+                                 + " architecture=a1b2 operating_point=fast model=m model_version=3")
+    assert direct["pid"] == os.getpid() and direct["duration_ms"] == 1.235 and direct["query"] == "top_k=2"
+
+    other = logging.StreamHandler(io.StringIO())  # a handler of its own on a logger between
+    logging.getLogger("instanas").addHandler(other)
+    try:
+        assert access._only_handler() is None
+        one_line()
+        assert " 200 1.2ms request_id=" in other.stream.getvalue()
+    finally:
+        logging.getLogger("instanas").removeHandler(other)
+    logging.getLogger().handlers[0].setFormatter(logging.Formatter(logs.TEXT_FORMAT))
+    assert access._only_handler() is None  # the text format: the logging module's
 
 
 def test_a_real_server_writes_one_json_access_line_per_request(bundle, test_jpegs, tmp_path):
