@@ -126,7 +126,7 @@ def no_decode() -> None:
     classification.prepare = prepare
     # the looks at the header before a decode (its size, its format) are decoding's too
     imaging.header_pixels = lambda data: 1
-    imaging.sequential_jpeg = lambda data: True
+    imaging.plain_jpeg = lambda data: (1, 1)
 
 
 def executor_decode() -> None:

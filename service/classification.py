@@ -8,17 +8,18 @@ batch of jobs and, in that one thread hop, decodes every image still encoded, ru
 once on the batch (each controller once on the rows that asked for it, each fused architecture
 or block once on the rows that ran it) and renders every response to JSON bytes.
 
-Small JPEGs (`decoded_on_loop`: sequential, not progressive, at most `INSTANAS_INLINE_MAX_BYTES`
-and LOOP_DECODE_MAX_PIXELS) are decoded on the event loop's thread before the job is queued, so
-that the worker threads run the model alone. Decoding is Python code around short native calls
-that each give up the interpreter's lock; in the worker threads, under load, each such call then
-waited for the lock held by the loop or the other worker, and at concurrency 32 the workers spent most of a decode
-waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small JPEG's decode is a
-fraction of a millisecond, with no wait for the lock between its steps. Only a format whose
-decoding time those limits bound goes there: a progressive JPEG of 64 KiB can repeat its scans
-thousands of times, each a pass over the picture (imaging.sequential_jpeg), and other formats
-carry chunks (compressed text, frames) that the pixel count does not bound; those are decoded by
-the workers, as a client could otherwise hold the loop with them.
+Small plain JPEGs (`decoded_on_loop`: imaging.plain_jpeg, at most `INSTANAS_INLINE_MAX_BYTES` and
+LOOP_DECODE_MAX_PIXELS) are decoded on the event loop's thread before the job is queued, so that
+the worker threads run the model alone. Decoding is Python code around short native calls that
+each give up the interpreter's lock; in the worker threads, under load, each such call then
+waited for the lock held by the loop or the other worker, and at concurrency 32 the workers spent
+most of a decode waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small JPEG's
+decode takes tens of microseconds (a plain JPEG of the input's size is read by libjpeg-turbo
+directly, `prepare`), with no wait for the lock between its steps. Only images whose decoding
+time those limits bound go there: a progressive JPEG of 64 KiB can repeat its scans thousands of
+times, each a pass over the picture, and other formats and segments carry chunks (compressed
+text, frames, metadata) that the pixel count does not bound; those are decoded by the workers,
+as a client could otherwise hold the loop with them.
 
 A request may carry several images (`Request.images`: encoded bytes, or inputs already in the
 bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are): they ride
@@ -123,10 +124,14 @@ def image_error(exc: imaging.ImageError, index: int | None = None) -> ApiError:
 
 
 def prepare(state, body: bytes) -> np.ndarray:
-    """Image bytes -> the bundle's (3, H, W) float32 input."""
+    """Image bytes -> the bundle's (3, H, W) float32 input. A plain JPEG of the input's size is
+    read by libjpeg-turbo directly (imaging.jpeg_pixels, the same pixels), any other image by Pillow."""
     pre = state.manifest.preprocessing
-    image = imaging.decode(body, max_pixels=state.settings.max_pixels, target_size=pre.input_size)
-    return imaging.to_input(imaging.to_pixels(image, pre.input_size), pre)
+    pixels = imaging.jpeg_pixels(body, pre.input_size) if pre.input_size ** 2 <= state.settings.max_pixels else None
+    if pixels is None:
+        image = imaging.decode(body, max_pixels=state.settings.max_pixels, target_size=pre.input_size)
+        pixels = imaging.to_pixels(image, pre.input_size)
+    return imaging.to_input(pixels, pre)
 
 
 def make_batcher(state) -> Batcher:
@@ -185,14 +190,20 @@ async def submit(state, request: Request, *, expected: bool = False):
 
 def decoded_on_loop(state, request: Request) -> Request:
     """`request` with its images prepared now, on the calling (event loop's) thread, when they are
-    small sequential JPEGs: at most `INSTANAS_INLINE_MAX_BYTES` encoded and LOOP_DECODE_MAX_PIXELS
-    in their headers, all together (see the module docstring); else `request` as it is, for the
-    worker to decode. An image that does not decode is refused here as the worker would (ApiError)."""
-    t0 = time.perf_counter()  # the header's reading is decoding's first step (the decode reuses it)
+    small plain JPEGs (imaging.plain_jpeg): at most `INSTANAS_INLINE_MAX_BYTES` encoded and
+    LOOP_DECODE_MAX_PIXELS in their headers, all together (see the module docstring); else
+    `request` as it is, for the worker to decode. An image that does not decode is refused here as the worker would (ApiError)."""
+    t0 = time.perf_counter()  # the header's reading is decoding's first step
     items = request.items
-    if not all(isinstance(x, bytes) for x in items) or sum(map(len, items)) > state.settings.inline_max_bytes \
-            or sum(imaging.header_pixels(x) or 0 for x in items) > LOOP_DECODE_MAX_PIXELS \
-            or not all(map(imaging.sequential_jpeg, items)):
+    if not all(isinstance(x, bytes) for x in items) or sum(map(len, items)) > state.settings.inline_max_bytes:
+        return request
+    pixels = 0
+    for item in items:
+        size = imaging.plain_jpeg(item)
+        if size is None:
+            return request
+        pixels += size[0] * size[1]
+    if pixels > LOOP_DECODE_MAX_PIXELS:
         return request
     inputs = prepare_items(state, request)
     body, images = (None, tuple(inputs)) if request.images else (inputs[0], ())

@@ -27,6 +27,11 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - simplejpeg is in the serve extra; Pillow decodes everything without it
+    simplejpeg = None
+
 from service.manifest import Preprocessing
 
 # MPO is the JPEG that phone cameras write with extra pictures appended; it is read as its
@@ -116,12 +121,57 @@ def header_pixels(data: bytes) -> int | None:
     return None if image is None else image.size[0] * image.size[1]
 
 
-def sequential_jpeg(data: bytes) -> bool:
-    """Whether `data` is a JPEG decoded in one sequential pass over its bytes: not progressive (a
-    progressive JPEG may repeat its scans thousands of times within a few KiB, each scan a pass
-    over the whole picture). Reads the header only."""
-    image = _header(data)
-    return image is not None and image.format == "JPEG" and not image.info.get("progressive")
+# The segments a plain JPEG may carry before its first scan (`plain_jpeg`): JFIF's APP0, the
+# quantization and Huffman tables, the restart interval, comments; its frame is SOF0 or SOF1.
+_PLAIN_SEGMENTS = frozenset((0xE0, 0xDB, 0xC4, 0xDD, 0xFE))
+_SEQUENTIAL_FRAMES = frozenset((0xC0, 0xC1))
+
+
+def plain_jpeg(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a plain JPEG, read by walking its segments up to the first scan (nothing
+    decoded); None for anything else. Plain: one sequential frame (baseline or extended Huffman,
+    not progressive: a progressive JPEG may repeat its scans thousands of times within a few KiB,
+    each a pass over the whole picture), 8-bit, grey or colour (1 or 3 components), and before the
+    scan no segment but JFIF's, tables, a restart interval and comments: no EXIF (so no
+    orientation to apply), no colour profile, no Adobe transform, no extra pictures (MPO)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    size, pos, end = None, 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        segment = pos + 4
+        pos += 2 + length
+        if length < 2 or pos > end:
+            return None
+        if marker == 0xDA:  # the first scan: the header is over
+            return size
+        if marker in _SEQUENTIAL_FRAMES:
+            if size is not None or length < 8 or data[segment] != 8 or data[segment + 5] not in (1, 3):
+                return None
+            height, width = (data[segment + 1] << 8) | data[segment + 2], (data[segment + 3] << 8) | data[segment + 4]
+            if not (width and height):
+                return None
+            size = (width, height)
+        elif marker not in _PLAIN_SEGMENTS or (marker == 0xE0 and data[segment:segment + 5] != b"JFIF\0"):
+            return None
+    return None
+
+
+def jpeg_pixels(data: bytes, size: int) -> np.ndarray | None:
+    """The RGB uint8 (size, size, 3) pixels of a plain JPEG (`plain_jpeg`) of exactly that size,
+    decoded by libjpeg-turbo directly (simplejpeg), as `to_pixels(decode(data))` gives them, in a
+    tenth of the time (tests/test_imaging.py holds the two to the same bytes); None for any other
+    image, or where simplejpeg is not installed or reports anything wrong with the bytes (then
+    `decode` reads them with Pillow and says what is wrong)."""
+    if simplejpeg is None or plain_jpeg(data) != (size, size):
+        return None
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except Exception:  # noqa: BLE001 - Pillow's decode answers for these bytes
+        return None
 
 
 def _open(data: bytes) -> Image.Image:

@@ -4,9 +4,10 @@
 
 What a user would write in twenty lines to serve a static bundle: the bundle's graphs composed
 into one (service/fused.py, as instanas-serve's fused cache does), one session with the same
-options, `POST /classify` decoding the body as instanas-serve does (service/imaging.py, JPEG draft
-scaling included, so both servers do the same pixel work) and answering the top class. No limits, metrics, logs, batching,
-admission, governor or reload. uvicorn with uvloop and httptools where installed, as instanas-serve.
+options, `POST /classify` decoding the body with Pillow (service/imaging.py, JPEG draft scaling
+included: instanas-serve's own decoding of every image but a plain JPEG of the input's size,
+which it reads with libjpeg-turbo directly, imaging.jpeg_pixels) and answering the top class. No
+limits, metrics, logs, batching, admission, governor or reload. uvicorn with uvloop and httptools where installed, as instanas-serve.
 `instanas-bench --naive` runs it beside instanas-serve and reports every figure as a ratio to it.
 """
 

@@ -46,8 +46,9 @@ class Settings(BaseSettings):
     inline_max_bytes: int = Field(default=64 * 1024, ge=0, description=(
         "A server handling one request only classifies it on the event loop's thread, without the two thread "
         "hand-offs (service/batching.py), when its images total at most this many bytes and 1 Mpixel; and "
-        "a request's images are decoded on the event loop's thread, not the executor's, when they are sequential "
-        "(not progressive) JPEGs totalling at most this many bytes and 65,536 pixels (service/classification.py); "
+        "a request's images are decoded on the event loop's thread, not the executor's, when they are plain "
+        "JPEGs (sequential, no metadata but JFIF's) totalling at most this many bytes and 65,536 pixels "
+        "(service/classification.py); "
         "0: neither."))
     fused_cache_size: int = Field(default=32, ge=0, description=(
         "Fused whole-architecture graphs kept (least recently used dropped); 0 disables fusion."))

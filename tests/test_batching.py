@@ -412,7 +412,7 @@ def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, te
 
 
 def test_small_jpegs_are_decoded_on_the_loop_and_answer_as_the_workers_would(tiny_bundle, test_jpegs):
-    """submit() decodes small sequential JPEGs before queueing (classification.decoded_on_loop): the
+    """submit() decodes small plain JPEGs before queueing (classification.decoded_on_loop): the
     worker gets the prepared inputs, the answer is the same to the bit, the decode stage counts that
     time, and an image that does not decode is refused there with the announced request withdrawn.
     Larger images, progressive JPEGs (whose scans may repeat) and other formats are the workers'."""
@@ -422,13 +422,14 @@ def test_small_jpegs_are_decoded_on_the_loop_and_answer_as_the_workers_would(tin
 
     from PIL import Image
 
-    from service import classification
+    from service import classification, imaging
     from service.errors import ApiError
     from service.operating_points import Choice
     from service.settings import Settings
     from service.state import ServiceState
 
     jpeg = test_jpegs[0][1]
+    decode_jpeg = imaging.simplejpeg.decode_jpeg
 
     def encoded(size: int, fmt: str, **options) -> bytes:
         out = io.BytesIO()
@@ -443,6 +444,13 @@ def test_small_jpegs_are_decoded_on_the_loop_and_answer_as_the_workers_would(tin
 
     prepared = classification.decoded_on_loop(on, request(jpeg))
     np.testing.assert_array_equal(prepared.body, classification.prepare(on, jpeg))
+    read = []  # prepare reads a plain JPEG of the input's size with libjpeg-turbo, as Pillow would
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(imaging.simplejpeg, "decode_jpeg", lambda *a, **k: read.append(1) or decode_jpeg(*a, **k))
+        np.testing.assert_array_equal(classification.prepare(on, jpeg), prepared.body)
+        patch.setattr(imaging, "simplejpeg", None)
+        np.testing.assert_array_equal(classification.prepare(on, jpeg), prepared.body)
+    assert read == [1]
     assert prepared.decode_s > 0
     several = classification.decoded_on_loop(on, request(images=(jpeg, test_jpegs[1][1])))
     assert [x.shape for x in several.images] == [(3, 32, 32)] * 2 and several.body is None

@@ -285,6 +285,58 @@ def test_plain_rgb_is_prepared_as_before():
     assert np.array_equal(to_pixels(decode(data), 32), expected)
 
 
+def _noise(size, mode="RGB", seed=2) -> Image.Image:
+    shape = (size[1], size[0]) + (() if mode == "L" else (3,))
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def _with_segment(jpeg: bytes, marker: int, payload: bytes) -> bytes:
+    """`jpeg` with one more segment right after its start-of-image marker."""
+    return jpeg[:2] + bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def test_plain_jpegs_read_directly_are_pillows_pixels(test_jpegs):
+    """imaging.jpeg_pixels (libjpeg-turbo through simplejpeg) gives the very bytes that Pillow's
+    decode and to_pixels give: real test JPEGs, grey, every chroma subsampling, restart markers,
+    comments, qualities. The served path (classification.prepare) takes it for every such image."""
+    made = [encode(_noise((32, 32), mode), "JPEG", quality=q, subsampling=sub, **extra)
+            for mode in ("RGB", "L") for q in (30, 75, 95) for sub in (0, 1, 2)
+            for extra in ({}, {"restart_marker_blocks": 1})]
+    made.append(_with_segment(made[0], 0xFE, b"a comment"))
+    for data in [jpeg for _, jpeg in test_jpegs] + made:
+        assert imaging.plain_jpeg(data) == (32, 32)
+        pixels = imaging.jpeg_pixels(data, 32)
+        assert pixels is not None and pixels.dtype == np.uint8
+        assert np.array_equal(pixels, to_pixels(decode(data, target_size=32), 32))
+
+
+def test_only_plain_jpegs_of_the_size_are_read_directly():
+    """Anything that is not a plain JPEG of exactly the input's size goes to Pillow: progressive,
+    EXIF (an orientation to apply), a colour profile, CMYK, other sizes and formats, and bytes
+    libjpeg-turbo finds wrong, which Pillow then refuses with its own reason."""
+    plain = encode(_noise((32, 32)), "JPEG")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    others = {
+        "progressive": encode(_noise((32, 32)), "JPEG", progressive=True),
+        "exif": encode(_noise((32, 32)), "JPEG", exif=exif.tobytes()),
+        "icc profile": _with_segment(plain, 0xE2, b"ICC_PROFILE\0" + bytes(40)),
+        "cmyk": encode(Image.new("CMYK", (32, 32), (0, 90, 90, 0)), "JPEG"),
+        "png": encode(_noise((32, 32)), "PNG"),
+        "not an image": b"hello",
+        "header cut": plain[:40],
+        "a foreign APP0": _with_segment(plain[:2] + plain[20:], 0xE0, b"JFXX\0" + bytes(8)),
+    }
+    for name, data in others.items():
+        assert imaging.plain_jpeg(data) is None, name
+        assert imaging.jpeg_pixels(data, 32) is None, name
+    assert imaging.plain_jpeg(encode(_noise((48, 40)), "JPEG")) == (48, 40)
+    assert imaging.jpeg_pixels(encode(_noise((48, 40)), "JPEG"), 32) is None  # Pillow resizes it
+    cut = plain[: len(plain) - 200]  # the scan cut short: libjpeg-turbo warns, so Pillow decides
+    assert imaging.plain_jpeg(cut) == (32, 32) and imaging.jpeg_pixels(cut, 32) is None
+    assert decode_error(cut).code == "corrupt_image"
+
+
 # --- 4. EXIF orientation ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("orientation, size, first, last", [
