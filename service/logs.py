@@ -182,10 +182,13 @@ class AccessLog:
         handler = self._only_handler()
         if handler is not None:
             line = _dumps({**_head(time.time(), "INFO", self.log.name, text, os.getpid()), **fields})
-            with handler.lock:
-                handler.stream.write(line + handler.terminator)
-                handler.stream.flush()
-            return
+            try:
+                with handler.lock:
+                    handler.stream.write(line + handler.terminator)
+                    handler.stream.flush()
+                return
+            except Exception:  # noqa: BLE001 - a stream that fails: the logging module reports it, as for any record
+                pass
         # Logger.info less its search of the call stack for the caller's file and line (the
         # envelope's frames, a fifth of the line's cost): every handler and filter sees it.
         self.log.handle(self.log.makeRecord(self.log.name, logging.INFO, __file__, 0, text, (), None, extra=fields))
@@ -194,9 +197,11 @@ class AccessLog:
         """`configure()`'s JSON handler when it is the only handler an access line reaches and
         nothing could filter or change the line on its way: then the line is written to its stream
         directly, as JsonFormatter would write the record, without making the record (together
-        two thirds of the line's cost). Else None, and the line goes through the logging module."""
+        two thirds of the line's cost). Else None, and the line goes through the logging module: so
+        with a record factory of its own, level names of its own, or no process ids in records."""
         log = self.log
-        if log.filters:
+        if log.filters or type(log) is not logging.Logger or logging.getLogRecordFactory() is not logging.LogRecord \
+                or not logging.logProcesses or logging.getLevelName(logging.INFO) != "INFO":
             return None
         found, logger = None, log
         while logger is not None:

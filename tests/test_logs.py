@@ -154,6 +154,25 @@ def test_an_access_line_written_directly_is_the_line_the_logging_module_writes(o
         assert " 200 1.2ms request_id=" in other.stream.getvalue()
     finally:
         logging.getLogger("instanas").removeHandler(other)
+    with pytest.MonkeyPatch.context() as patch:  # what changes records: a factory, level names, no process ids
+        for name, value in (("_logRecordFactory", lambda *a, **k: logging.LogRecord(*a, **k)),
+                            ("logProcesses", False)):
+            patch.setattr(logging, name, value)
+            assert access._only_handler() is None, name
+            patch.undo()
+        logging.addLevelName(logging.INFO, "info")
+        try:
+            assert access._only_handler() is None
+        finally:
+            logging.addLevelName(logging.INFO, "INFO")
+    assert access._only_handler() is only_our_handler
+    handled = []  # a stream that fails: the line goes to the logging module, which reports it; the request goes on
+    only_our_handler.stream = io.StringIO()
+    only_our_handler.stream.close()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(only_our_handler, "handleError", handled.append)
+        access.write(scope, "f" * 32, 200, 1.0)
+    assert len(handled) == 1 and handled[0].status == 200
     logging.getLogger().handlers[0].setFormatter(logging.Formatter(logs.TEXT_FORMAT))
     assert access._only_handler() is None  # the text format: the logging module's
 
