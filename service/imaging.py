@@ -125,20 +125,23 @@ def header_pixels(data: bytes) -> int | None:
 # quantization and Huffman tables, the restart interval, comments; its frame is SOF0 or SOF1.
 _PLAIN_SEGMENTS = frozenset((0xE0, 0xDB, 0xC4, 0xDD, 0xFE))
 _SEQUENTIAL_FRAMES = frozenset((0xC0, 0xC1))
+PLAIN_MAX_SEGMENTS = 32  # an encoder writes about ten; a walk never takes longer than this many steps
 
 
 def plain_jpeg(data: bytes) -> tuple[int, int] | None:
     """(width, height) of a plain JPEG, read by walking its segments up to the first scan (nothing
-    decoded); None for anything else. Plain: one sequential frame (baseline or extended Huffman,
-    not progressive: a progressive JPEG may repeat its scans thousands of times within a few KiB,
-    each a pass over the whole picture), 8-bit, grey or colour (1 or 3 components), and before the
-    scan no segment but JFIF's, tables, a restart interval and comments: no EXIF (so no
-    orientation to apply), no colour profile, no Adobe transform, no extra pictures (MPO)."""
+    decoded); None for anything else. Plain:
+    - one sequential frame (baseline or extended Huffman), 8-bit, grey or colour (1 or 3
+      components), and no more scans than components: a progressive JPEG, or one that repeats
+      its scans, may pass over the whole picture thousands of times within a few KiB;
+    - before the scan no segment but JFIF's, tables, a restart interval and comments: no EXIF
+      (so no orientation to apply), no colour profile, no Adobe transform, no extra pictures (MPO);
+    - at most PLAIN_MAX_SEGMENTS segments, so the walk is short whatever the bytes."""
     if data[:2] != b"\xff\xd8":
         return None
-    size, pos, end = None, 2, len(data)
-    while pos + 4 <= end:
-        if data[pos] != 0xFF:
+    size, components, pos, end = None, 0, 2, len(data)
+    for _ in range(PLAIN_MAX_SEGMENTS):
+        if pos + 4 > end or data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
         length = (data[pos + 2] << 8) | data[pos + 3]
@@ -147,17 +150,24 @@ def plain_jpeg(data: bytes) -> tuple[int, int] | None:
         if length < 2 or pos > end:
             return None
         if marker == 0xDA:  # the first scan: the header is over
-            return size
+            # a sequential JPEG has a scan for all components or one each (a marker cannot hide in a
+            # scan's data: a 0xFF byte there is followed by 0); more would repeat passes over the picture
+            return size if size is not None and data.count(b"\xff\xda", segment - 4) <= components else None
         if marker in _SEQUENTIAL_FRAMES:
             if size is not None or length < 8 or data[segment] != 8 or data[segment + 5] not in (1, 3):
                 return None
             height, width = (data[segment + 1] << 8) | data[segment + 2], (data[segment + 3] << 8) | data[segment + 4]
             if not (width and height):
                 return None
-            size = (width, height)
-        elif marker not in _PLAIN_SEGMENTS or (marker == 0xE0 and data[segment:segment + 5] != b"JFIF\0"):
+            size, components = (width, height), data[segment + 5]
+        elif marker not in _PLAIN_SEGMENTS or marker == 0xE0 and not _jfif(data, segment, length):
             return None
     return None
+
+
+def _jfif(data: bytes, segment: int, length: int) -> bool:
+    """Whether the APP0 segment at `segment` is JFIF's, whole (Pillow refuses one shorter than its 14 bytes)."""
+    return length >= 16 and data[segment:segment + 5] == b"JFIF\0"
 
 
 def jpeg_pixels(data: bytes, size: int) -> np.ndarray | None:

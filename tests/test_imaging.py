@@ -311,9 +311,10 @@ def test_plain_jpegs_read_directly_are_pillows_pixels(test_jpegs):
 
 
 def test_only_plain_jpegs_of_the_size_are_read_directly():
-    """Anything that is not a plain JPEG of exactly the input's size goes to Pillow: progressive,
-    EXIF (an orientation to apply), a colour profile, CMYK, other sizes and formats, and bytes
-    libjpeg-turbo finds wrong, which Pillow then refuses with its own reason."""
+    """Anything that is not a plain JPEG of exactly the input's size goes to Pillow: progressive or
+    with more scans than components, EXIF (an orientation to apply), a colour profile, CMYK, other
+    sizes and formats, and bytes libjpeg-turbo finds wrong, which Pillow then refuses with its own
+    reason."""
     plain = encode(_noise((32, 32)), "JPEG")
     exif = Image.Exif()
     exif[0x0112] = 6
@@ -326,6 +327,9 @@ def test_only_plain_jpegs_of_the_size_are_read_directly():
         "not an image": b"hello",
         "header cut": plain[:40],
         "a foreign APP0": _with_segment(plain[:2] + plain[20:], 0xE0, b"JFXX\0" + bytes(8)),
+        "too many segments": plain[:2] + b"\xff\xfe\x00\x02" * imaging.PLAIN_MAX_SEGMENTS + plain[2:],
+        "a short JFIF segment": _with_segment(plain[:2] + plain[20:], 0xE0, b"JFIF\0"),
+        "its scan repeated": plain[:-2] + plain[plain.index(b"\xff\xda"):-2] * 3 + plain[-2:],  # 4 scans, 3 components
     }
     for name, data in others.items():
         assert imaging.plain_jpeg(data) is None, name
