@@ -192,7 +192,8 @@ def decoded_on_loop(state, request: Request) -> Request:
     """`request` with its images prepared now, on the calling (event loop's) thread, when they are
     small plain JPEGs (imaging.plain_jpeg): at most `INSTANAS_INLINE_MAX_BYTES` encoded and
     LOOP_DECODE_MAX_PIXELS in their headers, all together (see the module docstring); else
-    `request` as it is, for the worker to decode. An image that does not decode is refused here as the worker would (ApiError)."""
+    `request` as it is, for the worker to decode. An image that does not decode is refused here
+    as the worker would (ApiError)."""
     t0 = time.perf_counter()  # the header's reading is decoding's first step
     items = request.items
     if not all(isinstance(x, bytes) for x in items) or sum(map(len, items)) > state.settings.inline_max_bytes:

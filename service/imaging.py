@@ -173,7 +173,7 @@ def _jfif(data: bytes, segment: int, length: int) -> bool:
 def jpeg_pixels(data: bytes, size: int) -> np.ndarray | None:
     """The RGB uint8 (size, size, 3) pixels of a plain JPEG (`plain_jpeg`) of exactly that size,
     decoded by libjpeg-turbo directly (simplejpeg), as `to_pixels(decode(data))` gives them, in a
-    tenth of the time (tests/test_imaging.py holds the two to the same bytes); None for any other
+    seventh of the time (tests/test_imaging.py holds the two to the same bytes); None for any other
     image, or where simplejpeg is not installed or reports anything wrong with the bytes (then
     `decode` reads them with Pillow and says what is wrong)."""
     if simplejpeg is None or plain_jpeg(data) != (size, size):
