@@ -179,9 +179,11 @@ def jpeg_pixels(data: bytes, size: int) -> np.ndarray | None:
     if simplejpeg is None or plain_jpeg(data) != (size, size):
         return None
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     except Exception:  # noqa: BLE001 - Pillow's decode answers for these bytes
         return None
+    _opened.pop(id(data), None)  # a header read for these bytes (a size check) is not needed now
+    return pixels
 
 
 def _open(data: bytes) -> Image.Image:

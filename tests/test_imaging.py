@@ -304,9 +304,10 @@ def test_plain_jpegs_read_directly_are_pillows_pixels(test_jpegs):
             for extra in ({}, {"restart_marker_blocks": 1})]
     made.append(_with_segment(made[0], 0xFE, b"a comment"))
     for data in [jpeg for _, jpeg in test_jpegs] + made:
-        assert imaging.plain_jpeg(data) == (32, 32)
+        assert imaging.plain_jpeg(data) == (32, 32) and imaging.header_pixels(data) == 32 * 32
         pixels = imaging.jpeg_pixels(data, 32)
         assert pixels is not None and pixels.dtype == np.uint8
+        assert id(data) not in imaging._opened  # the header Pillow read for the size check is let go
         assert np.array_equal(pixels, to_pixels(decode(data, target_size=32), 32))
 
 
