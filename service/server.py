@@ -170,11 +170,19 @@ class _LingeringTransport:
     and a client that gets RST may lose the response it has not read yet, or a request it just
     sent, without knowing whether it was served. So close() sends FIN once what was written has
     gone (write_eof), then reads and discards whatever still comes until the client closes its
-    side, or LINGER_S passes (Apache's "lingering close"). close_now() closes at once."""
+    side, or LINGER_S passes (Apache's "lingering close"). close_now() closes at once.
+
+    write() makes the system call with the interpreter's lock released, where it can: uvloop's own
+    write sends on the socket holding the lock, and on loopback under load the kernel's work for
+    that call (and the client it wakes taking the core) then stops the executor threads' Python
+    too. It sends on the socket's descriptor directly when nothing is waiting in the transport's
+    buffer, and hands the transport whatever the socket did not take, so the bytes keep their
+    order; a TLS connection, or one closing, writes through the transport as before."""
 
     def __init__(self, transport, loop, on_linger):
         self._transport, self._loop, self._on_linger = transport, loop, on_linger
         self.lingering = False
+        self._fd = _plain_socket_fd(transport)
 
     def close(self) -> None:
         if self.lingering or self._transport.is_closing():
@@ -195,11 +203,33 @@ class _LingeringTransport:
         return self.lingering or self._transport.is_closing()
 
     def write(self, data: bytes) -> None:
-        if not self.lingering:  # FIN was sent: nothing may follow it
-            self._transport.write(data)
+        if self.lingering:  # FIN was sent: nothing may follow it
+            return
+        transport = self._transport
+        if self._fd >= 0 and not transport.is_closing() and not transport.get_write_buffer_size():
+            try:
+                sent = os.write(self._fd, data)  # the interpreter's lock released for the call
+            except OSError:  # no room (the transport waits for it), or an error the transport reports its way
+                sent = 0
+            if sent == len(data):
+                return
+            if sent:
+                data = memoryview(data)[sent:]
+        transport.write(data)
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
+
+
+def _plain_socket_fd(transport) -> int:
+    """The descriptor of a transport's socket where bytes may be sent on it directly (not TLS), else -1."""
+    if transport.get_extra_info("ssl_object") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (AttributeError, OSError):
+        return -1
 
 
 class Guard:

@@ -2,11 +2,15 @@
 a body trickled at a byte a second is cut off within the body timeout, headers within the header
 timeout, 300 idle sockets do not stop /healthz/live from answering even when they are more than the
 process may open, keep-alive connections end after their limits, and a connection beyond the limit
-is refused at once when every other one is busy. The same guards with uvicorn's h11 parser."""
+is refused at once when every other one is busy. The same guards with uvicorn's h11 parser. Responses
+are sent on the socket with the interpreter's lock released, the rest left to the transport, and
+arrive whole and in order however slowly the client reads."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import resource
 import socket
@@ -17,6 +21,7 @@ import httpx
 import pytest
 
 from service import limits
+from service import server as server_module
 from service.errors import ApiError
 from tests import hostile as h
 from tests.conftest import BIN, Server, free_port, metric, wait_until
@@ -264,3 +269,148 @@ def test_the_same_guards_with_h11(tiny_bundle, tmp_path):
     finally:
         process.terminate()
         process.wait(20)
+
+
+class _Transport:
+    """An asyncio transport as `_LingeringTransport` uses it, over one end of a socket pair: what it is
+    given to write is kept in `written` (bytes), as if it waited for room in the socket."""
+
+    def __init__(self, sock: socket.socket, *, tls: bool = False, buffered: int = 0, closing: bool = False):
+        self.sock, self.tls, self.buffered, self.closing = sock, tls, buffered, closing
+        self.written = b""
+
+    def get_extra_info(self, name):
+        return {"socket": self.sock, "ssl_object": object() if self.tls else None}.get(name)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data) -> None:
+        self.written += bytes(data)
+
+
+def _received(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    out = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := sock.recv(1 << 20):
+            out += chunk
+    return out
+
+
+def _lingering(transport: _Transport) -> server_module._LingeringTransport:
+    return server_module._LingeringTransport(transport, loop=None, on_linger=lambda: None)
+
+
+def test_a_write_goes_on_the_socket_when_the_transport_holds_nothing():
+    """(service/server.py: the system call made with the interpreter's lock released.)"""
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        transport = _Transport(ours)
+        wrapped = _lingering(transport)
+        wrapped.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        wrapped.write(b"{}")
+        assert _received(peer) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+        assert transport.written == b""
+
+
+def test_bytes_wait_behind_what_the_transport_holds():
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        transport = _Transport(ours, buffered=10)
+        _lingering(transport).write(b"after")
+        assert transport.written == b"after" and _received(peer) == b""
+
+
+def test_what_the_socket_does_not_take_goes_to_the_transport_in_order():
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        ours.setblocking(False)
+        data = os.urandom(4 << 20)  # far more than the socket pair holds
+        transport = _Transport(ours)
+        _lingering(transport).write(data)
+        sent = _received(peer)
+        assert 0 < len(sent) < len(data)
+        assert sent + transport.written == data
+
+
+def test_a_socket_error_is_left_to_the_transport_to_report():
+    ours, peer = socket.socketpair()
+    with ours:
+        ours.setblocking(False)
+        peer.close()
+        transport = _Transport(ours)
+        _lingering(transport).write(b"to nobody")  # EPIPE on the socket: the transport's own write reports it
+        assert transport.written == b"to nobody"
+
+
+@pytest.mark.parametrize("state", [{"tls": True}, {"closing": True}])
+def test_tls_and_closing_connections_write_through_the_transport(state):
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        transport = _Transport(ours, **state)
+        _lingering(transport).write(b"bytes")
+        assert transport.written == b"bytes" and _received(peer) == b""
+
+
+def test_nothing_is_written_after_fin():
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        ours.setblocking(False)
+        transport = _Transport(ours)
+        wrapped = _lingering(transport)
+        wrapped.lingering = True
+        wrapped.write(b"late")
+        assert transport.written == b"" and _received(peer) == b""
+
+
+def _replies(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """`count` responses with a Content-Length, read one after another off one connection."""
+    buffer, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(1 << 16)
+            assert chunk, f"closed after {len(out)} responses"
+            buffer += chunk
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+        while len(buffer) < length:
+            chunk = sock.recv(1 << 16)
+            assert chunk, f"closed in response {len(out) + 1}"
+            buffer += chunk
+        out.append((int(lines[0].split()[1]), buffer[:length]))
+        buffer = buffer[length:]
+    return out
+
+
+def test_pipelined_responses_larger_than_the_socket_buffers_arrive_whole_and_in_order(tiny_bundle, tmp_path):
+    """A client that reads nothing for a while: the first responses go straight on the socket, then
+    the socket's buffers fill, the rest wait in the transport, and every byte arrives in order."""
+    srv = Server(tiny_bundle, tmp_path / "server.log")
+    try:
+        schema = httpx.get(srv.url + "/openapi.json", timeout=10).content
+        get = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n"
+        post = (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(JPEG) + JPEG)
+        count = (8 << 20) // len(schema) + 1  # 8 MiB of responses: more than both sockets' buffers hold
+        requests = [get] * count + [post] + [get] * 3
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", srv.port))
+            sock.sendall(b"".join(requests))
+            time.sleep(1.0)  # nothing read: the server's writes fill the socket and then wait
+            replies = _replies(sock, len(requests))
+        assert [status for status, _ in replies] == [200] * len(requests)
+        assert all(body == schema for _, body in replies[:count] + replies[count + 1:])
+        assert json.loads(replies[count][1])["prediction"]["label"]
+    finally:
+        srv.stop()
