@@ -305,70 +305,67 @@ def _lingering(transport: _Transport) -> server_module._LingeringTransport:
     return server_module._LingeringTransport(transport, loop=None, on_linger=lambda: None)
 
 
-def test_a_write_goes_on_the_socket_when_the_transport_holds_nothing():
+@pytest.fixture
+def pair():
+    """A connected socket pair: the server's end (non-blocking), the client's end."""
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    with ours, peer:
+        yield ours, peer
+
+
+def test_a_write_goes_on_the_socket_when_the_transport_holds_nothing(pair):
     """(service/server.py: the system call made with the interpreter's lock released.)"""
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.setblocking(False)
-        transport = _Transport(ours)
-        wrapped = _lingering(transport)
-        wrapped.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
-        wrapped.write(b"{}")
-        assert _received(peer) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
-        assert transport.written == b""
+    ours, peer = pair
+    transport = _Transport(ours)
+    wrapped = _lingering(transport)
+    wrapped.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    wrapped.write(b"{}")
+    assert _received(peer) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    assert transport.written == b""
 
 
-def test_bytes_wait_behind_what_the_transport_holds():
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.setblocking(False)
-        transport = _Transport(ours, buffered=10)
-        _lingering(transport).write(b"after")
-        assert transport.written == b"after" and _received(peer) == b""
+def test_bytes_wait_behind_what_the_transport_holds(pair):
+    ours, peer = pair
+    transport = _Transport(ours, buffered=10)
+    _lingering(transport).write(b"after")
+    assert transport.written == b"after" and _received(peer) == b""
 
 
-def test_what_the_socket_does_not_take_goes_to_the_transport_in_order():
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        ours.setblocking(False)
-        data = os.urandom(4 << 20)  # far more than the socket pair holds
-        transport = _Transport(ours)
-        _lingering(transport).write(data)
-        sent = _received(peer)
-        assert 0 < len(sent) < len(data)
-        assert sent + transport.written == data
+def test_what_the_socket_does_not_take_goes_to_the_transport_in_order(pair):
+    ours, peer = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    data = os.urandom(4 << 20)  # far more than the socket pair holds
+    transport = _Transport(ours)
+    _lingering(transport).write(data)
+    sent = _received(peer)
+    assert 0 < len(sent) < len(data)
+    assert sent + transport.written == data
 
 
-def test_a_socket_error_is_left_to_the_transport_to_report():
-    ours, peer = socket.socketpair()
-    with ours:
-        ours.setblocking(False)
-        peer.close()
-        transport = _Transport(ours)
-        _lingering(transport).write(b"to nobody")  # EPIPE on the socket: the transport's own write reports it
-        assert transport.written == b"to nobody"
+def test_a_socket_error_is_left_to_the_transport_to_report(pair):
+    ours, peer = pair
+    peer.close()
+    transport = _Transport(ours)
+    _lingering(transport).write(b"to nobody")  # EPIPE on the socket: the transport's own write reports it
+    assert transport.written == b"to nobody"
 
 
 @pytest.mark.parametrize("state", [{"tls": True}, {"closing": True}])
-def test_tls_and_closing_connections_write_through_the_transport(state):
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.setblocking(False)
-        transport = _Transport(ours, **state)
-        _lingering(transport).write(b"bytes")
-        assert transport.written == b"bytes" and _received(peer) == b""
+def test_tls_and_closing_connections_write_through_the_transport(pair, state):
+    ours, peer = pair
+    transport = _Transport(ours, **state)
+    _lingering(transport).write(b"bytes")
+    assert transport.written == b"bytes" and _received(peer) == b""
 
 
-def test_nothing_is_written_after_fin():
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        ours.setblocking(False)
-        transport = _Transport(ours)
-        wrapped = _lingering(transport)
-        wrapped.lingering = True
-        wrapped.write(b"late")
-        assert transport.written == b"" and _received(peer) == b""
+def test_nothing_is_written_after_fin(pair):
+    ours, peer = pair
+    transport = _Transport(ours)
+    wrapped = _lingering(transport)
+    wrapped.lingering = True
+    wrapped.write(b"late")
+    assert transport.written == b"" and _received(peer) == b""
 
 
 def _replies(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
