@@ -1,7 +1,7 @@
 """Where a request's time goes in instanas-serve, native frames included: py-spy samples a real server under load.
 
     .venv/bin/python scripts/profile_request_path.py --data ../shared/data/cifar10-jpeg/test.tar.gz \
-        [--model models/cifar10-default-mobilenet_v2] [--concurrency 1,32] [--requests 20000] [--rate 50]
+        [--model models/cifar10-default-mobilenet_v2] [--concurrency 1,32] [--requests 20000] [--rate 50] [--gil]
 
 Starts instanas-serve on the bundle with its defaults (access log on, as `instanas-bench --naive`
 runs it), warms it up, then for each concurrency level records the server with
@@ -27,6 +27,11 @@ the samples that are not waiting. py-spy stops the server for each sample to unw
 frames, so the rate is kept low (50 a second: the server then keeps most of its speed) and the
 run long; the shares, not the microseconds, are what compare with other runs. It needs to
 attach to another process (ptrace): run as root, or with kernel.yama.ptrace_scope 0.
+
+`--gil`: sample only the thread holding the interpreter's lock (`py-spy record --gil`, Python
+frames alone, 200 samples a second): the parts of the time the lock is held, which is what one
+process's threads take turns at. A part's native call made holding the lock counts for the
+Python frame that made it (a socket write by uvloop counts for "HTTP and event loop").
 """
 
 from __future__ import annotations
@@ -81,9 +86,9 @@ def read_raw(path: Path) -> collections.Counter:
 
 
 def profile(server: _Server, jpegs: list[bytes], concurrency: int, requests: int, rate: int, py_spy: str,
-            folder: Path) -> dict:
+            folder: Path, gil: bool = False) -> dict:
     out = folder / f"c{concurrency}.txt"
-    spy = subprocess.Popen([py_spy, "record", "--native", "--rate", str(rate), "--format", "raw",
+    spy = subprocess.Popen([py_spy, "record", "--gil" if gil else "--native", "--rate", str(rate), "--format", "raw",
                             "--output", str(out), "--pid", str(server.process.pid)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)  # attached
@@ -121,10 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--concurrency", default="1,32")
     parser.add_argument("--requests", type=int, default=20000)
-    parser.add_argument("--rate", type=int, default=50,
-                        help="samples a second (unwinding native frames pauses the server: at 200 it served a tenth)")
+    parser.add_argument("--rate", type=int,
+                        help="samples a second; default 50 (unwinding native frames pauses the server: at 200 it "
+                             "served a tenth), 200 with --gil")
+    parser.add_argument("--gil", action="store_true", help="sample only the thread holding the interpreter's lock")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    rate = args.rate or (200 if args.gil else 50)
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(py_spy).exists():
         raise SystemExit("py-spy is not installed (it is in the dev extra: make install-dev)")
@@ -133,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _load(server.port, jpegs, 4, 300)  # warm-up: the fused cache filled
         with tempfile.TemporaryDirectory() as folder:
-            levels = [profile(server, jpegs, int(c), args.requests, args.rate, py_spy, Path(folder))
+            levels = [profile(server, jpegs, int(c), args.requests, rate, py_spy, Path(folder), args.gil)
                       for c in args.concurrency.split(",")]
     finally:
         server.stop()
     print(table(levels))
     if args.json:
-        args.json.write_text(json.dumps({"model": str(args.model), "rate": args.rate, "levels": levels}, indent=2))
+        args.json.write_text(json.dumps({"model": str(args.model), "rate": rate, "gil": args.gil, "levels": levels},
+                                        indent=2))
     return 0
 
 

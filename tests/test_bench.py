@@ -192,3 +192,20 @@ def test_the_profile_of_a_real_server_under_load(smoke_bundle, data_root, tmp_pa
     for level in levels:
         assert level["errors"] == 0 and sum(n for part, n in level["samples"].items() if part != "waiting") > 0
         assert abs(sum(level["share_of_busy"].values()) - 1) < 1e-9
+
+
+def test_the_profile_of_the_interpreters_lock(smoke_bundle, data_root, tmp_path):
+    """--gil: only the thread holding the interpreter's lock is sampled, so the loop's HTTP work and the
+    request path are seen and a thread blocked on a lock is not."""
+    static = smoke_bundle.parent / "bundle-mobilenet_v2"
+    out = tmp_path / "profile.json"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_request_path.py"), "--model", str(static),
+                           "--data", str(data_root / "test.tar.gz"), "--concurrency", "8", "--requests", "400",
+                           "--gil", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    profile = json.loads(out.read_text())
+    assert profile["gil"] is True and profile["rate"] == 200
+    (level,) = profile["levels"]
+    assert level["errors"] == 0
+    assert level["samples"].get("HTTP and event loop", 0) > 0 and level["samples"].get("request path", 0) > 0
+    assert level["samples"].get("waiting", 0) == 0
