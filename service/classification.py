@@ -4,8 +4,8 @@
 `routes/classify.py` only turns HTTP into these calls.
 
 A request's job goes to the app's `Batcher` (service/batching.py). A worker thread takes a
-batch of jobs and, in that one thread hop, decodes every image still encoded, runs the executor
-once on the batch (each controller once on the rows that asked for it, each fused architecture
+batch of jobs and, in that one thread hop, decodes every image still encoded, scales and
+normalises the batch's pixels in one pass (`batch_of`), runs the executor once on the batch (each controller once on the rows that asked for it, each fused architecture
 or block once on the rows that ran it) and renders every response to JSON bytes.
 
 Small plain JPEGs (`decoded_on_loop`: imaging.plain_jpeg, at most `INSTANAS_INLINE_MAX_BYTES` and
@@ -15,14 +15,17 @@ each give up the interpreter's lock; in the worker threads, under load, each suc
 waited for the lock held by the loop or the other worker, and at concurrency 32 the workers spent
 most of a decode waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small JPEG's
 decode takes tens of microseconds (a plain JPEG of the input's size is read by libjpeg-turbo
-directly, `prepare`), with no wait for the lock between its steps. Only images whose decoding
+directly, `pixels`), with no wait for the lock between its steps; its pixels are scaled and
+normalised with the rest of the batch in the worker, where a batch takes one numpy pass rather
+than one an image on the loop. Only images whose decoding
 time those limits bound go there: a progressive JPEG of 64 KiB can repeat its scans thousands of
 times, each a pass over the picture, and other formats and segments carry chunks (compressed
 text, frames, metadata) that the pixel count does not bound; those are decoded by the workers,
 as a client could otherwise hold the loop with them.
 
-A request may carry several images (`Request.images`: encoded bytes, or inputs already in the
-bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are): they ride
+A request may carry several images (`Request.images`: encoded bytes, inputs already in the
+bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are, or (H, W, 3)
+uint8 pixels decoded on the loop): they ride
 as one job, so they run in one executor batch, and a `render` function other than the
 default JSON may shape the answer (service/routes/v2.py renders tensors).
 """
@@ -68,11 +71,12 @@ except ImportError:  # pragma: no cover - orjson is in the serve extra
 class Request:
     """What a worker needs to answer one request."""
 
-    body: bytes | np.ndarray | None  # the image, when there is one (else `images`): encoded, or prepared
+    body: bytes | np.ndarray | None  # the image, when there is one (else `images`): encoded, decoded or prepared
     choice: Choice
     top_k: int
     t_start: float  # perf_counter when the handler started
-    # Several images, each encoded bytes or a prepared (3, H, W) float32 input: one result each, one batch.
+    # Several images, each encoded bytes, (H, W, 3) uint8 pixels decoded on the loop, or a prepared
+    # (3, H, W) float32 input: one result each, one batch.
     images: tuple = ()
     # (state, result, rows, request, stages, batch_s, batch_size, codes) -> the job's outcome; None: `render_json`
     render: Callable | None = None
@@ -123,15 +127,31 @@ def image_error(exc: imaging.ImageError, index: int | None = None) -> ApiError:
     return ApiError(exc.status, exc.code, str(exc) if index is None else f"image {index}: {exc}")
 
 
-def prepare(state, body: bytes) -> np.ndarray:
-    """Image bytes -> the bundle's (3, H, W) float32 input. A plain JPEG of the input's size is
-    read by libjpeg-turbo directly (imaging.jpeg_pixels, the same pixels), any other image by Pillow."""
+def pixels(state, body: bytes) -> np.ndarray:
+    """Image bytes -> (S, S, 3) uint8 RGB pixels at the bundle's input size S. A plain JPEG of that
+    size is read by libjpeg-turbo directly (imaging.jpeg_pixels, the same pixels), any other image by Pillow."""
     pre = state.manifest.preprocessing
-    pixels = imaging.jpeg_pixels(body, pre.input_size) if pre.input_size ** 2 <= state.settings.max_pixels else None
-    if pixels is None:
+    decoded = imaging.jpeg_pixels(body, pre.input_size) if pre.input_size ** 2 <= state.settings.max_pixels else None
+    if decoded is None:
         image = imaging.decode(body, max_pixels=state.settings.max_pixels, target_size=pre.input_size)
-        pixels = imaging.to_pixels(image, pre.input_size)
-    return imaging.to_input(pixels, pre)
+        decoded = imaging.to_pixels(image, pre.input_size)
+    return decoded
+
+
+def prepare(state, body: bytes) -> np.ndarray:
+    """Image bytes -> the bundle's (3, H, W) float32 input."""
+    return imaging.to_input(pixels(state, body), state.manifest.preprocessing)
+
+
+def batch_of(state, items: list[np.ndarray]) -> np.ndarray:
+    """The executor's (N, 3, H, W) float32 batch of a batch's images: pixels decoded, (H, W, 3)
+    uint8, scaled and normalised all in one pass (the same values as `prepare`'s, image by image:
+    the same arithmetic on each value), and inputs already prepared as they are."""
+    pre = state.manifest.preprocessing
+    if all(x.dtype == np.uint8 for x in items):
+        return imaging.to_input(items[0][None] if len(items) == 1 else np.stack(items), pre)
+    items = [imaging.to_input(x, pre) if x.dtype == np.uint8 else x for x in items]
+    return items[0][None] if len(items) == 1 else np.stack(items)
 
 
 def make_batcher(state) -> Batcher:
@@ -189,7 +209,7 @@ async def submit(state, request: Request, *, expected: bool = False):
 
 
 def decoded_on_loop(state, request: Request) -> Request:
-    """`request` with its images prepared now, on the calling (event loop's) thread, when they are
+    """`request` with its images decoded now, to pixels, on the calling (event loop's) thread, when they are
     small plain JPEGs (imaging.plain_jpeg): at most `INSTANAS_INLINE_MAX_BYTES` encoded and
     LOOP_DECODE_MAX_PIXELS in their headers, all together (see the module docstring); else
     `request` as it is, for the worker to decode. An image that does not decode is refused here
@@ -206,15 +226,16 @@ def decoded_on_loop(state, request: Request) -> Request:
         pixels += size[0] * size[1]
     if pixels > LOOP_DECODE_MAX_PIXELS:
         return request
-    inputs = prepare_items(state, request)
-    body, images = (None, tuple(inputs)) if request.images else (inputs[0], ())
+    decoded = prepare_items(state, request)
+    body, images = (None, tuple(decoded)) if request.images else (decoded[0], ())
     return Request(body, request.choice, request.top_k, request.t_start, images=images, render=request.render,
                    notes=request.notes, decode_s=time.perf_counter() - t0)
 
 
 def prepare_items(state, request: Request) -> list[np.ndarray]:
-    """Every image of a request as a (3, H, W) float32 input; an undecodable one refuses the whole
-    request, naming its index when there are several."""
+    """Every image of a request decoded: encoded bytes to (H, W, 3) uint8 pixels, arrays (pixels
+    decoded already, prepared inputs) as they are (`batch_of` makes the batch); an undecodable
+    image refuses the whole request, naming its index when there are several."""
     items = request.items
     inputs = []
     for index, item in enumerate(items):
@@ -222,7 +243,7 @@ def prepare_items(state, request: Request) -> list[np.ndarray]:
             inputs.append(item)
             continue
         try:
-            inputs.append(prepare(state, item))
+            inputs.append(pixels(state, item))
         except imaging.ImageError as exc:
             raise image_error(exc, index if len(items) > 1 else None) from None
     return inputs
@@ -253,13 +274,14 @@ def process(state, jobs: list[Job]) -> list:
         inputs.extend(prepared)
     if not spans:
         return outcomes
+    batch = batch_of(state, inputs)
     t1 = time.perf_counter()
     points, given = [], []
     for i, rows in spans:
         choice = jobs[i].payload.choice
         points += [choice.operating_point] * len(rows)
         given += [choice.executed] * len(rows)
-    result = state.executor.run_batch(inputs[0][None] if len(inputs) == 1 else np.stack(inputs), points, given)
+    result = state.executor.run_batch(batch, points, given)
     metrics = state.metrics
     metrics.later(metrics.batch_size.observe, len(inputs))
     decode_s = t1 - t0

@@ -325,7 +325,8 @@ def _composite(rgba: Image.Image) -> Image.Image:
 
 
 def to_input(pixels: np.ndarray, pre: Preprocessing) -> np.ndarray:
-    """(H, W, 3) uint8 -> (3, H, W) float32, scaled and normalised as the manifest says."""
+    """(H, W, 3) uint8 -> (3, H, W) float32, scaled and normalised as the manifest says; or a
+    batch, (N, H, W, 3) -> (N, 3, H, W), each image's values the same as on its own."""
     x = pixels.astype(np.float32) * np.float32(pre.scale)
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))

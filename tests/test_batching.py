@@ -411,6 +411,29 @@ def test_only_a_small_lone_request_is_chosen_for_the_loop_thread(tiny_bundle, te
     off.stop()
 
 
+def test_a_batch_holds_each_image_as_prepare_gives_it(tiny_bundle, test_jpegs):
+    """classification.batch_of: pixels decoded on the loop are scaled and normalised with the rest of
+    their batch, prepared inputs (the Open Inference Protocol's FP32 tensors) join it as they are."""
+    from service import classification
+    from service.settings import Settings
+    from service.state import ServiceState
+
+    state = ServiceState(Settings(model=tiny_bundle), load_bundle(tiny_bundle))
+    try:
+        jpegs = [data for _, data in test_jpegs[:3]]
+        prepared = [classification.prepare(state, data) for data in jpegs]
+        decoded = [classification.pixels(state, data) for data in jpegs]
+        tensor = np.random.default_rng(0).standard_normal((3, 32, 32)).astype(np.float32)
+        for items, expected in (([decoded[0]], [prepared[0]]), (decoded, prepared),
+                                ([decoded[0], tensor, decoded[2]], [prepared[0], tensor, prepared[2]]),
+                                ([tensor], [tensor]), ([tensor, tensor], [tensor, tensor])):
+            batch = classification.batch_of(state, items)
+            assert batch.dtype == np.float32 and batch.shape == (len(items), 3, 32, 32)
+            np.testing.assert_array_equal(batch, np.stack(expected))
+    finally:
+        state.stop()
+
+
 def test_small_jpegs_are_decoded_on_the_loop_and_answer_as_the_workers_would(tiny_bundle, test_jpegs):
     """submit() decodes small plain JPEGs before queueing (classification.decoded_on_loop): the
     worker gets the prepared inputs, the answer is the same to the bit, the decode stage counts that
@@ -442,18 +465,19 @@ def test_small_jpegs_are_decoded_on_the_loop_and_answer_as_the_workers_would(tin
     def request(body=None, images=()):
         return classification.Request(body, Choice(None, "default"), 3, 0.0, images=images)
 
-    prepared = classification.decoded_on_loop(on, request(jpeg))
-    np.testing.assert_array_equal(prepared.body, classification.prepare(on, jpeg))
-    read = []  # prepare reads a plain JPEG of the input's size with libjpeg-turbo, as Pillow would
+    prepared = classification.decoded_on_loop(on, request(jpeg))  # pixels: the worker scales and normalises them
+    assert prepared.body.dtype == np.uint8 and prepared.body.shape == (32, 32, 3)
+    np.testing.assert_array_equal(classification.batch_of(on, [prepared.body])[0], classification.prepare(on, jpeg))
+    read = []  # pixels() reads a plain JPEG of the input's size with libjpeg-turbo, as Pillow would
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(imaging.simplejpeg, "decode_jpeg", lambda *a, **k: read.append(1) or decode_jpeg(*a, **k))
-        np.testing.assert_array_equal(classification.prepare(on, jpeg), prepared.body)
+        np.testing.assert_array_equal(classification.pixels(on, jpeg), prepared.body)
         patch.setattr(imaging, "simplejpeg", None)
-        np.testing.assert_array_equal(classification.prepare(on, jpeg), prepared.body)
+        np.testing.assert_array_equal(classification.pixels(on, jpeg), prepared.body)
     assert read == [1]
     assert prepared.decode_s > 0
     several = classification.decoded_on_loop(on, request(images=(jpeg, test_jpegs[1][1])))
-    assert [x.shape for x in several.images] == [(3, 32, 32)] * 2 and several.body is None
+    assert [x.shape for x in several.images] == [(32, 32, 3)] * 2 and several.body is None
     for untouched in (request(encoded(300, "JPEG")),  # 90,000 pixels
                       request(encoded(32, "JPEG", progressive=True)), request(encoded(32, "PNG")),
                       request(jpeg + bytes(64 * 1024)), request(images=(jpeg,) * 100),  # too many bytes

@@ -510,3 +510,15 @@ def test_decode_errors_carry_their_status():
     for data, expected in cases.items():
         err = decode_error(data)
         assert (err.code, err.status) == expected, data[:16]
+
+
+def test_a_batch_of_pixels_scales_and_normalises_as_each_image_alone():
+    """imaging.to_input on (N, H, W, 3) gives each image the very values it gets on its own (the
+    executor's batch, service/classification.py's batch_of)."""
+    from service.manifest import Preprocessing
+
+    pre = Preprocessing(input_size=32, mean=(0.4914, 0.4822, 0.4465), std=(0.247, 0.2435, 0.2616))
+    batch = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    out = imaging.to_input(batch, pre)
+    assert out.shape == (5, 3, 32, 32) and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, np.stack([imaging.to_input(image, pre) for image in batch]))
