@@ -115,15 +115,21 @@ def plain_response() -> None:
 def no_decode() -> None:
     from service import classification, imaging
 
-    decode = classification.prepare
-    held = []
+    decode, normalise = classification.pixels, imaging.to_input
+    held, inputs = [], {}
 
-    def prepare(state, body: bytes):
+    def pixels(state, body: bytes):
         if not held:
             held.append(decode(state, body))
         return held[0]
 
-    classification.prepare = prepare
+    def to_input(x, pre):  # a batch of the held pixels: scaled and normalised once a shape
+        if x.shape not in inputs:
+            inputs[x.shape] = normalise(x, pre)
+        return inputs[x.shape]
+
+    classification.pixels = pixels
+    imaging.to_input = to_input
     # the looks at the header before a decode (its size, its format) are decoding's too
     imaging.header_pixels = lambda data: 1
     imaging.plain_jpeg = lambda data: (1, 1)
