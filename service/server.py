@@ -203,7 +203,9 @@ class _LingeringTransport:
         return self.lingering or self._transport.is_closing()
 
     def write(self, data: bytes) -> None:
-        if self.lingering:  # FIN was sent: nothing may follow it
+        if self.lingering or not data:
+            # FIN was sent: nothing may follow it. No bytes: no system call, which would take (and so
+            # hide from the transport) an error the socket holds, such as the client's reset.
             return
         transport = self._transport
         if self._fd >= 0 and not transport.is_closing() and not transport.get_write_buffer_size():

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import resource
 import socket
+import struct
 import subprocess
 import time
 
@@ -366,6 +368,23 @@ def test_nothing_is_written_after_fin(pair):
     wrapped.lingering = True
     wrapped.write(b"late")
     assert transport.written == b"" and _received(peer) == b""
+
+
+def test_an_empty_write_leaves_the_sockets_error_to_the_transport():
+    """A write of no bytes (uvicorn's for an empty body) makes no system call: one would take the
+    error the socket holds (a reset from the client), and the transport would never see it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+        with ours:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            peer.close()  # RST
+            time.sleep(0.1)
+            ours.setblocking(False)
+            transport = _Transport(ours)
+            _lingering(transport).write(b"")
+            assert transport.written == b""
+            assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET
 
 
 def _replies(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
