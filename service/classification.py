@@ -5,8 +5,9 @@
 
 A request's job goes to the app's `Batcher` (service/batching.py). A worker thread takes a
 batch of jobs and, in that one thread hop, decodes every image still encoded, scales and
-normalises the batch's pixels in one pass (`batch_of`), runs the executor once on the batch (each controller once on the rows that asked for it, each fused architecture
-or block once on the rows that ran it) and renders every response to JSON bytes.
+normalises the batch's pixels in one pass (`batch_of`), runs the executor once on the batch
+(each controller once on the rows that asked for it, each fused architecture or block once on
+the rows that ran it) and renders every response to JSON bytes.
 
 Small plain JPEGs (`decoded_on_loop`: imaging.plain_jpeg, at most `INSTANAS_INLINE_MAX_BYTES` and
 LOOP_DECODE_MAX_PIXELS) are decoded on the event loop's thread before the job is queued, so that
@@ -16,18 +17,17 @@ waited for the lock held by the loop or the other worker, and at concurrency 32 
 most of a decode waiting (docs/RESULTS.md, "Decoding on the loop"). On the loop a small JPEG's
 decode takes tens of microseconds (a plain JPEG of the input's size is read by libjpeg-turbo
 directly, `pixels`), with no wait for the lock between its steps; its pixels are scaled and
-normalised with the rest of the batch in the worker, where a batch takes one numpy pass rather
-than one an image on the loop. Only images whose decoding
-time those limits bound go there: a progressive JPEG of 64 KiB can repeat its scans thousands of
+normalised with the rest of the batch in the worker, one numpy pass a batch rather than one an
+image on the loop. Only images whose decoding time those limits bound go there: a progressive JPEG of 64 KiB can repeat its scans thousands of
 times, each a pass over the picture, and other formats and segments carry chunks (compressed
 text, frames, metadata) that the pixel count does not bound; those are decoded by the workers,
 as a client could otherwise hold the loop with them.
 
 A request may carry several images (`Request.images`: encoded bytes, inputs already in the
 bundle's (3, H, W) float32 form, as the Open Inference Protocol's FP32 tensors are, or (H, W, 3)
-uint8 pixels decoded on the loop): they ride
-as one job, so they run in one executor batch, and a `render` function other than the
-default JSON may shape the answer (service/routes/v2.py renders tensors).
+uint8 pixels decoded on the loop): they ride as one job, so they run in one executor batch, and
+a `render` function other than the default JSON may shape the answer (service/routes/v2.py
+renders tensors).
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ async def submit(state, request: Request, *, expected: bool = False):
 
 
 def decoded_on_loop(state, request: Request) -> Request:
-    """`request` with its images decoded now, to pixels, on the calling (event loop's) thread, when they are
-    small plain JPEGs (imaging.plain_jpeg): at most `INSTANAS_INLINE_MAX_BYTES` encoded and
+    """`request` with its images decoded to pixels now, on the calling (event loop's) thread, when
+    they are small plain JPEGs (imaging.plain_jpeg): at most `INSTANAS_INLINE_MAX_BYTES` encoded and
     LOOP_DECODE_MAX_PIXELS in their headers, all together (see the module docstring); else
     `request` as it is, for the worker to decode. An image that does not decode is refused here
     as the worker would (ApiError)."""
@@ -218,13 +218,13 @@ def decoded_on_loop(state, request: Request) -> Request:
     items = request.items
     if not all(isinstance(x, bytes) for x in items) or sum(map(len, items)) > state.settings.inline_max_bytes:
         return request
-    pixels = 0
+    area = 0
     for item in items:
         size = imaging.plain_jpeg(item)
         if size is None:
             return request
-        pixels += size[0] * size[1]
-    if pixels > LOOP_DECODE_MAX_PIXELS:
+        area += size[0] * size[1]
+    if area > LOOP_DECODE_MAX_PIXELS:
         return request
     decoded = prepare_items(state, request)
     body, images = (None, tuple(decoded)) if request.images else (decoded[0], ())
